@@ -1,0 +1,356 @@
+//! The command line: clap types only. DESIGN.md §2 is the contract for names and flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// dbh — build, sign and serve Gentoo binary packages for other CPU architectures.
+///
+/// Data goes to stdout, everything else to stderr. Exit status: 0 success, 1 a user or
+/// configuration error or a failed build, 2 a bug in dbh.
+#[derive(Debug, Parser)]
+#[command(name = "dbh", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// State directory [env: DBH_HOME; default: /var/lib/dbh as root, else $XDG_DATA_HOME/dbh]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// More output: -v shows every command dbh runs, -vv debug, -vvv trace
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors; no progress bars
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the built-in and user-defined targets with their QEMU and CHOST facts
+    Targets {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the resolved settings
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Index, check and add to binhosts (PKGDIRs)
+    #[command(subcommand)]
+    Binhost(BinhostCommand),
+    /// The binhost signing key (OpenPGP), kept under $DBH_HOME/keys
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Serve every target's binhost over HTTP at /<target>/
+    Serve(ServeArgs),
+    /// Unified Kernel Images
+    #[command(subcommand)]
+    Uki(UkiCommand),
+    /// Guest images and virtual machines of a target's architecture
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Cross-compile on the host (CBUILD = host, CHOST = target)
+    #[command(subcommand)]
+    Cross(CrossCommand),
+    /// Build packages for a target with the best available backend
+    Build(BuildArgs),
+    /// Root filesystems and bootable images from a target's binhost
+    #[command(subcommand)]
+    Rootfs(RootfsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print every setting with its value and where it came from
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BinhostCommand {
+    /// (Re)write DIR/Packages and DIR/Packages.gz from the binary packages under DIR
+    Index {
+        /// The binhost directory (a PKGDIR)
+        dir: PathBuf,
+        /// Re-read every package, not only those whose size or mtime changed
+        #[arg(long)]
+        full: bool,
+    },
+    /// List every inconsistency between DIR's index and its files; exit 1 if there is any
+    Check {
+        /// The binhost directory (a PKGDIR)
+        dir: PathBuf,
+    },
+    /// Verify, sign, give BUILD_IDs to and publish binary packages into a target's binhost
+    Add {
+        /// The target whose binhost receives the packages
+        #[arg(long, short)]
+        target: String,
+        /// Publish without signing (clients then need verify-signature = false)
+        #[arg(long)]
+        unsigned: bool,
+        /// Binary packages (.gpkg.tar, .xpak, .tbz2)
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// Print a binrepos.conf stanza for a target and the steps to trust its key
+    Conf {
+        #[arg(long, short)]
+        target: String,
+        /// The binhost's base URL as clients reach it (the target's path is appended)
+        #[arg(long)]
+        url: String,
+        /// The binhost is served unsigned: write verify-signature = false
+        #[arg(long)]
+        unsigned: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create the binhost signing key (ed25519) if there is none
+    Generate {
+        /// User id, e.g. "Example binhost <binhost@example.org>" [default: setting key.uid]
+        #[arg(long)]
+        uid: Option<String>,
+        /// Replace an existing key (clients must import the new one)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key, ASCII-armored, on stdout
+    Export,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory holding one binhost per target [default: $DBH_HOME/binhost]
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Address to listen on; repeat for several (IPv6 as [::1]:8080) [default: 127.0.0.1:8080]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Base URL clients use, written into the served binrepos.conf [default: from the Host header]
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UkiCommand {
+    /// Assemble a UKI from a systemd-stub, a kernel, an initramfs and a command line
+    Build(UkiBuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UkiBuildArgs {
+    #[arg(long, short)]
+    pub target: String,
+    /// The kernel image (arm64/riscv64 Image or x86 bzImage, with an EFI stub)
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// The initramfs [default: generated for the target from --modules]
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line [default: root=LABEL=dbh-root console=<target console>]
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// The systemd-stub to use [default: found on the host for the target's EFI arch]
+    #[arg(long)]
+    pub stub: Option<PathBuf>,
+    /// Kernel modules directory for a generated initramfs (lib/modules/<version>)
+    #[arg(long)]
+    pub modules: Option<PathBuf>,
+    /// Output file
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Guest disk images
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Boot the target's guest and wait until SSH answers
+    Start(VmTarget),
+    /// Shut the target's guest down (ACPI power-off, then quit, then kill)
+    Stop(VmTarget),
+    /// Say whether the target's guest runs, and how to reach it
+    Status(VmTarget),
+    /// Open an interactive shell in the target's guest
+    Ssh(VmTarget),
+    /// Run a command in the target's guest and pass its output and exit status through
+    Exec {
+        #[arg(long, short)]
+        target: String,
+        /// The command and its arguments
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Build packages in the target's guest, then sign and publish them
+    Build(VmBuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VmTarget {
+    #[arg(long, short)]
+    pub target: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Make the target's guest image from a stage tarball
+    Create(ImageCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImageCreateArgs {
+    #[arg(long, short)]
+    pub target: String,
+    /// Stage tarball: a URL or a local path
+    #[arg(long)]
+    pub stage: String,
+    /// Gentoo DIGESTS file [default: the stage's URL or path + .DIGESTS]
+    #[arg(long)]
+    pub digests: Option<String>,
+    /// OpenPGP keyring to verify the DIGESTS signature (e.g. Gentoo's release keys)
+    #[arg(long)]
+    pub keyring: Option<PathBuf>,
+    /// Kernel image to boot [default: from the stage's /boot]
+    #[arg(long, requires = "modules")]
+    pub kernel: Option<PathBuf>,
+    /// Kernel modules directory [default: from the stage's /lib/modules]
+    #[arg(long, requires = "kernel")]
+    pub modules: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildCommon {
+    #[arg(long, short)]
+    pub target: String,
+    /// A local ebuild repository to make available (named by its profiles/repo_name); repeatable
+    #[arg(long = "repo", value_name = "PATH")]
+    pub repos: Vec<PathBuf>,
+    /// Portage profile as `eselect profile` names it, REPO:PATH [default: the target's]
+    #[arg(long, value_name = "REPO:PATH")]
+    pub profile: Option<String>,
+    /// Parallel jobs [default: setting build.jobs]
+    #[arg(long, short)]
+    pub jobs: Option<u32>,
+    /// Package atoms or @sets
+    #[arg(required = true, value_name = "ATOM")]
+    pub atoms: Vec<String>,
+    /// Extra arguments for emerge, after `--`
+    #[arg(last = true, value_name = "EMERGE_ARGS")]
+    pub emerge_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct VmBuildArgs {
+    #[command(flatten)]
+    pub common: BuildCommon,
+    /// Offload the guest's compiles to the host's cross compilers through distcc
+    #[arg(long)]
+    pub distcc: bool,
+    /// Leave the guest running afterwards
+    #[arg(long)]
+    pub keep_vm: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CrossCommand {
+    /// Cross-compile packages into the target's binhost
+    Build(BuildCommonArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BuildCommonArgs {
+    #[command(flatten)]
+    pub common: BuildCommon,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Auto,
+    Vm,
+    Cross,
+    Chroot,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub common: BuildCommon,
+    /// How to build: in a guest, cross on the host, or in a qemu-user chroot
+    #[arg(long, value_enum, default_value_t = Backend::Auto)]
+    pub backend: Backend,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RootfsCommand {
+    /// Install packages from a binhost into an empty root and pack it
+    Build(RootfsBuildArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RootfsFormat {
+    TarZst,
+    TarXz,
+    Squashfs,
+    Qcow2,
+    Img,
+    Oci,
+}
+
+#[derive(Debug, Args)]
+pub struct RootfsBuildArgs {
+    #[arg(long, short)]
+    pub target: String,
+    /// Binhost URL or directory [default: the target's own binhost]
+    #[arg(long)]
+    pub binhost: Option<String>,
+    #[arg(long = "repo", value_name = "PATH")]
+    pub repos: Vec<PathBuf>,
+    #[arg(long, value_name = "REPO:PATH")]
+    pub profile: Option<String>,
+    /// Output file (the format follows its extension unless --format is given)
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: Option<RootfsFormat>,
+    /// Add an ESP with a UKI (.qcow2/.img)
+    #[arg(long)]
+    pub bootable: bool,
+    /// Print the packages that would be installed, and stop
+    #[arg(long)]
+    pub dry_run: bool,
+    #[arg(required = true, value_name = "ATOM")]
+    pub atoms: Vec<String>,
+}
+
+/// Parses `std::env::args`, exiting with clap's message (status 2 for usage errors is clap's; we
+/// map them to 1 as they are user errors).
+pub fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let code = if err.use_stderr() { 1 } else { 0 };
+            let _ = err.print();
+            std::process::exit(code);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,8 @@
+//! `dbh rootfs …`: not implemented yet.
+
+use super::Context;
+use crate::Error;
+
+pub fn run<T>(_ctx: &Context, _args: T) -> Result<(), Error> {
+    Err(Error::NotImplemented { command: "rootfs" })
+}

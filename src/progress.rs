@@ -1,0 +1,108 @@
+//! The terminal side of progress: turns [`Event`]s into indicatif bars and spinners on stderr, and
+//! sets up `tracing` output. The only module that draws.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::events::{Event, Reporter, Unit};
+
+/// Sets up logging to stderr: warnings by default, commands run at `-v`, everything at `-vv`;
+/// `-q` keeps errors only. `RUST_LOG` overrides.
+pub fn init_tracing(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("dbh={level},warn")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+/// Draws bars when stderr is a terminal and not quiet; otherwise prints notes and finishes as lines.
+pub struct Terminal {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<String, ProgressBar>>,
+    quiet: bool,
+}
+
+impl Terminal {
+    pub fn new(quiet: bool) -> Terminal {
+        let target = if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        Terminal { multi: MultiProgress::with_draw_target(target), bars: Mutex::default(), quiet }
+    }
+
+    fn println(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
+        if self.multi.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            let _ = self.multi.println(line);
+        }
+    }
+}
+
+impl Reporter for Terminal {
+    fn event(&self, event: Event) {
+        let mut bars = self.bars.lock().expect("progress bars poisoned");
+        match event {
+            Event::Start { task, label, total, unit } => {
+                let bar = match (unit, total) {
+                    (Unit::Spinner, _) | (_, None) => {
+                        let b = ProgressBar::new_spinner();
+                        b.enable_steady_tick(Duration::from_millis(120));
+                        b.set_style(ProgressStyle::with_template("{spinner} {prefix} {elapsed} {msg}").expect("template"));
+                        b
+                    }
+                    (Unit::Bytes, Some(total)) => ProgressBar::new(total).with_style(
+                        ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}")
+                            .expect("template")
+                            .progress_chars("=> "),
+                    ),
+                    (Unit::Items, Some(total)) => ProgressBar::new(total).with_style(
+                        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+                            .expect("template")
+                            .progress_chars("=> "),
+                    ),
+                };
+                bar.set_prefix(label);
+                bars.insert(task, self.multi.add(bar));
+            }
+            Event::Progress { task, position, message } => {
+                if let Some(bar) = bars.get(&task) {
+                    bar.set_position(position);
+                    if let Some(m) = message {
+                        bar.set_message(m);
+                    }
+                }
+            }
+            Event::Finish { task, message } => {
+                if let Some(bar) = bars.remove(&task) {
+                    bar.finish_and_clear();
+                    self.multi.remove(&bar);
+                }
+                drop(bars);
+                self.println(&message);
+            }
+            Event::Note { message } => {
+                drop(bars);
+                self.println(&message);
+            }
+            Event::Count { name, value } => {
+                tracing::debug!("{name} = {value}");
+            }
+        }
+    }
+}

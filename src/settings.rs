@@ -1,0 +1,386 @@
+//! Layered settings and the `$DBH_HOME` layout.
+//!
+//! Precedence (highest first): command-line flags, `DBH_*` environment variables, `./dbh.toml`,
+//! the user's config (`$XDG_CONFIG_HOME/dbh/dbh.toml`), `/etc/dbh/dbh.toml`, built-in defaults.
+//! Every resolved value remembers where it came from so that `dbh config show` can say so.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::error::Hint;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("settings file {path} is not valid TOML")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("settings file {path} has an unknown key `{key}`")]
+    UnknownKey { path: PathBuf, key: String },
+    #[error("setting `{key}` from {origin} has the wrong type: expected {expected}")]
+    Type { key: String, origin: Origin, expected: &'static str },
+    #[error("cannot find a home directory for dbh's state")]
+    NoHome,
+}
+
+impl Hint for SettingsError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            SettingsError::UnknownKey { .. } => Some(format!(
+                "known keys are: {}",
+                KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+            )),
+            SettingsError::NoHome => Some("pass --home DIR or set DBH_HOME".into()),
+            _ => None,
+        }
+    }
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Cli(&'static str),
+    Env(String),
+    File(PathBuf),
+    Default,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Cli(flag) => write!(f, "command line ({flag})"),
+            Origin::Env(var) => write!(f, "environment ({var})"),
+            Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Default => write!(f, "built-in default"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Str,
+    List,
+    Bool,
+    Int,
+}
+
+struct KeyDef {
+    name: &'static str,
+    kind: Kind,
+    doc: &'static str,
+}
+
+/// Every key dbh understands, with its meaning; files with other keys are refused.
+const KEYS: &[KeyDef] = &[
+    KeyDef { name: "home", kind: Kind::Str, doc: "state directory (binhosts, images, keys, logs)" },
+    KeyDef { name: "serve.dir", kind: Kind::Str, doc: "directory whose <target>/ subdirectories are served" },
+    KeyDef { name: "serve.listen", kind: Kind::List, doc: "addresses `dbh serve` listens on" },
+    KeyDef { name: "serve.public_url", kind: Kind::Str, doc: "base URL written into served binrepos.conf" },
+    KeyDef { name: "binhost.priority", kind: Kind::Int, doc: "priority in generated binrepos.conf stanzas" },
+    KeyDef { name: "build.jobs", kind: Kind::Int, doc: "parallel jobs for builds (MAKEOPTS -j)" },
+    KeyDef { name: "build.distcc", kind: Kind::Bool, doc: "offload guest compiles to the host's distccd" },
+    KeyDef { name: "distcc.hosts", kind: Kind::List, doc: "extra distcc hosts for builds" },
+    KeyDef { name: "key.uid", kind: Kind::Str, doc: "user id of a newly generated signing key" },
+];
+
+/// One resolved value and its origin.
+#[derive(Debug, Clone)]
+pub struct Value {
+    pub value: toml::Value,
+    pub origin: Origin,
+}
+
+/// The resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    values: BTreeMap<&'static str, Value>,
+}
+
+/// Values given on the command line, by key.
+pub type CliValues = Vec<(&'static str, &'static str, toml::Value)>;
+
+impl Settings {
+    /// Resolves every layer. `cli` holds (key, flag, value) for flags the user passed.
+    pub fn load(cli: CliValues) -> Result<Settings, SettingsError> {
+        let mut files = vec![PathBuf::from("/etc/dbh/dbh.toml")];
+        if let Some(dir) = config_dir() {
+            files.push(dir.join("dbh.toml"));
+        }
+        files.push(PathBuf::from("dbh.toml"));
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(cli, &files, &env)
+    }
+
+    /// Like [`Settings::load`] with explicit files (lowest precedence first) and environment.
+    pub fn load_from(
+        cli: CliValues,
+        files: &[PathBuf],
+        env: &[(String, String)],
+    ) -> Result<Settings, SettingsError> {
+        let mut values: BTreeMap<&'static str, Value> = BTreeMap::new();
+        for path in files {
+            let text = match fs_err::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(SettingsError::Read { path: path.clone(), source }),
+            };
+            let table: toml::Table = text
+                .parse()
+                .map_err(|source| SettingsError::Parse { path: path.clone(), source })?;
+            let mut flat = Vec::new();
+            flatten("", &toml::Value::Table(table), &mut flat);
+            for (key, value) in flat {
+                let def = KEYS
+                    .iter()
+                    .find(|k| k.name == key)
+                    .ok_or_else(|| SettingsError::UnknownKey { path: path.clone(), key: key.clone() })?;
+                let origin = Origin::File(absolute(path));
+                check_kind(def, &value, &origin)?;
+                values.insert(def.name, Value { value, origin });
+            }
+        }
+        for def in KEYS {
+            let var = env_name(def.name);
+            if let Some((_, raw)) = env.iter().find(|(k, _)| *k == var) {
+                let origin = Origin::Env(var.clone());
+                let value = parse_env(def, raw, &origin)?;
+                values.insert(def.name, Value { value, origin });
+            }
+        }
+        for (key, flag, value) in cli {
+            let def = KEYS.iter().find(|k| k.name == key).expect("CLI passes known keys");
+            values.insert(def.name, Value { value, origin: Origin::Cli(flag) });
+        }
+        let mut settings = Settings { values };
+        settings.fill_defaults()?;
+        Ok(settings)
+    }
+
+    fn fill_defaults(&mut self) -> Result<(), SettingsError> {
+        if !self.values.contains_key("home") {
+            let home = default_home().ok_or(SettingsError::NoHome)?;
+            self.default("home", toml::Value::String(home.display().to_string()));
+        }
+        let home = self.home().root().to_owned();
+        self.default("serve.dir", toml::Value::String(home.join("binhost").display().to_string()));
+        self.default("serve.listen", toml::Value::Array(vec!["127.0.0.1:8080".into()]));
+        self.default("binhost.priority", toml::Value::Integer(10));
+        let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        self.default("build.jobs", toml::Value::Integer(jobs as i64));
+        self.default("build.distcc", toml::Value::Boolean(false));
+        self.default("distcc.hosts", toml::Value::Array(vec![]));
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        self.default("key.uid", toml::Value::String(format!("dbh binhost signing key <dbh@{host}>")));
+        Ok(())
+    }
+
+    fn default(&mut self, key: &'static str, value: toml::Value) {
+        self.values.entry(key).or_insert(Value { value, origin: Origin::Default });
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.values.get(key)
+    }
+
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(|v| v.value.as_str())
+    }
+
+    pub fn list(&self, key: &str) -> Vec<String> {
+        match self.get(key).map(|v| &v.value) {
+            Some(toml::Value::Array(items)) => {
+                items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn int(&self, key: &str) -> Option<i64> {
+        self.get(key).and_then(|v| v.value.as_integer())
+    }
+
+    pub fn bool(&self, key: &str) -> bool {
+        self.get(key).and_then(|v| v.value.as_bool()).unwrap_or(false)
+    }
+
+    pub fn home(&self) -> Home {
+        Home::new(self.str("home").expect("home always has a value"))
+    }
+
+    /// Every key with its value, origin and meaning, for `dbh config show`.
+    pub fn describe(&self) -> Vec<(&'static str, String, &Origin, &'static str)> {
+        KEYS.iter()
+            .filter_map(|def| {
+                let v = self.values.get(def.name)?;
+                Some((def.name, v.value.to_string(), &v.origin, def.doc))
+            })
+            .collect()
+    }
+}
+
+fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        other => out.push((prefix.to_string(), other.clone())),
+    }
+}
+
+fn check_kind(def: &KeyDef, value: &toml::Value, origin: &Origin) -> Result<(), SettingsError> {
+    let (ok, expected) = match def.kind {
+        Kind::Str => (value.is_str(), "a string"),
+        Kind::List => {
+            (value.as_array().is_some_and(|a| a.iter().all(|i| i.is_str())), "a list of strings")
+        }
+        Kind::Bool => (value.is_bool(), "true or false"),
+        Kind::Int => (value.is_integer(), "an integer"),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(SettingsError::Type { key: def.name.into(), origin: origin.clone(), expected })
+    }
+}
+
+fn parse_env(def: &KeyDef, raw: &str, origin: &Origin) -> Result<toml::Value, SettingsError> {
+    let err = |expected| SettingsError::Type { key: def.name.into(), origin: origin.clone(), expected };
+    Ok(match def.kind {
+        Kind::Str => toml::Value::String(raw.to_string()),
+        Kind::List => toml::Value::Array(
+            raw.split([',', ' ']).filter(|s| !s.is_empty()).map(|s| s.to_string().into()).collect(),
+        ),
+        Kind::Bool => match raw {
+            "1" | "true" | "yes" => toml::Value::Boolean(true),
+            "0" | "false" | "no" | "" => toml::Value::Boolean(false),
+            _ => return Err(err("true or false")),
+        },
+        Kind::Int => toml::Value::Integer(raw.parse().map_err(|_| err("an integer"))?),
+    })
+}
+
+/// `serve.public_url` → `DBH_SERVE_PUBLIC_URL`.
+fn env_name(key: &str) -> String {
+    format!("DBH_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+fn config_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .map(|d| d.join("dbh"))
+}
+
+/// `/var/lib/dbh` as root, else `$XDG_DATA_HOME/dbh` (`~/.local/share/dbh`).
+fn default_home() -> Option<PathBuf> {
+    if nix::unistd::geteuid().is_root() {
+        return Some(PathBuf::from("/var/lib/dbh"));
+    }
+    std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .map(|d| d.join("dbh"))
+}
+
+/// The layout of `$DBH_HOME` (DESIGN §5).
+#[derive(Debug, Clone)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    pub fn new(root: impl Into<PathBuf>) -> Home {
+        Home { root: root.into() }
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// The PKGDIR that is served for a target.
+    pub fn binhost(&self, target: &str) -> PathBuf {
+        self.root.join("binhost").join(target)
+    }
+    pub fn images(&self, target: &str) -> PathBuf {
+        self.root.join("images").join(target)
+    }
+    pub fn logs(&self, target: &str) -> PathBuf {
+        self.root.join("logs").join(target)
+    }
+    pub fn keys(&self) -> PathBuf {
+        self.root.join("keys")
+    }
+    pub fn cache(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+    /// The per-target Portage configuration synced into builders.
+    pub fn target_config(&self, target: &str) -> PathBuf {
+        self.root.join("targets").join(target)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn precedence_cli_env_file_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let low = write(dir.path(), "etc.toml", "home = \"/etc-home\"\n[serve]\nlisten = [\"0.0.0.0:1\"]\npublic_url = \"http://a/\"\n");
+        let high = write(dir.path(), "user.toml", "[serve]\nlisten = [\"[::1]:2\"]\n");
+        let env = vec![("DBH_SERVE_PUBLIC_URL".to_string(), "http://env/".to_string())];
+        let cli = vec![("home", "--home", toml::Value::String("/cli-home".into()))];
+        let s = Settings::load_from(cli, &[low.clone(), high.clone()], &env).unwrap();
+        assert_eq!(s.str("home"), Some("/cli-home"));
+        assert_eq!(s.get("home").unwrap().origin, Origin::Cli("--home"));
+        assert_eq!(s.list("serve.listen"), vec!["[::1]:2"]);
+        assert_eq!(s.get("serve.listen").unwrap().origin, Origin::File(high));
+        assert_eq!(s.str("serve.public_url"), Some("http://env/"));
+        assert_eq!(s.str("serve.dir"), Some("/cli-home/binhost"));
+        assert_eq!(s.get("serve.dir").unwrap().origin, Origin::Default);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(dir.path(), "dbh.toml", "[serve]\nlisen = []\n");
+        let err = Settings::load_from(vec![], &[f.clone()], &[]).unwrap_err();
+        assert_eq!(err.to_string(), format!("settings file {} has an unknown key `serve.lisen`", f.display()));
+        assert!(err.hint().unwrap().contains("serve.listen"));
+    }
+
+    #[test]
+    fn wrong_type_from_env_is_refused() {
+        let env = vec![("DBH_BUILD_JOBS".to_string(), "many".to_string())];
+        let err = Settings::load_from(vec![], &[], &env).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "setting `build.jobs` from environment (DBH_BUILD_JOBS) has the wrong type: expected an integer"
+        );
+    }
+}
