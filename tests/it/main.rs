@@ -4,3 +4,4 @@
 
 mod cli;
 mod portage;
+mod publish;
