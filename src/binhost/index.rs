@@ -105,10 +105,16 @@ impl Entry {
 }
 
 /// A whole index: header and packages.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Index {
     pub header: BTreeMap<String, String>,
     pub packages: Vec<Entry>,
+}
+
+impl Default for Index {
+    fn default() -> Index {
+        Index::new()
+    }
 }
 
 impl Index {

@@ -6,11 +6,12 @@
 //! crash-safe way every file gets into the binhost (dot-temp file, fsync, rename, fsync dir).
 
 // pub mod add;
-// pub mod check;
-// pub mod conf;
+pub mod check;
+pub mod conf;
 pub mod deps;
 pub mod index;
-// pub mod scan;
+pub mod meta;
+pub mod scan;
 
 use std::fs::File;
 use std::io::Write;
@@ -27,6 +28,8 @@ pub const LOCK_FILE: &str = ".dbh.lock";
 /// Prefix of every temporary file dbh creates inside a binhost. Names never end in a package
 /// suffix, so neither Portage nor our scanner ever mistakes one for a package.
 pub const TMP_PREFIX: &str = ".dbh-tmp";
+/// Paths (relative to the binhost root) of packages an `add` is placing; see [`add`].
+pub const JOURNAL: &str = ".dbh-pending";
 /// How long a writer waits for another one to finish.
 pub const LOCK_DEADLINE: Duration = Duration::from_secs(600);
 
@@ -50,6 +53,8 @@ pub enum BinhostError {
         #[source]
         source: crate::binpkg::BinpkgError,
     },
+    #[error("cannot read binary package {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
     #[error("binary package {path} is not valid: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("binary package {path} is built for CHOST {found}, but target `{target}` has CHOST {expected}")]
