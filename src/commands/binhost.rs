@@ -1,7 +1,9 @@
 //! `dbh binhost index|check|add|conf`.
 
 use super::{out, Context};
-use crate::binhost::{check, scan};
+use crate::binhost::{check, conf, scan, BinhostError};
+use crate::sign::KeyStore;
+use crate::target::Targets;
 use crate::cli::BinhostCommand;
 use crate::Error;
 
@@ -36,9 +38,29 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             out(&text)?;
             Err(Error::Failed(format!("{} has {} inconsistencies", dir.display(), problems.len())))
         }
-        // Wait for crate::binpkg (rewrite/sign) and crate::sign (KeyStore).
-        BinhostCommand::Add { .. } | BinhostCommand::Conf { .. } => {
-            Err(Error::NotImplemented { command: "binhost add/conf" })
+        // Waits for crate::binpkg's rewrite_gpkg/verify.
+        BinhostCommand::Add { .. } => Err(Error::NotImplemented { command: "binhost add" }),
+        BinhostCommand::Conf { target, url, unsigned } => {
+            let targets = Targets::load()?;
+            let target = targets.get(&target)?;
+            let home = ctx.settings.home();
+            let fingerprint = if unsigned {
+                None
+            } else {
+                let keys = KeyStore::new(home.keys());
+                if !keys.exists() {
+                    return Err(BinhostError::NoKey { path: home.keys() }.into());
+                }
+                Some(keys.fingerprint()?)
+            };
+            let priority = ctx.settings.int("binhost.priority").unwrap_or(10);
+            let text = conf::render(&conf::ConfInput {
+                target: &target.name,
+                url: &url,
+                priority,
+                fingerprint: fingerprint.as_deref(),
+            })?;
+            out(&text)
         }
     }
 }
