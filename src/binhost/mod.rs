@@ -10,7 +10,6 @@ pub mod check;
 pub mod conf;
 pub mod deps;
 pub mod index;
-pub mod meta;
 pub mod scan;
 
 use std::fs::File;

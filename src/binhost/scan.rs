@@ -88,6 +88,14 @@ impl std::fmt::Display for Skip {
     }
 }
 
+/// Packages up to this size are read into memory whole.
+const IN_MEMORY_LIMIT: u64 = 8 * 1024 * 1024;
+
+/// MD5 and SHA1 of bytes, hex.
+pub fn hash_bytes(bytes: &[u8]) -> (String, String) {
+    (hex::encode(md5::Md5::digest(bytes)), hex::encode(sha1::Sha1::digest(bytes)))
+}
+
 /// MD5 and SHA1 of a file, hex (`_pkgindex_hashes`), read once with a large buffer.
 pub fn hash_file(path: &Path) -> Result<(String, String), BinhostError> {
     let mut file = fs_err::File::open(path)?;
@@ -110,8 +118,20 @@ pub fn hash_file(path: &Path) -> Result<(String, String), BinhostError> {
 /// locations, so that an entry we write is one Portage would have written too.
 pub fn entry_for(root: &Path, found: &Found) -> Result<Entry, Skip> {
     let path = root.join(&found.rel);
-    let (_, meta) = super::meta::read(&path)
-        .map_err(|reason| Skip::Unreadable(BinhostError::Unreadable { path: path.clone(), reason }))?;
+    let unreadable = |source| Skip::Unreadable(BinhostError::Package { path: path.clone(), source });
+    // Small packages (the common case) are read once: metadata and digests from the same bytes.
+    let (pkg, digests) = if found.size <= IN_MEMORY_LIMIT {
+        let bytes = fs_err::read(&path).map_err(|e| Skip::Unreadable(e.into()))?;
+        let pkg = if found.rel.ends_with(".gpkg.tar") {
+            crate::binpkg::read_gpkg_bytes(&bytes)
+        } else {
+            crate::binpkg::read_xpak_bytes(&bytes)
+        };
+        (pkg.map_err(unreadable)?, Some(hash_bytes(&bytes)))
+    } else {
+        (crate::binpkg::read(&path).map_err(unreadable)?, None)
+    };
+    let meta = &pkg.metadata;
     let get = |k: &str| meta.get(k).map(normalize).unwrap_or_default();
     let (cat, pf, slot) = (get("CATEGORY"), get("PF"), get("SLOT"));
     let missing: Vec<&str> = [("CATEGORY", &cat), ("PF", &pf), ("SLOT", &slot)]
@@ -138,7 +158,10 @@ pub fn entry_for(root: &Path, found: &Found) -> Result<Entry, Skip> {
         entry.set("BUILD_ID", id.to_string());
     }
     eval_use_flags(&mut entry).map_err(Skip::Invalid)?;
-    let (md5, sha1) = hash_file(&path).map_err(Skip::Unreadable)?;
+    let (md5, sha1) = match digests {
+        Some(d) => d,
+        None => hash_file(&path).map_err(Skip::Unreadable)?,
+    };
     entry.set("CPV", format!("{cat}/{pf}"));
     entry.set("PATH", found.rel.clone());
     entry.set("SIZE", found.size.to_string());
@@ -357,14 +380,7 @@ pub fn reindex_locked(
     if !to_read.is_empty() {
         reporter.event(Event::Finish {
             task,
-            message: format!(
-                "indexed {} packages in {} (read {}, reused {}, dropped {})",
-                outcome.packages,
-                dir.display(),
-                outcome.read,
-                outcome.reused,
-                outcome.dropped
-            ),
+            message: format!("read {} package(s)", outcome.read),
         });
     }
     Ok(outcome)
@@ -435,14 +451,16 @@ pub fn arch_for_chost(chost: &str) -> Option<String> {
 }
 
 /// Writes the new index unless it equals the old one (then the old TIMESTAMP stays, so clients
-/// keep getting 304). TIMESTAMP never goes down: max(now, old + 1).
+/// keep getting 304). Keys Portage drops on reading (e.g. emerge's REPO_REVISIONS) do not count
+/// as a change on their own. TIMESTAMP never goes down: max(now, old + 1).
 fn commit(dir: &Path, old: &Index, had_index: bool, mut index: Index) -> Result<bool, BinhostError> {
     index.header.insert("PACKAGES".into(), index.packages.len().to_string());
     let old_ts = old.timestamp();
     if had_index && let Some(ts) = old_ts {
         index.header.insert("TIMESTAMP".into(), ts.to_string());
-        let text = index.render();
-        if text == old.render() && files_match(dir, &text, ts) {
+        let mut allowed = old.clone();
+        allowed.packages.iter_mut().for_each(Entry::retain_allowed);
+        if index.render() == allowed.render() && files_match(dir, &old.render(), ts) {
             return Ok(false);
         }
     }
@@ -454,9 +472,7 @@ fn commit(dir: &Path, old: &Index, had_index: bool, mut index: Index) -> Result<
 
 /// Do Packages and Packages.gz on disk hold exactly `text`, with mtime `ts`?
 fn files_match(dir: &Path, text: &str, ts: u64) -> bool {
-    let ok = |name: &str| {
-        std::fs::metadata(dir.join(name)).is_ok_and(|m| m.mtime() == ts as i64)
-    };
+    let ok = |name: &str| std::fs::metadata(dir.join(name)).is_ok_and(|m| m.mtime() == ts as i64);
     ok("Packages")
         && ok("Packages.gz")
         && std::fs::read(dir.join("Packages")).is_ok_and(|b| b == text.as_bytes())
