@@ -247,3 +247,341 @@ pub(crate) fn metadata<S: Source + ?Sized>(src: &S, layout: &Layout, path: &Path
     let dec = comp.decoder(&bytes[..], &m.name)?;
     parse_metadata_tar(dec, &m.name, path)
 }
+
+/// What [`verify`] established.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub format: super::Format,
+    /// The package carries signatures.
+    pub signed: bool,
+    /// Signatures were checked against the given certificates (all good).
+    pub signatures_checked: bool,
+    /// Members whose hashes matched the Manifest.
+    pub members: Vec<String>,
+}
+
+/// Reads through a stream, hashing what passes.
+struct Hashing<R> {
+    inner: R,
+    hasher: manifest::Hasher,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Checks a package completely: every GPKG member's size and BLAKE2B/SHA512 against the Manifest
+/// and, with `certs`, the clear-signed Manifest and each member's detached signature — the checks
+/// Portage's `_verify_binpkg` makes before it installs. XPAK has no Manifest or signatures: its
+/// layout is checked, and asking for signatures fails.
+pub fn verify(path: &Path, certs: Option<&crate::sign::Verifier>) -> Result<Verified, super::BinpkgError> {
+    let format = super::Format::of(path).ok_or_else(|| super::BinpkgError::UnknownFormat { path: path.to_owned() })?;
+    let src = super::open(path)?;
+    verify_source(&src, path, format, certs).map_err(|f| f.at(path))
+}
+
+pub(crate) fn verify_source<S: Source + Sync + ?Sized>(
+    src: &S,
+    path: &Path,
+    format: super::Format,
+    certs: Option<&crate::sign::Verifier>,
+) -> Result<Verified, Fault> {
+    if format == super::Format::Xpak {
+        super::xpak::read(src, path)?;
+        if certs.is_some() {
+            return Err(Fault::Unsigned("it is an XPAK package, and XPAK cannot carry signatures".into()));
+        }
+        return Ok(Verified { format, signed: false, signatures_checked: false, members: Vec::new() });
+    }
+    let mut layout = layout(src)?;
+    if let Some(certs) = certs {
+        if !manifest::is_signed(&layout.manifest_raw) {
+            return Err(Fault::Unsigned("its Manifest is not clear-signed".into()));
+        }
+        let text = certs
+            .verify_cleartext(&layout.manifest_raw)
+            .map_err(|source| Fault::Signature { member: MANIFEST_MEMBER.into(), source })?;
+        let text = String::from_utf8(text).map_err(|_| Fault::bad("the signed Manifest is not UTF-8".into()))?;
+        let signed_lines = manifest::parse(&text)?;
+        if signed_lines != layout.manifest {
+            // The text outside what the signature covers differs: trust only the signed part.
+            return Err(Fault::Signature {
+                member: MANIFEST_MEMBER.into(),
+                source: crate::sign::SignError::BadSignature("the Manifest's text differs from what was signed".into()),
+            });
+        }
+        layout.manifest = signed_lines;
+    }
+    let mut members = Vec::new();
+    for m in layout.members.iter().filter(|m| m.role != Role::Manifest) {
+        let reader = Hashing { inner: member_reader(src, m), hasher: manifest::Hasher::new() };
+        let needs_sig = certs.is_some() && matches!(m.role, Role::Metadata(_) | Role::Image(_));
+        let line = if needs_sig {
+            let certs = certs.expect("needs_sig");
+            let sig_name = format!("{}.sig", m.name);
+            let Some(sig) = layout.member(&sig_name) else {
+                return Err(Fault::Unsigned(format!("`{}` has no signature member `{sig_name}`", m.name)));
+            };
+            let sig = member_bytes(src, sig, manifest::MAX_MANIFEST)?;
+            let mut reader = reader;
+            certs
+                .verify_detached_reader(&mut reader, &sig)
+                .map_err(|source| Fault::Signature { member: m.name.clone(), source })?;
+            // The verifier may stop short of the end; hash whatever is left.
+            std::io::copy(&mut reader, &mut std::io::sink()).map_err(Fault::Io)?;
+            reader.hasher.line(&m.name)
+        } else {
+            let mut reader = reader;
+            std::io::copy(&mut reader, &mut std::io::sink()).map_err(Fault::Io)?;
+            reader.hasher.line(&m.name)
+        };
+        check_digest(&layout, &m.name, &line)?;
+        members.push(m.name.clone());
+    }
+    metadata(src, &layout, path)?;
+    Ok(Verified { format, signed: layout.signed, signatures_checked: certs.is_some(), members })
+}
+
+/// How [`rewrite_gpkg`] and [`xpak_to_gpkg`] change a package.
+#[derive(Default, Clone, Copy)]
+pub struct Rewrite<'a> {
+    /// Store this BUILD_ID in the metadata.
+    pub build_id: Option<u64>,
+    /// Sign like `gpkg-sign`: detached `.sig` for metadata and image, clear-signed Manifest.
+    /// Without a signer the output is unsigned (old signatures would no longer match).
+    pub signer: Option<&'a crate::sign::Signer>,
+}
+
+/// The top directory for a destination file: its name without `.gpkg.tar`.
+fn top_for(dst: &Path, fallback: &str) -> String {
+    dst.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".gpkg.tar"))
+        .filter(|s| !s.is_empty())
+        .unwrap_or(fallback)
+        .to_owned()
+}
+
+/// Writes `metadata/<KEY>` files as an uncompressed tar, deterministic headers, stored order.
+fn metadata_tar(md: &Metadata, mtime: u64) -> std::io::Result<Vec<u8>> {
+    let mut w = tarfmt::Writer::new(Vec::new());
+    for (key, value) in md.entries() {
+        w.member(&format!("metadata/{key}"), value, mtime)?;
+    }
+    w.finish()
+}
+
+/// The output container, tracking Manifest lines and signing as Portage's `gpkg-sign` does.
+struct Out<'a> {
+    w: tarfmt::Writer<std::io::BufWriter<std::fs::File>>,
+    top: String,
+    lines: Vec<Line>,
+    signer: Option<&'a crate::sign::Signer>,
+    dst: &'a Path,
+    mtime: u64,
+}
+
+impl Out<'_> {
+    fn write_err(&self, e: std::io::Error) -> super::BinpkgError {
+        super::BinpkgError::Write { path: self.dst.to_owned(), source: e }
+    }
+
+    fn small(&mut self, name: &str, data: &[u8]) -> Result<(), super::BinpkgError> {
+        let full = format!("{}/{name}", self.top);
+        let mtime = self.mtime;
+        self.w.member(&full, data, mtime).map_err(|e| self.write_err(e))?;
+        if name != MANIFEST_MEMBER {
+            self.lines.push(manifest::Hasher::of(name, data));
+        }
+        Ok(())
+    }
+
+    /// A member whose bytes are at hand; signed when there is a signer.
+    fn signed_small(&mut self, name: &str, data: &[u8]) -> Result<(), super::BinpkgError> {
+        self.small(name, data)?;
+        if let Some(signer) = self.signer {
+            let sig = signer.sign_detached_armored(data).map_err(|e| Fault::Sign(e).at(self.dst))?;
+            self.small(&format!("{name}.sig"), &sig)?;
+        }
+        Ok(())
+    }
+
+    /// A large member streamed from `r` (`size` bytes): copied, hashed and signed in one pass.
+    /// Returns its Manifest line so the caller can compare it with the source's.
+    fn streamed(
+        &mut self,
+        name: &str,
+        size: u64,
+        mtime: u64,
+        mut r: impl Read,
+        src_path: &Path,
+    ) -> Result<Line, super::BinpkgError> {
+        let full = format!("{}/{name}", self.top);
+        self.w.begin(&full, size, mtime).map_err(|e| self.write_err(e))?;
+        let mut signing = match self.signer {
+            Some(s) => Some(s.detached().map_err(|e| Fault::Sign(e).at(self.dst))?),
+            None => None,
+        };
+        let mut hasher = manifest::Hasher::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut copied = 0u64;
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Fault::Io(e).at(src_path)),
+            };
+            hasher.update(&buf[..n]);
+            if let Some(s) = signing.as_mut() {
+                std::io::Write::write_all(s, &buf[..n]).map_err(|e| self.write_err(e))?;
+            }
+            self.w.data(&buf[..n]).map_err(|e| self.write_err(e))?;
+            copied += n as u64;
+        }
+        if copied != size {
+            return Err(Fault::truncated(&format!("`{name}` ended after {copied} of {size} bytes")).at(src_path));
+        }
+        self.w.finish_member().map_err(|e| self.write_err(e))?;
+        let line = hasher.line(name);
+        self.lines.push(line.clone());
+        if let Some(s) = signing {
+            let sig = s.finish().map_err(|e| Fault::Sign(e).at(self.dst))?;
+            self.small(&format!("{name}.sig"), &sig)?;
+        }
+        Ok(line)
+    }
+
+    fn finish(mut self) -> Result<(), super::BinpkgError> {
+        let text: String = self.lines.iter().map(Line::to_text).collect();
+        let manifest = match self.signer {
+            Some(s) => s.sign_cleartext(text.as_bytes()).map_err(|e| Fault::Sign(e).at(self.dst))?,
+            None => text.into_bytes(),
+        };
+        self.small(MANIFEST_MEMBER, &manifest)?;
+        let dst = self.dst.to_owned();
+        let werr = |e: std::io::Error| super::BinpkgError::Write { path: dst.clone(), source: e };
+        let out = self.w.finish().map_err(werr)?;
+        let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
+        file.sync_all().map_err(werr)
+    }
+}
+
+fn create(dst: &Path) -> Result<std::io::BufWriter<std::fs::File>, super::BinpkgError> {
+    let file = fs_err::File::create(dst).map_err(|source| super::BinpkgError::Write { path: dst.to_owned(), source })?;
+    Ok(std::io::BufWriter::with_capacity(256 * 1024, file.into_parts().0))
+}
+
+/// Rewrites a GPKG into `dst` (callers write to a temp file and rename): optionally a new
+/// BUILD_ID (metadata re-packed with the same compression) and new signatures in `gpkg-sign`'s
+/// form. The image member's bytes are stream-copied unchanged, and checked against the source
+/// Manifest on the way; old `.sig` members are dropped. Member order and Manifest order follow
+/// Portage: gpkg-1, metadata, metadata.sig, image, image.sig, Manifest.
+pub fn rewrite_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super::BinpkgError> {
+    let source = super::open(src)?;
+    let layout = layout(&source).map_err(|f| f.at(src))?;
+    let version_mtime = layout.member(VERSION_MEMBER).map(|m| m.mtime).unwrap_or(0);
+    let meta = layout.metadata_member().clone();
+    let Role::Metadata(comp) = meta.role else { unreachable!("metadata_member") };
+    let meta_bytes = member_bytes(&source, &meta, MAX_METADATA).map_err(|f| f.at(src))?;
+    check_digest(&layout, &meta.name, &manifest::Hasher::of(&meta.name, &meta_bytes)).map_err(|f| f.at(src))?;
+    let meta_bytes = match opts.build_id {
+        None => meta_bytes,
+        Some(id) => {
+            let dec = comp.decoder(&meta_bytes[..], &meta.name).map_err(|f| f.at(src))?;
+            let mut md = parse_metadata_tar(dec, &meta.name, src).map_err(|f| f.at(src))?;
+            md.set("BUILD_ID", id.to_string());
+            let tar = metadata_tar(&md, meta.mtime).map_err(|e| Fault::Write(e).at(dst))?;
+            comp.compress(&tar, &meta.name).map_err(|f| f.at(dst))?
+        }
+    };
+    let mut out = Out {
+        w: tarfmt::Writer::new(create(dst)?),
+        top: top_for(dst, &layout.top),
+        lines: Vec::new(),
+        signer: opts.signer,
+        dst,
+        mtime: version_mtime,
+    };
+    out.small(VERSION_MEMBER, b"")?;
+    out.mtime = meta.mtime;
+    out.signed_small(&meta.name, &meta_bytes)?;
+    let image = layout.image_member().clone();
+    out.mtime = image.mtime;
+    let line = out.streamed(&image.name, image.size, image.mtime, member_reader(&source, &image), src)?;
+    check_digest(&layout, &image.name, &line).map_err(|f| f.at(src))?;
+    out.finish()
+}
+
+/// Converts an XPAK package into a GPKG at `dst`: metadata from the XPAK index
+/// (`metadata.tar.zst`), the image re-packed under `image/` as `image.tar.zst`, the way Portage
+/// lays out GPKG, then signed like [`rewrite_gpkg`]. XPAK cannot carry signatures, so a binhost
+/// that clients verify must convert on import.
+pub fn xpak_to_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super::BinpkgError> {
+    let source = super::open(src)?;
+    let (xl, mut md) = super::xpak::read(&source, src).map_err(|f| f.at(src))?;
+    if let Some(id) = opts.build_id {
+        md.set("BUILD_ID", id.to_string());
+    }
+    let mtime = md.get("BUILD_TIME").and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+    let comp = xl.image_compression.ok_or_else(|| {
+        Fault::bad("the XPAK image is not compressed with a format dbh recognises".into()).at(src)
+    })?;
+    let meta = metadata_tar(&md, mtime).map_err(|e| Fault::Write(e).at(dst))?;
+    let meta = Compression::Zstd.compress(&meta, "metadata.tar.zst").map_err(|f| f.at(dst))?;
+    // The outer header needs the image's size first: build it in an anonymous temp file beside dst.
+    let dir = dst.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut image = tempfile::tempfile_in(dir).map_err(|source| super::BinpkgError::Write { path: dir.to_owned(), source })?;
+    {
+        let werr = |e: std::io::Error| Fault::Write(e).at(dst);
+        let enc = zstd::stream::write::Encoder::new(std::io::BufWriter::new(&mut image), 3).map_err(werr)?;
+        let mut builder = tar::Builder::new(enc);
+        builder.mode(tar::HeaderMode::Deterministic);
+        let dec = comp.decoder(Section::new(&source, 0, xl.image_len), "the XPAK image").map_err(|f| f.at(src))?;
+        let mut ar = tar::Archive::new(dec);
+        let rerr = |e: std::io::Error| Fault::bad(format!("the XPAK image cannot be read: {e}")).at(src);
+        let prefixed = |p: &[u8]| -> Result<String, super::BinpkgError> {
+            let p = std::str::from_utf8(p)
+                .map_err(|_| Fault::bad("the XPAK image has a path that is not UTF-8".into()).at(src))?;
+            let rel = p.trim_start_matches("./").trim_start_matches('/').trim_end_matches('/');
+            if rel.split('/').any(|c| c == "..") {
+                return Err(Fault::bad(format!("the XPAK image has a path `{p}` that leaves the image")).at(src));
+            }
+            Ok(if rel.is_empty() || rel == "." { "image".into() } else { format!("image/{rel}") })
+        };
+        for entry in ar.entries().map_err(rerr)? {
+            let mut entry = entry.map_err(rerr)?;
+            let mut header = entry.header().clone();
+            let path = prefixed(&entry.path_bytes())?;
+            let kind = header.entry_type();
+            if kind.is_hard_link() {
+                let target = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
+                let target = prefixed(&target)?;
+                builder.append_link(&mut header, &path, &target).map_err(werr)?;
+            } else if kind.is_symlink() {
+                let target = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
+                let target = String::from_utf8(target)
+                    .map_err(|_| Fault::bad(format!("symlink `{path}` has a target that is not UTF-8")).at(src))?;
+                builder.append_link(&mut header, &path, &target).map_err(werr)?;
+            } else {
+                builder.append_data(&mut header, &path, &mut entry).map_err(werr)?;
+            }
+        }
+        let enc = builder.into_inner().map_err(werr)?;
+        let buf = enc.finish().map_err(werr)?;
+        buf.into_inner().map_err(|e| werr(e.into_error()))?;
+    }
+    let image_len = image.metadata().map_err(|e| Fault::Write(e).at(dst))?.len();
+    let fallback = md.get("PF").map(str::trim).unwrap_or("package").to_owned();
+    let mut out = Out { w: tarfmt::Writer::new(create(dst)?), top: top_for(dst, &fallback), lines: Vec::new(), signer: opts.signer, dst, mtime };
+    out.small(VERSION_MEMBER, b"")?;
+    out.signed_small("metadata.tar.zst", &meta)?;
+    use std::io::Seek;
+    image.rewind().map_err(|e| Fault::Write(e).at(dst))?;
+    out.streamed("image.tar.zst", image_len, mtime, std::io::BufReader::new(image), dst)?;
+    out.finish()
+}

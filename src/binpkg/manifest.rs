@@ -92,7 +92,7 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Line>, Fault> {
         }
         let size: u64 = words[2].parse().map_err(|_| bad("the size is not a number"))?;
         let rest = &words[3..];
-        if rest.len() % 2 != 0 {
+        if !rest.len().is_multiple_of(2) {
             return Err(bad("a hash name without a value"));
         }
         let hashes = rest.chunks(2).map(|c| (c[0].to_owned(), c[1].to_ascii_lowercase())).collect();

@@ -17,7 +17,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use compression::Compression;
-// pub use gpkg::{rewrite_gpkg, verify, xpak_to_gpkg, Rewrite, Verified};
+pub use gpkg::{rewrite_gpkg, verify, xpak_to_gpkg, Rewrite, Verified};
 
 use crate::error::Hint;
 use crate::sign::SignError;
@@ -296,3 +296,6 @@ pub fn read_gpkg_bytes(bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
 pub fn read_xpak_bytes(bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
     read_source(bytes, Path::new("<memory>.xpak"), Format::Xpak)
 }
+
+#[cfg(test)]
+mod tests;
