@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use super::index::Entry;
 use super::scan::{self, Found, Options};
-use super::{BinhostError, DirLock, TempFile};
+use super::{BinhostError, DirLock, TempDir, TempFile};
 use crate::binpkg::{self, Format, Rewrite};
 use crate::events::{Event, Reporter, Unit};
 use crate::sign::Signer;
@@ -106,6 +106,7 @@ pub fn add(
     }
 
     // Rewrite and sign into temp files; nothing is visible yet.
+    let tmpdir = TempDir::new(dir)?;
     let mut temps = Vec::new();
     for (n, (input, _, id, rel)) in plan.iter().enumerate() {
         reporter.event(Event::Progress {
@@ -113,7 +114,9 @@ pub fn add(
             position: (files.len() + n) as u64,
             message: Some(format!("signing {rel}")),
         });
-        let mut tmp = TempFile::new(dir, "gpkg")?;
+        // Named like the destination: the GPKG writer names the top directory after the file.
+        let name = rel.rsplit('/').next().expect("rel has a file name");
+        let tmp = TempFile::at(tmpdir.path().join(name))?;
         let rewrite = Rewrite { build_id: Some(*id), signer };
         let result = match input.format {
             Format::Gpkg => binpkg::rewrite_gpkg(&input.src, tmp.path(), &rewrite),

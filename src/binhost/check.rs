@@ -140,6 +140,11 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
                 continue;
             }
         };
+        // The whole file against its Manifest (what emaint catches only for flipped bytes it
+        // happens to read), signatures aside: `check` does not know which key to trust.
+        if let Err(e) = crate::binpkg::verify(&path, None) {
+            problem(&path, format!("fails verification: {}", chain(&e)));
+        }
         let Some(indexed) = by_path.get(&found.rel) else {
             if pending.contains(&found.rel) {
                 reporter.event(Event::Note {
@@ -186,4 +191,15 @@ fn differences(index: &Index, indexed: &Entry, fresh: &Entry) -> Vec<String> {
             format!("{k} is {} in the index, {} in the file", show(a.get(k)), show(b.get(k)))
         })
         .collect()
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

@@ -5,7 +5,7 @@
 //! stanza ([`conf`]). This module holds what they share: the error type, the directory lock and the
 //! crash-safe way every file gets into the binhost (dot-temp file, fsync, rename, fsync dir).
 
-// pub mod add;
+pub mod add;
 pub mod check;
 pub mod conf;
 pub mod deps;
@@ -134,7 +134,11 @@ pub fn clean_stale_temps(dir: &Path) -> Result<usize, BinhostError> {
     for entry in fs_err::read_dir(dir)? {
         let entry = entry?;
         if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
-            fs_err::remove_file(entry.path())?;
+            if entry.file_type()?.is_dir() {
+                fs_err::remove_dir_all(entry.path())?;
+            } else {
+                fs_err::remove_file(entry.path())?;
+            }
             removed += 1;
         }
     }
@@ -147,18 +151,23 @@ pub struct TempFile {
     file: Option<File>,
 }
 
+/// A unique `.dbh-tmp-…` name in `dir`.
+fn temp_name(dir: &Path, what: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    dir.join(format!("{TMP_PREFIX}-{}-{}-{nanos:x}.{what}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)))
+}
+
 impl TempFile {
     pub fn new(dir: &Path, what: &str) -> Result<TempFile, BinhostError> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static SEQ: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let path = dir.join(format!(
-            "{TMP_PREFIX}-{}-{}-{nanos:x}.{what}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
+        TempFile::at(temp_name(dir, what))
+    }
+
+    /// A temp file at exactly `path` (inside a [`TempDir`], when the name itself matters).
+    pub fn at(path: PathBuf) -> Result<TempFile, BinhostError> {
         let file = fs_err::OpenOptions::new().write(true).create_new(true).open(&path)?.into_parts().0;
         Ok(TempFile { path, file: Some(file) })
     }
@@ -204,6 +213,31 @@ impl Drop for TempFile {
         if !self.path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// A `.dbh-tmp-….d` directory in the binhost root, removed with its content on drop. Files that
+/// must carry their final name while being written (a GPKG's top directory is named after its
+/// file) are made here: the directory's dot name keeps Portage and our scanner away from them.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(dir: &Path) -> Result<TempDir, BinhostError> {
+        let path = temp_name(dir, "d");
+        fs_err::create_dir(&path)?;
+        Ok(TempDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
     }
 }
 

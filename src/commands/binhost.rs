@@ -1,7 +1,7 @@
 //! `dbh binhost index|check|add|conf`.
 
 use super::{out, Context};
-use crate::binhost::{check, conf, scan, BinhostError};
+use crate::binhost::{add, check, conf, scan, BinhostError};
 use crate::sign::KeyStore;
 use crate::target::Targets;
 use crate::cli::BinhostCommand;
@@ -38,8 +38,27 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             out(&text)?;
             Err(Error::Failed(format!("{} has {} inconsistencies", dir.display(), problems.len())))
         }
-        // Waits for crate::binpkg's rewrite_gpkg/verify.
-        BinhostCommand::Add { .. } => Err(Error::NotImplemented { command: "binhost add" }),
+        BinhostCommand::Add { target, unsigned, files } => {
+            let targets = Targets::load()?;
+            let target = targets.get(&target)?;
+            let home = ctx.settings.home();
+            let signer = if unsigned {
+                None
+            } else {
+                let keys = KeyStore::new(home.keys());
+                if !keys.exists() {
+                    return Err(BinhostError::NoKey { path: home.keys() }.into());
+                }
+                Some(keys.signer()?)
+            };
+            let dir = home.binhost(&target.name);
+            let added = add::add(&dir, target, &files, signer.as_ref(), &ctx.reporter)?;
+            let mut text = String::new();
+            for a in &added {
+                text.push_str(&format!("{}\n", dir.join(&a.path).display()));
+            }
+            out(&text)
+        }
         BinhostCommand::Conf { target, url, unsigned } => {
             let targets = Targets::load()?;
             let target = targets.get(&target)?;
