@@ -17,7 +17,11 @@ pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
         VmCommand::Start(t) => start(ctx, &t.target),
         VmCommand::Stop(t) => block_on(async {
             let home = ctx.settings.home();
-            vm::stop_running(&home, &t.target, Shutdown::Powerdown(vm::POWERDOWN_DEADLINE), &ctx.reporter).await?;
+            let deadline = ctx
+                .settings
+                .int("vm.powerdown_timeout")
+                .map_or(vm::POWERDOWN_DEADLINE, |s| Duration::from_secs(s.max(0) as u64));
+            vm::stop_running(&home, &t.target, Shutdown::Powerdown(deadline), &ctx.reporter).await?;
             ctx.reporter.event(Event::Note { message: format!("the {} guest is stopped", t.target) });
             Ok(())
         }),
@@ -138,7 +142,10 @@ fn exec(ctx: &Context, target: &str, command: &[String]) -> Result<(), Error> {
                 crate::process::Stream::Stderr => std::io::stderr().write_all(data),
             };
         };
-        if let Ok((_, guest)) = vm::connect_running(&home, &target.name).await {
+        // A running guest (from `dbh vm start` or another dbh) is used; failing to reach it is an
+        // error, not a reason to boot a second one.
+        if matches!(vm::status(&home, &target.name)?, Status::Running(_)) {
+            let (_, guest) = vm::connect_running(&home, &target.name).await?;
             let code = with_signals(guest.exec_raw(&line, None, pass)).await??;
             guest.disconnect().await;
             return Ok(code);

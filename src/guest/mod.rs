@@ -30,14 +30,14 @@ pub enum GuestError {
     Key {
         path: PathBuf,
         #[source]
-        source: russh::keys::Error,
+        source: Box<russh::keys::Error>,
     },
     #[error("cannot connect to the {target} guest's SSH server on 127.0.0.1:{port}")]
     Connect {
         target: String,
         port: u16,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
     #[error("the {target} guest refused the client key {key} for root")]
     AuthRefused { target: String, key: PathBuf },
@@ -46,7 +46,7 @@ pub enum GuestError {
         target: String,
         doing: String,
         #[source]
-        source: russh::Error,
+        source: Box<russh::Error>,
     },
     #[error("`{command}` in the {target} guest ended without an exit status")]
     NoExitStatus { target: String, command: String },
@@ -157,9 +157,9 @@ impl Guest {
     /// Connects as root with the image's client key, refusing any host key but the pinned one.
     pub async fn connect(target: &str, port: u16, keys: &Keys) -> Result<Guest, GuestError> {
         let expected = russh::keys::load_public_key(&keys.host_pub)
-            .map_err(|source| GuestError::Key { path: keys.host_pub.clone(), source })?;
+            .map_err(|source| GuestError::Key { path: keys.host_pub.clone(), source: Box::new(source) })?;
         let client = russh::keys::load_secret_key(&keys.client, None)
-            .map_err(|source| GuestError::Key { path: keys.client.clone(), source })?;
+            .map_err(|source| GuestError::Key { path: keys.client.clone(), source: Box::new(source) })?;
         let seen = Arc::new(Mutex::new(None));
         let handler = Pinned { expected: expected.clone(), seen: seen.clone() };
         let config = russh::client::Config {
@@ -181,12 +181,16 @@ impl Guest {
                     pinned: keys.host_pub.clone(),
                 });
             }
-            Err(source) => return Err(GuestError::Connect { target: target.to_owned(), port, source }),
+            Err(source) => return Err(GuestError::Connect { target: target.to_owned(), port, source: Box::new(source) }),
         };
         let auth = handle
             .authenticate_publickey("root", PrivateKeyWithHashAlg::new(Arc::new(client), None))
             .await
-            .map_err(|source| GuestError::Ssh { target: target.to_owned(), doing: "authenticating".into(), source })?;
+            .map_err(|source| GuestError::Ssh {
+                target: target.to_owned(),
+                doing: "authenticating".into(),
+                source: Box::new(source),
+            })?;
         if !auth.success() {
             return Err(GuestError::AuthRefused { target: target.to_owned(), key: keys.client.clone() });
         }
@@ -199,7 +203,7 @@ impl Guest {
 
     fn ssh_err(&self, doing: impl Into<String>) -> impl FnOnce(russh::Error) -> GuestError + '_ {
         let doing = doing.into();
-        move |source| GuestError::Ssh { target: self.target.clone(), doing, source }
+        move |source| GuestError::Ssh { target: self.target.clone(), doing, source: Box::new(source) }
     }
 
     /// Runs `command` (a shell command line) and hands every chunk of its output to `on_data` as it

@@ -57,8 +57,9 @@ pub enum VmError {
     AlreadyRunning { target: String, pid: u32 },
     #[error("the {target} guest is not running")]
     NotRunning { target: String },
-    #[error("QEMU for the {target} guest {how} before {waiting_for}{}", tails(.qemu_stderr, .console))]
-    QemuExited { target: String, how: String, waiting_for: String, qemu_stderr: String, console: String },
+    /// `output` is QEMU's stderr and the console tail, as [`tails`] renders them.
+    #[error("QEMU for the {target} guest {how} before {waiting_for}{output}")]
+    QemuExited { target: String, how: String, waiting_for: String, output: String },
     #[error("timed out after {}s waiting for {what}{}", .after.as_secs(), tails("", .console))]
     Timeout { what: String, after: Duration, console: String },
     #[error("QMP on {socket} failed while {doing}")]
@@ -230,7 +231,7 @@ impl Lock {
             .truncate(false)
             .write(true)
             .open(path)
-            .map_err(|e| VmError::Io { doing: "open", path: path.to_owned(), source: e.into() })?
+            .map_err(|e| VmError::Io { doing: "open", path: path.to_owned(), source: e })?
             .into_parts()
             .0;
         // SAFETY: flock on a descriptor we own.
@@ -441,8 +442,7 @@ impl Vm {
                     target: target.name.clone(),
                     how: describe_exit(status),
                     waiting_for: "it started".into(),
-                    qemu_stderr: stderr,
-                    console: tail_lines(&paths.console(), CONSOLE_TAIL_LINES),
+                    output: tails(&stderr, &tail_lines(&paths.console(), CONSOLE_TAIL_LINES)),
                 });
             }
             break (vm.child.take().expect("just spawned"), state);
@@ -498,8 +498,10 @@ impl Vm {
                     target: self.target.clone(),
                     how: describe_exit(status),
                     waiting_for: what,
-                    qemu_stderr: tail_lines(&self.paths.qemu_log(), CONSOLE_TAIL_LINES),
-                    console: tail_lines(&self.paths.console(), CONSOLE_TAIL_LINES),
+                    output: tails(
+                        &tail_lines(&self.paths.qemu_log(), CONSOLE_TAIL_LINES),
+                        &tail_lines(&self.paths.console(), CONSOLE_TAIL_LINES),
+                    ),
                 });
             }
             if started.elapsed() >= deadline {
