@@ -1,8 +1,8 @@
 //! The VM runner against real QEMU guests (arm64 under TCG).
 //!
-//! Guest image: tests/it/vm_fixture/arm64-guest.sh builds a small arm64 guest in the contract's
-//! layout (busybox initramfs + dropbear, UKI, ESP, ext4 disk, pinned keys), cached in
-//! ~/.cache/dbh-tests/vm-arm64-guest-<hash of the script>/. One guest is booted once per test run
+//! Guest images: tests/it/vm_fixture/guest.sh builds a small guest in the contract's layout
+//! (busybox initramfs + dropbear, ext4 disk, pinned keys; UKI + ESP for arm64, kernel + initramfs
+//! for ppc64le's direct boot), cached in ~/.cache/dbh-tests/vm-<arch>-guest-<hash of the script>/. One guest is booted once per test run
 //! and shared by the tests that only need *a* guest; tests about the lifecycle boot their own.
 //! Every test checks that no QEMU process mentioning its home directory is left.
 
@@ -18,7 +18,7 @@ use dbh::vm::{self, Shutdown, StartOptions, Vm, VmError};
 
 use super::cli::dbh;
 
-const SCRIPT: &str = include_str!("vm_fixture/arm64-guest.sh");
+const SCRIPT: &str = include_str!("vm_fixture/guest.sh");
 
 fn cache_root() -> PathBuf {
     std::env::var_os("DBH_TEST_CACHE")
@@ -26,29 +26,37 @@ fn cache_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/dbh-tests"))
 }
 
-/// The cached guest image directory (built on first use, under a file lock so that parallel test
-/// processes build it once).
+/// The cached arm64 guest image directory.
 fn guest_image() -> PathBuf {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            use sha2::Digest;
-            let hash = hex::encode(&sha2::Sha256::digest(SCRIPT.as_bytes())[..8]);
-            let dir = cache_root().join(format!("vm-arm64-guest-{hash}"));
-            let image = dir.join("image");
-            std::fs::create_dir_all(&dir).unwrap();
-            let lock = std::fs::File::create(dir.join("lock")).unwrap();
-            lock_file(&lock);
-            if !image.join(".done").exists() {
-                let script = dir.join("arm64-guest.sh");
-                std::fs::write(&script, SCRIPT).unwrap();
-                let status = Command::new("sh").arg(&script).arg(&image).arg(dir.join("work")).status().unwrap();
-                assert!(status.success(), "building the arm64 test guest failed");
-                std::fs::write(image.join(".done"), "").unwrap();
-            }
-            image
-        })
-        .clone()
+    IMAGE.get_or_init(|| build_guest("arm64")).clone()
+}
+
+/// Builds (once, under a file lock so that parallel test processes build it once) the guest of a
+/// Debian architecture.
+fn build_guest(debian_arch: &str) -> PathBuf {
+    use sha2::Digest;
+    let hash = hex::encode(&sha2::Sha256::digest(SCRIPT.as_bytes())[..8]);
+    let dir = cache_root().join(format!("vm-{debian_arch}-guest-{hash}"));
+    let image = dir.join("image");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock = std::fs::File::create(dir.join("lock")).unwrap();
+    lock_file(&lock);
+    if !image.join(".done").exists() {
+        let script = dir.join("guest.sh");
+        std::fs::write(&script, SCRIPT).unwrap();
+        let status = Command::new("sh")
+            .arg(&script)
+            .arg(debian_arch)
+            .arg(&image)
+            .arg(dir.join("work"))
+            .stdin(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the {debian_arch} test guest failed");
+        std::fs::write(image.join(".done"), "").unwrap();
+    }
+    image
 }
 
 fn lock_file(f: &std::fs::File) {
@@ -371,4 +379,28 @@ fn guest_runs(home: &Path, needle: &str) -> bool {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).contains(needle)
+}
+
+#[test]
+fn ppc64le_boots_its_kernel_directly_and_answers() {
+    let image = build_guest("ppc64el");
+    let home = tempfile::Builder::new().prefix("dbh-vm-").tempdir().unwrap();
+    let dir = home.path().join("images/ppc64le");
+    std::fs::create_dir_all(dir.join("ssh")).unwrap();
+    for f in ["disk.qcow2", "vmlinuz", "initrd.img", "cmdline", "ssh/id_ed25519", "ssh/host_ed25519_key.pub"] {
+        std::os::unix::fs::symlink(image.join(f), dir.join(f)).unwrap();
+    }
+    let out = dbh()
+        .arg("--home")
+        .arg(home.path())
+        .args(["vm", "exec", "--target", "ppc64le", "--", "uname", "-m"])
+        .env("XDG_CONFIG_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ppc64le\n");
+    let console = std::fs::read_to_string(dir.join("run/console.log")).unwrap();
+    assert!(console.contains("dbh-guest: initramfs up on ppc64le"), "{console}");
+    assert!(console.contains("root=LABEL=dbh-root"), "the direct-boot command line reaches the kernel: {console}");
+    assert_no_qemu(home.path());
 }
