@@ -26,6 +26,10 @@ pub enum Error {
     Sign(#[from] crate::sign::SignError),
     #[error(transparent)]
     Serve(#[from] crate::serve::ServeError),
+    #[error(transparent)]
+    Uki(#[from] crate::uki::UkiError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
     /// A command of the contract whose implementation has not landed yet.
     #[error("`dbh {command}` is not implemented in this version of dbh")]
     NotImplemented { command: &'static str },
@@ -46,6 +50,8 @@ impl Error {
             Error::Binhost(e) => e.hint(),
             Error::Sign(e) => e.hint(),
             Error::Serve(e) => e.hint(),
+            Error::Uki(e) => e.hint(),
+            Error::Image(e) => e.hint(),
             Error::NotImplemented { .. } => {
                 Some("see README.md for the commands that work in this version".into())
             }

@@ -9,6 +9,8 @@
 //! - [`sign`]: the binhost's OpenPGP key, signatures in the form Portage verifies.
 //! - [`binhost`]: the `Packages` index, `check`, and atomic, locked `add`.
 //! - [`serve`]: the HTTP server for `$DBH_HOME/binhost/<target>/`.
+//! - [`uki`]: UKI writer (PE sections after a systemd-stub), the guest initramfs, stub lookup.
+//! - [`image`]: stage download + DIGESTS verification, `vm image create` (disk, ESP, keys, image.toml).
 //! - [`process`]: the one wrapper through which every external program runs.
 //! - [`events`] / [`progress`]: progress events out of the core, bars drawn only in `progress`.
 //! - [`error`]: the top-level error, its `hint:` lines and exit codes.
@@ -19,12 +21,14 @@ pub mod cli;
 pub mod commands;
 pub mod error;
 pub mod events;
+pub mod image;
 pub mod process;
 pub mod progress;
 pub mod serve;
 pub mod settings;
 pub mod sign;
 pub mod target;
+pub mod uki;
 
 use std::process::ExitCode;
 
