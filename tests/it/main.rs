@@ -5,3 +5,4 @@
 mod cli;
 mod portage;
 mod publish;
+mod image;
