@@ -30,6 +30,10 @@ pub enum Error {
     Uki(#[from] crate::uki::UkiError),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    #[error(transparent)]
+    Guest(#[from] crate::guest::GuestError),
     /// A command of the contract whose implementation has not landed yet.
     #[error("`dbh {command}` is not implemented in this version of dbh")]
     NotImplemented { command: &'static str },
@@ -52,6 +56,8 @@ impl Error {
             Error::Serve(e) => e.hint(),
             Error::Uki(e) => e.hint(),
             Error::Image(e) => e.hint(),
+            Error::Vm(e) => e.hint(),
+            Error::Guest(e) => e.hint(),
             Error::NotImplemented { .. } => {
                 Some("see README.md for the commands that work in this version".into())
             }

@@ -6,3 +6,4 @@ mod cli;
 mod portage;
 mod publish;
 mod image;
+mod vm;
