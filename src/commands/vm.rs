@@ -187,7 +187,7 @@ fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {
         "{}: kernel {}, {} init, disk {} MiB\n",
         ctx.settings.home().images(&target.name).display(),
         info.kernel_version,
-        toml::to_string(&info.init_system).unwrap_or_default().trim().trim_matches('"'),
+        info.init_system,
         info.disk_size >> 20
     ))
 }

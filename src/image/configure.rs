@@ -38,6 +38,16 @@ pub enum InitSystem {
     Busybox,
 }
 
+impl std::fmt::Display for InitSystem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InitSystem::Openrc => "openrc",
+            InitSystem::Systemd => "systemd",
+            InitSystem::Busybox => "busybox",
+        })
+    }
+}
+
 /// What configuration found out.
 #[derive(Debug, Clone)]
 pub struct Configured {
@@ -305,6 +315,11 @@ $BB mount -t proc proc /proc 2>/dev/null
 $BB mount -t sysfs sysfs /sys 2>/dev/null
 $BB mount -t devtmpfs devtmpfs /dev 2>/dev/null
 $BB mkdir -p /dev/pts /dev/shm
+# What udev/OpenRC would add to a bare devtmpfs (Portage checks /dev/fd).
+[ -e /dev/fd ] || $BB ln -s /proc/self/fd /dev/fd
+[ -e /dev/stdin ] || $BB ln -s /proc/self/fd/0 /dev/stdin
+[ -e /dev/stdout ] || $BB ln -s /proc/self/fd/1 /dev/stdout
+[ -e /dev/stderr ] || $BB ln -s /proc/self/fd/2 /dev/stderr
 $BB mount -t devpts -o gid=5,mode=620 devpts /dev/pts
 $BB mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 $BB mount -t tmpfs -o mode=0755,nosuid,nodev tmpfs /run
@@ -368,7 +383,7 @@ pub fn configure(root: &Path, target: &crate::target::Target, ssh_dir: &Path, re
         InitSystem::Busybox => busybox_init(root)?,
     }
     let portage = portage(root)?;
-    reporter.event(Event::Note { message: format!("configured the {init:?} guest: sshd, eth0 {GUEST_ADDRESS}, Portage") });
+    reporter.event(Event::Note { message: format!("configured the {init} guest: sshd, eth0 {GUEST_ADDRESS}, Portage") });
     Ok(Configured { init, portage })
 }
 
