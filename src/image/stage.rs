@@ -429,6 +429,71 @@ mod tests {
         assert_eq!(strip_clearsign(signed), "# SHA512 HASH\nabc  f.tar.xz\n-dash\n");
     }
 
+    /// A fresh signing certificate and a clear-signed `text`, as Gentoo's release tooling writes.
+    fn signed(text: &str) -> (sequoia_openpgp::Cert, Vec<u8>) {
+        use sequoia_openpgp::cert::CertBuilder;
+        use sequoia_openpgp::serialize::stream::{Message, Signer};
+        use std::io::Write;
+        let (cert, _) = CertBuilder::general_purpose(Some("release <release@example.org>")).generate().unwrap();
+        let policy = sequoia_openpgp::policy::StandardPolicy::new();
+        let keypair = cert
+            .keys()
+            .unencrypted_secret()
+            .with_policy(&policy, None)
+            .supported()
+            .for_signing()
+            .next()
+            .unwrap()
+            .key()
+            .clone()
+            .into_keypair()
+            .unwrap();
+        let mut sink = Vec::new();
+        let mut signer = Signer::new(Message::new(&mut sink), keypair).unwrap().cleartext().build().unwrap();
+        signer.write_all(text.as_bytes()).unwrap();
+        signer.finalize().unwrap();
+        (cert, sink)
+    }
+
+    fn keyring(dir: &Path, cert: &sequoia_openpgp::Cert) -> PathBuf {
+        use sequoia_openpgp::serialize::Serialize;
+        let path = dir.join("keys.asc");
+        let mut f = std::fs::File::create(&path).unwrap();
+        cert.armored().serialize(&mut f).unwrap();
+        path
+    }
+
+    #[test]
+    fn clear_signed_digests_verify_with_the_right_keyring_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, signed_bytes) = signed(DIGESTS);
+        let digests = dir.path().join("s.DIGESTS");
+        std::fs::write(&digests, &signed_bytes).unwrap();
+        let good = keyring(dir.path(), &cert);
+        let text = digests_text(&digests, "s.DIGESTS", None, Some(&good)).unwrap();
+        assert_eq!(parse_digests(&text), parse_digests(DIGESTS));
+        // Without a keyring the armor is stripped and the same lines come out.
+        assert_eq!(parse_digests(&digests_text(&digests, "s.DIGESTS", None, None).unwrap()), parse_digests(DIGESTS));
+
+        let (other, _) = signed("x");
+        let wrong = keyring(&dir.path().join(""), &other);
+        std::fs::rename(&wrong, dir.path().join("wrong.asc")).unwrap();
+        let err = digests_text(&digests, "s.DIGESTS", None, Some(&dir.path().join("wrong.asc"))).unwrap_err();
+        assert!(matches!(err, StageError::BadSignature { .. }), "{err}");
+
+        // A changed line breaks the signature.
+        let tampered = String::from_utf8(signed_bytes).unwrap().replace("shab", "shac");
+        std::fs::write(&digests, tampered).unwrap();
+        let good = keyring(dir.path(), &cert);
+        let err = digests_text(&digests, "s.DIGESTS", None, Some(&good)).unwrap_err();
+        assert!(matches!(err, StageError::BadSignature { .. }), "{err}");
+
+        // Unsigned DIGESTS with --keyring and no .asc: refused.
+        std::fs::write(&digests, DIGESTS).unwrap();
+        let err = digests_text(&digests, "s.DIGESTS", Some(&dir.path().join("none.asc")), Some(&good)).unwrap_err();
+        assert!(matches!(err, StageError::Unsigned { .. }), "{err}");
+    }
+
     #[test]
     fn file_names_of_urls_and_paths() {
         assert_eq!(file_name("http://h/a/b/stage3.tar.xz?x=1"), "stage3.tar.xz");

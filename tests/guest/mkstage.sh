@@ -26,6 +26,10 @@ NAME=stage3-$TARGET-dbhtest.tar.xz
 log() { echo "mkstage[$TARGET]: $*" >&2; }
 skip() { log "SKIP: $*"; exit 77; }
 
+# One builder per target at a time (parallel test processes share the cache).
+mkdir -p "$CACHE/stages"
+exec 9>"$CACHE/stages/.lock-$TARGET"
+flock 9
 if [ -s "$OUT/$NAME.DIGESTS" ] && [ -s "$OUT/$NAME" ]; then
 	log "cached: $OUT"
 	echo "$OUT"

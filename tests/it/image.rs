@@ -303,3 +303,145 @@ fn initramfs_variants_busybox_and_stage_tools() {
     assert!(!cpio.paths().iter().any(|p| p.contains("busybox")));
     eprintln!("initramfs sizes: busybox {} bytes, stage tools {} bytes", bb.data.len(), st.data.len());
 }
+
+/// Boots the image made by `image create` through the VM runner (`dbh vm exec`, a throw-away
+/// guest) and checks the architecture and Portage inside.
+fn boots_and_runs_portage(target: &str, machine: &str) {
+    let Some(home) = image_home(target) else { return };
+    let t0 = Instant::now();
+    let out = dbh()
+        .arg("--home")
+        .arg(&home)
+        .args(["vm", "exec", "--target", target, "--", "sh", "-c"])
+        .arg("uname -m; python3 -c 'import portage; print(\"portage\", portage.VERSION)'; emerge --version 2>/dev/null | head -n 1")
+        .env_remove("DBH_HOME")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let console = std::fs::read_to_string(home.join(format!("images/{target}/run/console.log"))).unwrap_or_default();
+    assert!(out.status.success(), "vm exec failed\nstdout: {stdout}\nstderr: {stderr}\nconsole tail: {}", tail(&console));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first().copied(), Some(machine), "{stdout}");
+    assert!(lines.iter().any(|l| l.starts_with("portage 3.")), "{stdout}");
+    assert!(lines.iter().any(|l| l.starts_with("Portage 3.")), "emerge --version: {stdout}");
+    assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
+    assert!(console.contains("dbh-guest: sshd started"), "{}", tail(&console));
+    eprintln!("{target}: booted, ran uname + portage in {:?}", t0.elapsed());
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn arm64_image_boots_and_runs_portage() {
+    boots_and_runs_portage("arm64", "aarch64");
+}
+
+#[test]
+fn amd64_image_boots_and_runs_portage() {
+    boots_and_runs_portage("amd64", "x86_64");
+}
+
+#[test]
+fn riscv64_image_boots_and_runs_portage() {
+    boots_and_runs_portage("riscv64", "riscv64");
+}
+
+/// systemd's ukify as an oracle: the same stub, kernel, initrd, command line, os-release and
+/// uname give the same sections at the same addresses and offsets with the same bytes (ukify
+/// appends a `.sbat` section after them, which dbh does not write).
+fn ukify_agrees(target: &str) {
+    if Command::new("/usr/bin/python3").args(["-c", "import pefile"]).status().map_or(true, |s| !s.success()) {
+        eprintln!("python3-pefile is not installed; skipping the ukify oracle");
+        return;
+    }
+    let out = Command::new("bash").arg(repo_root().join("tests/guest/fetch-ukify.sh")).stderr(Stdio::inherit()).output().unwrap();
+    if out.status.code() == Some(77) {
+        return;
+    }
+    assert!(out.status.success());
+    let ukify = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_owned();
+    let Some(stage) = test_stage(target) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let st = Command::new("tar")
+        .arg("-xJf")
+        .arg(&stage)
+        .arg("-C")
+        .arg(dir.path())
+        .args(["./usr/lib/systemd/boot/efi", "./boot"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
+    let stub = dbh::uki::find_stub(&t, None, Some(dir.path())).unwrap();
+    let kernel = std::fs::read_dir(dir.path().join("boot"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinu"))
+        .unwrap();
+    let initrd: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.path().join("initrd"), &initrd).unwrap();
+    let cmdline = "root=LABEL=dbh-root rw console=ttyS0,115200 panic=-1";
+    let osrel = "ID=dbh\nNAME=\"dbh test\"\n";
+    let uname = "6.1.0-test";
+    let oracle = dir.path().join("ukify.efi");
+    let st = Command::new("/usr/bin/python3")
+        .arg(&ukify)
+        .arg("build")
+        .arg(format!("--linux={}", kernel.display()))
+        .arg(format!("--initrd={}", dir.path().join("initrd").display()))
+        .arg(format!("--cmdline={cmdline}"))
+        .arg(format!("--os-release={osrel}"))
+        .arg(format!("--uname={uname}"))
+        .arg(format!("--stub={}", stub.display()))
+        .arg(format!("--output={}", oracle.display()))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "ukify failed");
+    let theirs = std::fs::read(&oracle).unwrap();
+    let ours = dbh::uki::assemble(&dbh::uki::UkiParts {
+        stub,
+        kernel: std::fs::read(&kernel).unwrap(),
+        initrd,
+        cmdline: cmdline.into(),
+        osrel: osrel.into(),
+        uname: Some(uname.into()),
+    })
+    .unwrap();
+    let a = pe::parse(&ours, Path::new("dbh.efi")).unwrap();
+    let b = pe::parse(&theirs, Path::new("ukify.efi")).unwrap();
+    let b_sections: Vec<_> = b.sections.iter().filter(|s| s.name != ".sbat" || a.sections.iter().any(|x| x.name == ".sbat")).cloned().collect();
+    assert_eq!(a.sections.len(), b_sections.len(), "ours {:?}\nukify {:?}", a.sections, b.sections);
+    for (x, y) in a.sections.iter().zip(&b_sections) {
+        assert_eq!(x, y, "section header differs from ukify's");
+        let (dx, dy) = (a.section_data(&ours, &x.name).unwrap(), b.section_data(&theirs, &y.name).unwrap());
+        assert!(dx == dy, "{} contents differ from ukify's", x.name);
+    }
+    assert_eq!(a.section_alignment, b.section_alignment);
+    assert_eq!(a.file_alignment, b.file_alignment);
+    assert_eq!(a.size_of_headers, b.size_of_headers);
+    assert_eq!(a.checksum, b.checksum);
+    // ukify's SizeOfImage/SizeOfInitializedData include its extra .sbat; without it they match ours.
+    let sbat = b.sections.iter().find(|s| s.name == ".sbat");
+    if let Some(sbat) = sbat {
+        assert_eq!(a.size_of_initialized_data + sbat.virtual_size, b.size_of_initialized_data);
+        assert!(a.size_of_image <= sbat.virtual_address);
+    } else {
+        assert_eq!(a.size_of_image, b.size_of_image);
+    }
+}
+
+#[test]
+fn ukify_oracle_arm64() {
+    ukify_agrees("arm64");
+}
+
+#[test]
+fn ukify_oracle_amd64() {
+    ukify_agrees("amd64");
+}
