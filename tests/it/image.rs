@@ -8,9 +8,9 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dbh::uki::initramfs::{self, Cpio, Entry};
 use dbh::uki::pe;
@@ -307,6 +307,11 @@ fn initramfs_variants_busybox_and_stage_tools() {
 /// Boots the image made by `image create` through the VM runner (`dbh vm exec`, a throw-away
 /// guest) and checks the architecture and Portage inside.
 fn boots_and_runs_portage(target: &str, machine: &str) {
+    let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
+    if let Err(e) = dbh::vm::firmware::find(&t) {
+        eprintln!("SKIP {target} boot: no firmware on this host: {e}");
+        return;
+    }
     let Some(home) = image_home(target) else { return };
     let t0 = Instant::now();
     let out = dbh()
@@ -444,4 +449,38 @@ fn ukify_oracle_arm64() {
 #[test]
 fn ukify_oracle_amd64() {
     ukify_agrees("amd64");
+}
+
+#[test]
+fn uki_build_cli_generates_the_initramfs_from_the_modules_root() {
+    let Some((root, modules)) = unpacked_stage("arm64") else { return };
+    let kernel = std::fs::read_dir(root.path().join("boot"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
+        .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("x.efi");
+    let (ok, _, stderr) = run_dbh(
+        home.path(),
+        &["uki", "build", "--target", "arm64", "--kernel", &kernel.to_string_lossy(), "--modules", &modules.to_string_lossy(), "--out", &out.to_string_lossy()],
+    );
+    assert!(ok, "{stderr}");
+    let uki = std::fs::read(&out).unwrap();
+    let info = pe::parse(&uki, &out).unwrap();
+    let cmdline = std::str::from_utf8(info.section_data(&uki, ".cmdline").unwrap()).unwrap().to_owned();
+    assert_eq!(cmdline, "root=LABEL=dbh-root rw console=ttyAMA0,115200 panic=-1 net.ifnames=0");
+    assert_eq!(info.section_data(&uki, ".uname").unwrap(), modules.file_name().unwrap().to_string_lossy().as_bytes());
+    assert!(std::str::from_utf8(info.section_data(&uki, ".osrel").unwrap()).unwrap().contains("ID=debian"));
+    let cpio = Cpio::parse(&initramfs::decompress(info.section_data(&uki, ".initrd").unwrap()).unwrap()).unwrap();
+    assert!(cpio.get("dbh/modules/virtio_net.ko").is_some());
+
+    // A missing stub is a clear error with the package to install.
+    let (ok, _, stderr) = run_dbh(
+        home.path(),
+        &["uki", "build", "--target", "riscv64", "--kernel", &kernel.to_string_lossy(), "--stub", "/nonexistent.stub", "--out", &out.to_string_lossy()],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("cannot read /nonexistent.stub"), "{stderr}");
 }
