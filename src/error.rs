@@ -27,6 +27,10 @@ pub enum Error {
     #[error(transparent)]
     Serve(#[from] crate::serve::ServeError),
     #[error(transparent)]
+    Uki(#[from] crate::uki::UkiError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
     Vm(#[from] crate::vm::VmError),
     #[error(transparent)]
     Guest(#[from] crate::guest::GuestError),
@@ -50,6 +54,8 @@ impl Error {
             Error::Binhost(e) => e.hint(),
             Error::Sign(e) => e.hint(),
             Error::Serve(e) => e.hint(),
+            Error::Uki(e) => e.hint(),
+            Error::Image(e) => e.hint(),
             Error::Vm(e) => e.hint(),
             Error::Guest(e) => e.hint(),
             Error::NotImplemented { .. } => {

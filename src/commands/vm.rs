@@ -5,14 +5,15 @@ use std::time::Duration;
 
 use super::{Context, out};
 use crate::Error;
-use crate::cli::{ImageCommand, VmCommand};
+use crate::cli::{ImageCommand, ImageCreateArgs, VmCommand};
+use crate::image::{self, CreateOptions};
 use crate::events::{Event, Reporter as _};
 use crate::target::Targets;
 use crate::vm::{self, Shutdown, StartOptions, Status, Vm};
 
 pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
     match cmd {
-        VmCommand::Image(ImageCommand::Create(_)) => Err(Error::NotImplemented { command: "vm image create" }),
+        VmCommand::Image(ImageCommand::Create(args)) => image_create(ctx, args),
         VmCommand::Build(_) => Err(Error::NotImplemented { command: "vm build" }),
         VmCommand::Start(t) => start(ctx, &t.target),
         VmCommand::Stop(t) => block_on(async {
@@ -171,4 +172,22 @@ fn block_on_code<F: std::future::Future<Output = Result<u32, Error>>>(fut: F) ->
         Ok(())
     })?;
     Ok(code)
+}
+
+fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {
+    let targets = Targets::load()?;
+    let target = targets.get(&args.target)?;
+    let mut opts = CreateOptions::new(args.stage);
+    opts.digests = args.digests;
+    opts.keyring = args.keyring;
+    opts.kernel = args.kernel;
+    opts.modules = args.modules;
+    let info = image::create(&ctx.settings.home(), target, &opts, &ctx.reporter)?;
+    out(&format!(
+        "{}: kernel {}, {} init, disk {} MiB\n",
+        ctx.settings.home().images(&target.name).display(),
+        info.kernel_version,
+        info.init_system,
+        info.disk_size >> 20
+    ))
 }

@@ -5,4 +5,5 @@
 mod cli;
 mod portage;
 mod publish;
+mod image;
 mod vm;
