@@ -1,8 +1,13 @@
 //! The VM runner against real QEMU guests (arm64 under TCG).
 //!
-//! Guest images: tests/it/vm_fixture/guest.sh builds a small guest in the contract's layout
-//! (busybox initramfs + dropbear, ext4 disk, pinned keys; UKI + ESP for arm64, kernel + initramfs
-//! for ppc64le's direct boot), cached in ~/.cache/dbh-tests/vm-<arch>-guest-<hash of the script>/. One guest is booted once per test run
+//! Guest images:
+//! - the product's: `dbh vm image create` from the Debian-based arm64 test stage served over HTTP
+//!   (`super::image::image_home`), for the shared guest, exec through the CLI and host key pinning;
+//! - a lab-style one: tests/it/vm_fixture/guest.sh builds a small guest in the contract's layout
+//!   (busybox initramfs + dropbear, ext4 disk, pinned keys; UKI + ESP for arm64, kernel + initramfs
+//!   for ppc64le's direct boot), cached in ~/.cache/dbh-tests/vm-<arch>-guest-<hash of the script>/.
+//!   It boots in seconds and has what the lifecycle tests need: a disk variant without sshd, an init
+//!   that ignores the ACPI power button, and ppc64le (no test stage exists for it). One guest is booted once per test run
 //! and shared by the tests that only need *a* guest; tests about the lifecycle boot their own.
 //! Every test checks that no QEMU process mentioning its home directory is left.
 
@@ -65,8 +70,40 @@ fn lock_file(f: &std::fs::File) {
     assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
 }
 
-/// A fresh $DBH_HOME whose images/arm64 links to the cached image; `disk` picks the disk variant,
-/// `host_key` replaces the pinned host key.
+/// A fresh $DBH_HOME whose images/arm64 links to the image made by `dbh vm image create` (falls
+/// back to the lab-style guest where no test stage can be built); `host_key` replaces the pinned key.
+fn product_home(host_key: Option<&str>) -> tempfile::TempDir {
+    let Some(made) = super::image::image_home("arm64") else {
+        eprintln!("no arm64 test stage here; using the lab-style guest");
+        return home_with("disk.qcow2", host_key);
+    };
+    let image = made.join("images/arm64");
+    let home = tempfile::Builder::new().prefix("dbh-vm-").tempdir().unwrap();
+    let dir = home.path().join("images/arm64");
+    std::fs::create_dir_all(dir.join("ssh")).unwrap();
+    for entry in std::fs::read_dir(&image).unwrap().flatten() {
+        let name = entry.file_name();
+        if name != "run" && name != "ssh" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(&name)).unwrap();
+        }
+    }
+    for f in ["id_ed25519", "id_ed25519.pub", "host_ed25519_key.pub"] {
+        std::os::unix::fs::symlink(image.join("ssh").join(f), dir.join("ssh").join(f)).unwrap();
+    }
+    if let Some(key) = host_key {
+        std::fs::remove_file(dir.join("ssh/host_ed25519_key.pub")).unwrap();
+        std::fs::write(dir.join("ssh/host_ed25519_key.pub"), key).unwrap();
+    }
+    home
+}
+
+/// The pinned host key of the image under `home`.
+fn pinned_key(home: &Path) -> String {
+    std::fs::read_to_string(std::fs::canonicalize(home.join("images/arm64/ssh/host_ed25519_key.pub")).unwrap()).unwrap()
+}
+
+/// A fresh $DBH_HOME whose images/arm64 links to the cached lab-style image; `disk` picks the disk
+/// variant, `host_key` replaces the pinned host key.
 fn home_with(disk: &str, host_key: Option<&str>) -> tempfile::TempDir {
     let image = guest_image();
     let home = tempfile::Builder::new().prefix("dbh-vm-").tempdir().unwrap();
@@ -123,7 +160,7 @@ fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let home = home_with("disk.qcow2", None);
+        let home = product_home(None);
         let h = Home::new(home.path());
         let vm = rt
             .block_on(rt.spawn(async move { Vm::start(&h, &arm64(), &StartOptions::default(), &Silent).await }))
@@ -135,7 +172,7 @@ fn shared() -> &'static Shared {
 
 #[test]
 fn exec_prints_uname_of_a_throw_away_guest_and_leaves_no_qemu() {
-    let home = home_with("disk.qcow2", None);
+    let home = product_home(None);
     let out = dbh()
         .arg("--home")
         .arg(home.path())
@@ -237,15 +274,14 @@ fn a_guest_without_sshd_times_out_naming_the_wait_and_the_console() {
 #[test]
 fn a_guest_whose_host_key_differs_from_the_pinned_one_is_refused() {
     let other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl other\n";
-    let home = home_with("disk.qcow2", Some(other));
+    let home = product_home(Some(other));
     let h = Home::new(home.path());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let err = rt.block_on(Vm::start(&h, &arm64(), &StartOptions::default(), &Silent)).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("has host key SHA256:"), "{text}");
     assert!(text.contains("but the image pins SHA256:"), "{text}");
-    let pinned = std::fs::read_to_string(guest_image().join("ssh/host_ed25519_key.pub")).unwrap();
-    let real = ssh_key_fingerprint(&pinned);
+    let real = ssh_key_fingerprint(&pinned_key(&product_home(None).path().to_owned()));
     assert!(text.contains(&real), "the error should name the guest's real key {real}: {text}");
     assert_no_qemu(home.path());
 }
