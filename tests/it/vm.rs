@@ -440,3 +440,53 @@ fn ppc64le_boots_its_kernel_directly_and_answers() {
     assert!(console.contains("root=LABEL=dbh-root"), "the direct-boot command line reaches the kernel: {console}");
     assert_no_qemu(home.path());
 }
+
+#[test]
+fn vm_ssh_opens_a_shell_with_the_pinned_key() {
+    let s = shared();
+    let mut child = dbh()
+        .arg("--home")
+        .arg(s.home.path())
+        .args(["vm", "ssh", "--target", "arm64"])
+        .env("XDG_CONFIG_HOME", s.home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"uname -m; exit 5\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "aarch64\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(5));
+    let known_hosts = std::fs::read_to_string(s.home.path().join("images/arm64/run/known_hosts")).unwrap();
+    let pinned = pinned_key(s.home.path());
+    assert!(known_hosts.contains(pinned.split_whitespace().nth(1).unwrap()), "{known_hosts}");
+}
+
+#[test]
+fn boot_progress_is_reported_as_events() {
+    let home = home_with("disk.qcow2", None);
+    let h = Home::new(home.path());
+    let events = dbh::events::Collector::default();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let vm = Vm::start(&h, &arm64(), &StartOptions::default(), &events).await.unwrap();
+        vm.stop(Shutdown::Quit, &events).await.unwrap();
+    });
+    use dbh::events::{Event, Unit};
+    let events = events.events.lock().unwrap().clone();
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Start { task, unit: Unit::Spinner, .. } if task == "vm-boot-arm64")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Progress { message: Some(m), .. } if m.contains("dbh-guest"))),
+        "console lines are shown while booting: {events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Finish { message, .. } if message.contains("arm64 guest up in"))),
+        "{events:?}"
+    );
+    assert_no_qemu(home.path());
+}
