@@ -633,17 +633,25 @@ fn spawn(target: &Target, paths: &Paths, launch: &Launch, lock: &Lock, detached:
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().map_err(io("open", &paths.qemu_log()))?)
         .stderr(log)
-        .process_group(0)
         .kill_on_drop(false);
+    if !detached {
+        // Its own group: a Ctrl-C at the terminal reaches dbh, which stops the guest properly.
+        command.process_group(0);
+    }
     let lock_fd = lock.file.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (fcntl, prctl, getppid, kill) between fork and exec.
+    // SAFETY: only async-signal-safe calls (fcntl, setsid, prctl, getppid, kill) between fork and exec.
     unsafe {
         command.pre_exec(move || {
             // QEMU inherits the locked descriptor: the lock is held as long as QEMU lives.
             if libc::fcntl(lock_fd, libc::F_SETFD, 0) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
-            if !detached {
+            if detached {
+                // Its own session (and group): a closing terminal's SIGHUP does not reach it.
+                if libc::setsid() == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 // The parent may have died between fork and prctl.
                 if libc::getppid() == 1 {
