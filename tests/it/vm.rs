@@ -7,9 +7,11 @@
 //!   (busybox initramfs + dropbear, ext4 disk, pinned keys; UKI + ESP for arm64, kernel + initramfs
 //!   for ppc64le's direct boot), cached in ~/.cache/dbh-tests/vm-<arch>-guest-<hash of the script>/.
 //!   It boots in seconds and has what the lifecycle tests need: a disk variant without sshd, an init
-//!   that ignores the ACPI power button, and ppc64le (no test stage exists for it). One guest is booted once per test run
-//! and shared by the tests that only need *a* guest; tests about the lifecycle boot their own.
-//! Every test checks that no QEMU process mentioning its home directory is left.
+//!   that ignores the ACPI power button, and ppc64le (no test stage exists for it).
+//!
+//! One product guest is booted once per test run and shared by the tests that only need *a* guest;
+//! tests about the lifecycle boot their own. Every test checks that no QEMU process mentioning its
+//! home directory is left.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -281,7 +283,7 @@ fn a_guest_whose_host_key_differs_from_the_pinned_one_is_refused() {
     let text = err.to_string();
     assert!(text.contains("has host key SHA256:"), "{text}");
     assert!(text.contains("but the image pins SHA256:"), "{text}");
-    let real = ssh_key_fingerprint(&pinned_key(&product_home(None).path().to_owned()));
+    let real = ssh_key_fingerprint(&pinned_key(product_home(None).path()));
     assert!(text.contains(&real), "the error should name the guest's real key {real}: {text}");
     assert_no_qemu(home.path());
 }
