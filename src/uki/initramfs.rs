@@ -182,7 +182,7 @@ impl Cpio {
         }
         write_member(&mut out, 0, 0, 1, "TRAILER!!!", &[]);
         // The kernel reads in 512-byte blocks happily either way; pad like cpio(1) does.
-        while out.len() % 512 != 0 {
+        while !out.len().is_multiple_of(512) {
             out.push(0);
         }
         out
@@ -255,11 +255,11 @@ fn write_member(out: &mut Vec<u8>, ino: u32, mode: u32, nlink: u32, name: &str, 
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -295,7 +295,10 @@ pub fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
 
 /// Resolves `path` inside `root` like the kernel would with `root` as `/`, following symlinks;
 /// returns the canonical in-root path (no leading `/`) and every symlink met (in-root path, target).
-fn resolve_in_root(root: &Path, path: &str) -> Result<Option<(String, Vec<(String, String)>)>, InitramfsError> {
+/// A canonical in-root path and the symlinks (in-root path, target) met on the way to it.
+type Resolved = (String, Vec<(String, String)>);
+
+fn resolve_in_root(root: &Path, path: &str) -> Result<Option<Resolved>, InitramfsError> {
     let mut links = Vec::new();
     let mut pending: Vec<String> = path.split('/').filter(|c| !c.is_empty()).map(str::to_owned).rev().collect();
     let mut resolved: Vec<String> = Vec::new();
@@ -532,10 +535,11 @@ impl ModuleIndex {
             if let Some(alias) = read("modules.alias") {
                 for line in alias.lines() {
                     let mut w = line.split_whitespace();
-                    if let (Some("alias"), Some(a), Some(m)) = (w.next(), w.next(), w.next()) {
-                        if !a.contains('*') && !a.contains(':') {
-                            aliases.entry(a.replace('-', "_")).or_insert_with(|| m.replace('-', "_"));
-                        }
+                    if let (Some("alias"), Some(a), Some(m)) = (w.next(), w.next(), w.next())
+                        && !a.contains('*')
+                        && !a.contains(':')
+                    {
+                        aliases.entry(a.replace('-', "_")).or_insert_with(|| m.replace('-', "_"));
                     }
                 }
             }

@@ -228,14 +228,14 @@ pub fn add_sections(stub: &[u8], stub_path: &std::path::Path, sections: &[NewSec
     if info.pointer_to_symbol_table != 0 {
         let symtab = info.pointer_to_symbol_table as usize;
         let strtab = symtab + info.number_of_symbols as usize * SYMBOL_SIZE;
-        if let Some(strsize) = u32_at(&data, strtab) {
-            if strtab + strsize as usize == data.len() {
-                data.truncate(symtab);
-                put_u32(&mut data, info.coff + 8, 0);
-                put_u32(&mut data, info.coff + 12, 0);
-                let ch = u16_at(&data, info.coff + 18).unwrap_or(0) | IMAGE_FILE_LOCAL_SYMS_STRIPPED;
-                put_u16(&mut data, info.coff + 18, ch);
-            }
+        if let Some(strsize) = u32_at(&data, strtab)
+            && strtab + strsize as usize == data.len()
+        {
+            data.truncate(symtab);
+            put_u32(&mut data, info.coff + 8, 0);
+            put_u32(&mut data, info.coff + 12, 0);
+            let ch = u16_at(&data, info.coff + 18).unwrap_or(0) | IMAGE_FILE_LOCAL_SYMS_STRIPPED;
+            put_u16(&mut data, info.coff + 18, ch);
         }
     }
 
