@@ -663,6 +663,7 @@ fail() {{
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+echo "dbh-initramfs: started (tools: {variant})"
 MODULES="{modules}"
 for m in $MODULES; do
 	insmod /dbh/modules/$m.ko || echo "dbh-initramfs: warning: cannot load module $m"

@@ -330,6 +330,7 @@ fn boots_and_runs_portage(target: &str, machine: &str) {
     assert_eq!(lines.first().copied(), Some(machine), "{stdout}");
     assert!(lines.iter().any(|l| l.starts_with("portage 3.")), "{stdout}");
     assert!(lines.iter().any(|l| l.starts_with("Portage 3.")), "emerge --version: {stdout}");
+    assert!(console.contains("dbh-initramfs: started (tools: the stage's busybox)"), "{}", tail(&console));
     assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
     assert!(console.contains("dbh-guest: sshd started"), "{}", tail(&console));
     eprintln!("{target}: booted, ran uname + portage in {:?}", t0.elapsed());
@@ -483,4 +484,33 @@ fn uki_build_cli_generates_the_initramfs_from_the_modules_root() {
     );
     assert!(!ok);
     assert!(stderr.contains("cannot read /nonexistent.stub"), "{stderr}");
+}
+
+#[test]
+fn arm64_image_with_the_stage_tools_initramfs_boots() {
+    // The other initramfs variant (no busybox: dash, kmod, util-linux and their libraries) booted
+    // for real: same stage, image made through the library with Tools::Stage.
+    let t = dbh::target::Targets::builtin().get("arm64").unwrap().clone();
+    if dbh::vm::firmware::find(&t).is_err() {
+        eprintln!("SKIP: no arm64 firmware on this host");
+        return;
+    }
+    let Some(stage) = test_stage("arm64") else { return };
+    let home = tempfile::Builder::new().prefix("dbh-image-stagetools-").tempdir().unwrap();
+    let mut opts = dbh::image::CreateOptions::new(stage.to_string_lossy());
+    opts.initramfs_tools = initramfs::Tools::Stage;
+    let info = dbh::image::create(&dbh::settings::Home::new(home.path()), &t, &opts, &dbh::events::Silent).unwrap();
+    assert!(!info.initramfs.busybox);
+    let out = dbh()
+        .arg("--home")
+        .arg(home.path())
+        .args(["vm", "exec", "--target", "arm64", "--", "uname", "-m"])
+        .env_remove("DBH_HOME")
+        .output()
+        .unwrap();
+    let console = std::fs::read_to_string(home.path().join("images/arm64/run/console.log")).unwrap_or_default();
+    assert!(out.status.success(), "{}\nconsole: {}", String::from_utf8_lossy(&out.stderr), tail(&console));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "aarch64");
+    assert!(console.contains("dbh-initramfs: started (tools: the stage's shell, kmod and util-linux)"), "{}", tail(&console));
+    assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
 }
