@@ -342,6 +342,12 @@ fn resolve_in_root(root: &Path, path: &str) -> Result<Option<Resolved>, Initramf
     Ok(Some((resolved.join("/"), links)))
 }
 
+/// A regular file at `path` inside `root`, symlinks resolved inside the root (`insmod -> /bin/kmod`
+/// must not be looked up on the host).
+fn is_file_in_root(root: &Path, path: &str) -> bool {
+    matches!(resolve_in_root(root, path), Ok(Some((canonical, _))) if root.join(&canonical).is_file())
+}
+
 /// Copies files from the stage into the archive with their libraries.
 struct Collector<'a> {
     root: &'a Path,
@@ -425,7 +431,7 @@ impl<'a> Collector<'a> {
         ["usr/sbin", "usr/bin", "sbin", "bin"]
             .iter()
             .map(|d| format!("/{d}/{name}"))
-            .find(|p| std::fs::metadata(self.root.join(p.trim_start_matches('/'))).is_ok_and(|m| m.is_file()))
+            .find(|p| is_file_in_root(self.root, p))
     }
 }
 
@@ -716,7 +722,7 @@ pub fn build(spec: &Spec) -> Result<Initramfs, InitramfsError> {
     let mut c = Collector::new(spec.root);
     let busybox_path = ["/bin/busybox", "/usr/bin/busybox", "/sbin/busybox", "/usr/sbin/busybox"]
         .into_iter()
-        .find(|p| spec.root.join(p.trim_start_matches('/')).is_file());
+        .find(|p| is_file_in_root(spec.root, p));
     let use_busybox = match spec.tools {
         Tools::Stage => false,
         Tools::Auto => busybox_path.is_some(),

@@ -173,7 +173,7 @@ fn image_create_writes_the_contract_layout() {
     let pe = pe::parse(&uki, Path::new("uki.efi")).unwrap();
     let names: Vec<&str> = pe.sections.iter().map(|s| s.name.as_str()).collect();
     let tail = &names[names.len() - 5..];
-    assert_eq!(tail, [".osrel", ".cmdline", ".uname", ".initrd", ".linux"]);
+    assert_eq!(tail, [".osrel", ".cmdline", ".uname", ".linux", ".initrd"]);
     assert_eq!(std::str::from_utf8(pe.section_data(&uki, ".cmdline").unwrap()).unwrap(), info.cmdline);
     let initrd = initramfs::decompress(pe.section_data(&uki, ".initrd").unwrap()).unwrap();
     let cpio = Cpio::parse(&initrd).unwrap();
@@ -293,7 +293,8 @@ fn initramfs_variants_busybox_and_stage_tools() {
     let cpio = Cpio::parse(&initramfs::decompress(&st.data).unwrap()).unwrap();
     // kmod's insmod, util-linux's tools, dash, and their libraries with the loader, found through
     // the merged-/usr symlinks as in the stage.
-    assert_eq!(cpio.get("dbh/bin/insmod"), Some(&Entry::Symlink { target: "/sbin/insmod".into() }));
+    assert_eq!(cpio.get("dbh/bin/insmod"), Some(&Entry::Symlink { target: "/usr/sbin/insmod".into() }));
+    assert_eq!(cpio.get("usr/sbin/insmod"), Some(&Entry::Symlink { target: "/bin/kmod".into() }));
     assert_eq!(cpio.get("lib"), Some(&Entry::Symlink { target: "usr/lib".into() }));
     for path in ["usr/bin/kmod", "usr/bin/dash", "usr/bin/mount", "usr/sbin/switch_root", "usr/sbin/findfs", "usr/bin/sleep", "usr/lib/ld-linux-aarch64.so.1"] {
         assert!(matches!(cpio.get(path), Some(Entry::File { .. })), "{path} missing: {:?}", cpio.paths());
@@ -432,6 +433,7 @@ fn ukify_agrees(target: &str) {
     assert_eq!(a.file_alignment, b.file_alignment);
     assert_eq!(a.size_of_headers, b.size_of_headers);
     assert_eq!(a.checksum, b.checksum);
+    assert_eq!(a.dll_characteristics, b.dll_characteristics);
     // ukify's SizeOfImage/SizeOfInitializedData include its extra .sbat; without it they match ours.
     let sbat = b.sections.iter().find(|s| s.name == ".sbat");
     if let Some(sbat) = sbat {
