@@ -345,7 +345,7 @@ pub fn unpack(stage: &Path, dest: &Path, reporter: &dyn Reporter) -> Result<(), 
         }
         entry.unpack_in(dest).map_err(err)?;
         count += 1;
-        if count % 2000 == 0 {
+        if count.is_multiple_of(2000) {
             reporter.event(Event::Progress { task: task.clone(), position: count, message: None });
         }
     }

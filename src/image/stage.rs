@@ -183,10 +183,8 @@ fn download(url: &str, dest: &Path, partial: &Path, reporter: &dyn Reporter) -> 
     }
     file.flush().map_err(|source| StageError::Write { path: partial.to_owned(), source })?;
     drop(file);
-    if let Some(total) = total {
-        if position < total {
-            return Err(StageError::Stalled { url: url.to_owned() });
-        }
+    if total.is_some_and(|total| position < total) {
+        return Err(StageError::Stalled { url: url.to_owned() });
     }
     fs_err::rename(partial, dest).map_err(|source| StageError::Write { path: dest.to_owned(), source })?;
     reporter.event(Event::Finish { task, message: format!("downloaded {} ({position} bytes)", file_name(url)) });

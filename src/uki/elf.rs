@@ -2,6 +2,9 @@
 //! (`PT_INTERP`), the `DT_NEEDED` libraries and a named section (a module's `.modinfo`).
 //! ELF32/ELF64, either byte order; nothing is executed.
 
+/// A section header: (name offset, type, file offset, size, link).
+type SectionEntry = (u32, u32, u64, u64, u32);
+
 /// A parsed view over an ELF file's bytes.
 pub struct Elf<'a> {
     data: &'a [u8],
@@ -81,7 +84,7 @@ impl<'a> Elf<'a> {
     }
 
     /// Section headers as (name offset, type, file offset, size, link).
-    fn sections(&self) -> Option<Vec<(u32, u32, u64, u64, u32)>> {
+    fn sections(&self) -> Option<Vec<SectionEntry>> {
         let (shoff, shentsize, shnum) = if self.is64 {
             (self.u64(40)? as usize, self.u16(58)? as usize, self.u16(60)? as usize)
         } else {
@@ -138,10 +141,10 @@ impl<'a> Elf<'a> {
             if tag == 0 {
                 break;
             }
-            if tag == DT_NEEDED {
-                if let Some(name) = self.cstr(stroff, val) {
-                    out.push(name);
-                }
+            if tag == DT_NEEDED
+                && let Some(name) = self.cstr(stroff, val)
+            {
+                out.push(name);
             }
             at += entsize;
         }

@@ -182,7 +182,7 @@ impl Cpio {
         }
         write_member(&mut out, 0, 0, 1, "TRAILER!!!", &[]);
         // The kernel reads in 512-byte blocks happily either way; pad like cpio(1) does.
-        while out.len() % 512 != 0 {
+        while !out.len().is_multiple_of(512) {
             out.push(0);
         }
         out
@@ -255,11 +255,11 @@ fn write_member(out: &mut Vec<u8>, ino: u32, mode: u32, nlink: u32, name: &str, 
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(name.as_bytes());
     out.push(0);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
     out.extend_from_slice(data);
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -295,7 +295,10 @@ pub fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
 
 /// Resolves `path` inside `root` like the kernel would with `root` as `/`, following symlinks;
 /// returns the canonical in-root path (no leading `/`) and every symlink met (in-root path, target).
-fn resolve_in_root(root: &Path, path: &str) -> Result<Option<(String, Vec<(String, String)>)>, InitramfsError> {
+/// A canonical in-root path and the symlinks (in-root path, target) met on the way to it.
+type Resolved = (String, Vec<(String, String)>);
+
+fn resolve_in_root(root: &Path, path: &str) -> Result<Option<Resolved>, InitramfsError> {
     let mut links = Vec::new();
     let mut pending: Vec<String> = path.split('/').filter(|c| !c.is_empty()).map(str::to_owned).rev().collect();
     let mut resolved: Vec<String> = Vec::new();
@@ -337,6 +340,12 @@ fn resolve_in_root(root: &Path, path: &str) -> Result<Option<(String, Vec<(Strin
         }
     }
     Ok(Some((resolved.join("/"), links)))
+}
+
+/// A regular file at `path` inside `root`, symlinks resolved inside the root (`insmod -> /bin/kmod`
+/// must not be looked up on the host).
+fn is_file_in_root(root: &Path, path: &str) -> bool {
+    matches!(resolve_in_root(root, path), Ok(Some((canonical, _))) if root.join(&canonical).is_file())
 }
 
 /// Copies files from the stage into the archive with their libraries.
@@ -422,7 +431,7 @@ impl<'a> Collector<'a> {
         ["usr/sbin", "usr/bin", "sbin", "bin"]
             .iter()
             .map(|d| format!("/{d}/{name}"))
-            .find(|p| std::fs::metadata(self.root.join(p.trim_start_matches('/'))).is_ok_and(|m| m.is_file()))
+            .find(|p| is_file_in_root(self.root, p))
     }
 }
 
@@ -532,10 +541,11 @@ impl ModuleIndex {
             if let Some(alias) = read("modules.alias") {
                 for line in alias.lines() {
                     let mut w = line.split_whitespace();
-                    if let (Some("alias"), Some(a), Some(m)) = (w.next(), w.next(), w.next()) {
-                        if !a.contains('*') && !a.contains(':') {
-                            aliases.entry(a.replace('-', "_")).or_insert_with(|| m.replace('-', "_"));
-                        }
+                    if let (Some("alias"), Some(a), Some(m)) = (w.next(), w.next(), w.next())
+                        && !a.contains('*')
+                        && !a.contains(':')
+                    {
+                        aliases.entry(a.replace('-', "_")).or_insert_with(|| m.replace('-', "_"));
                     }
                 }
             }
@@ -659,6 +669,7 @@ fail() {{
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+echo "dbh-initramfs: started (tools: {variant})"
 MODULES="{modules}"
 for m in $MODULES; do
 	insmod /dbh/modules/$m.ko || echo "dbh-initramfs: warning: cannot load module $m"
@@ -711,7 +722,7 @@ pub fn build(spec: &Spec) -> Result<Initramfs, InitramfsError> {
     let mut c = Collector::new(spec.root);
     let busybox_path = ["/bin/busybox", "/usr/bin/busybox", "/sbin/busybox", "/usr/sbin/busybox"]
         .into_iter()
-        .find(|p| spec.root.join(p.trim_start_matches('/')).is_file());
+        .find(|p| is_file_in_root(spec.root, p));
     let use_busybox = match spec.tools {
         Tools::Stage => false,
         Tools::Auto => busybox_path.is_some(),

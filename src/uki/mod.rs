@@ -114,7 +114,7 @@ pub struct UkiParts {
     pub uname: Option<String>,
 }
 
-/// Assembles the UKI (sections in ukify's order: .osrel .cmdline .uname .initrd .linux).
+/// Assembles the UKI (sections in ukify 257's order: .osrel .cmdline .uname .linux .initrd).
 pub fn assemble(parts: &UkiParts) -> Result<Vec<u8>, UkiError> {
     let stub = fs_err::read(&parts.stub).map_err(|source| UkiError::Read { path: parts.stub.clone(), source })?;
     let mut sections = vec![
@@ -124,12 +124,8 @@ pub fn assemble(parts: &UkiParts) -> Result<Vec<u8>, UkiError> {
     if let Some(uname) = &parts.uname {
         sections.push(pe::NewSection { name: ".uname".into(), data: uname.clone().into_bytes(), virtual_size: None });
     }
+    sections.push(pe::NewSection { name: ".linux".into(), data: parts.kernel.clone(), virtual_size: None });
     sections.push(pe::NewSection { name: ".initrd".into(), data: parts.initrd.clone(), virtual_size: None });
-    sections.push(pe::NewSection {
-        name: ".linux".into(),
-        data: parts.kernel.clone(),
-        virtual_size: pe::size_of_image(&parts.kernel),
-    });
     Ok(pe::add_sections(&stub, &parts.stub, &sections)?)
 }
 
@@ -208,7 +204,7 @@ mod tests {
         .unwrap();
         let info = pe::tests::check_layout(&uki);
         let names: Vec<_> = info.sections.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, [".text", ".data", ".osrel", ".cmdline", ".uname", ".initrd", ".linux"]);
+        assert_eq!(names, [".text", ".data", ".osrel", ".cmdline", ".uname", ".linux", ".initrd"]);
         assert!(info.section_data(&uki, ".initrd").unwrap() == [8; 2000], ".initrd holds the initramfs");
     }
 }

@@ -1,8 +1,9 @@
 //! A minimal PE/COFF reader and the UKI section appender.
 //!
 //! [`add_sections`] turns a systemd-stub into a Unified Kernel Image the way systemd's `ukify`
-//! (`pe_add_sections` in `src/ukify/ukify.py`) does, so that the result is byte-for-byte what ukify
-//! would lay out for the same inputs, minus the `.sbat` section ukify appends last:
+//! (`pe_add_sections` in `src/ukify/ukify.py`, systemd 257 as in Debian trixie, the version the
+//! test suite runs as an oracle) does, so that the sections are what ukify lays out for the same
+//! inputs, minus the `.sbat` section ukify appends last:
 //! - a trailing COFF symbol table is stripped when it sits at the end of the file;
 //! - the stub's own sections get file offsets and raw sizes rounded up to `FileAlignment`;
 //! - `SizeOfHeaders` is rounded up to `FileAlignment` to make room for new section headers;
@@ -10,8 +11,10 @@
 //!   (file offset and raw size aligned to `FileAlignment`), its virtual address right after the
 //!   previous section's (aligned to `SectionAlignment`), `MEM_READ` plus `CNT_CODE` for `.linux`
 //!   and `CNT_INITIALIZED_DATA` otherwise; `SizeOfInitializedData` grows by its virtual size;
-//! - `.linux`'s virtual size is the kernel's own `SizeOfImage` when the kernel is a PE image (it
-//!   decompresses/relocates itself into that much memory);
+//! - when `.linux` is a PE image without `NX_COMPAT`, the flag is cleared in the UKI too (both
+//!   must agree once firmware enforces it);
+//! - a section's virtual size is its data's length unless the caller overrides it (newer ukify,
+//!   after 257, gives `.linux` the kernel's `SizeOfImage`; [`NewSection::virtual_size`] allows it);
 //! - `CheckSum` is zeroed (UEFI does not check it) and `SizeOfImage` covers the last section.
 //!
 //! No objcopy, no ukify: the stub is read and written here.
@@ -27,6 +30,7 @@ const IMAGE_FILE_LOCAL_SYMS_STRIPPED: u16 = 0x0008;
 const SECTION_HEADER_SIZE: usize = 40;
 const SYMBOL_SIZE: usize = 18;
 const DIRECTORY_SECURITY: usize = 4;
+const IMAGE_DLLCHARACTERISTICS_NX_COMPAT: u16 = 0x0100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeError {
@@ -77,6 +81,7 @@ pub struct PeInfo {
     pub size_of_initialized_data: u32,
     pub checksum: u32,
     pub sections: Vec<SectionHeader>,
+    pub dll_characteristics: u16,
     /// File offset of the COFF header's `Characteristics` etc. (`e_lfanew + 4`).
     coff: usize,
     /// File offset of the optional header.
@@ -186,6 +191,7 @@ pub fn parse(data: &[u8], path: &std::path::Path) -> Result<PeInfo, PeError> {
         size_of_headers: u32_at(data, opt + 60).ok_or_else(trunc)?,
         size_of_initialized_data: u32_at(data, opt + 8).ok_or_else(trunc)?,
         checksum: u32_at(data, opt + 64).ok_or_else(trunc)?,
+        dll_characteristics: u16_at(data, opt + 70).ok_or_else(trunc)?,
         sections,
         coff,
         opt,
@@ -228,14 +234,14 @@ pub fn add_sections(stub: &[u8], stub_path: &std::path::Path, sections: &[NewSec
     if info.pointer_to_symbol_table != 0 {
         let symtab = info.pointer_to_symbol_table as usize;
         let strtab = symtab + info.number_of_symbols as usize * SYMBOL_SIZE;
-        if let Some(strsize) = u32_at(&data, strtab) {
-            if strtab + strsize as usize == data.len() {
-                data.truncate(symtab);
-                put_u32(&mut data, info.coff + 8, 0);
-                put_u32(&mut data, info.coff + 12, 0);
-                let ch = u16_at(&data, info.coff + 18).unwrap_or(0) | IMAGE_FILE_LOCAL_SYMS_STRIPPED;
-                put_u16(&mut data, info.coff + 18, ch);
-            }
+        if let Some(strsize) = u32_at(&data, strtab)
+            && strtab + strsize as usize == data.len()
+        {
+            data.truncate(symtab);
+            put_u32(&mut data, info.coff + 8, 0);
+            put_u32(&mut data, info.coff + 12, 0);
+            let ch = u16_at(&data, info.coff + 18).unwrap_or(0) | IMAGE_FILE_LOCAL_SYMS_STRIPPED;
+            put_u16(&mut data, info.coff + 18, ch);
         }
     }
 
@@ -299,6 +305,13 @@ pub fn add_sections(stub: &[u8], stub_path: &std::path::Path, sections: &[NewSec
             characteristics: IMAGE_SCN_MEM_READ
                 | if name == ".linux" { IMAGE_SCN_CNT_CODE } else { IMAGE_SCN_CNT_INITIALIZED_DATA },
         };
+        if name == ".linux"
+            && let Ok(kernel) = parse(&section.data, stub_path)
+            && kernel.dll_characteristics & IMAGE_DLLCHARACTERISTICS_NX_COMPAT == 0
+        {
+            let dll = u16_at(&data, info.opt + 70).unwrap_or(0) & !IMAGE_DLLCHARACTERISTICS_NX_COMPAT;
+            put_u16(&mut data, info.opt + 70, dll);
+        }
         data.resize(ptr as usize, 0);
         data.extend_from_slice(&section.data);
         data.resize((ptr + raw) as usize, 0);

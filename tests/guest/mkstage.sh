@@ -236,9 +236,10 @@ ln -s ../../var/db/repos/dbh-test/profiles/dbh/$TARGET "$R/etc/portage/make.prof
 printf '[DEFAULT]\nmain-repo = dbh-test\n\n[dbh-test]\nlocation = /var/db/repos/dbh-test\n' > "$R/etc/portage/repos.conf/dbh-test.conf"
 chown -R 250:250 "$R/var/lib/portage/home"
 
-log "packing $(du -sh "$R" | cut -f1) (unpacked) with xz"
+# xz -0: ~10x faster than -3 for ~15 % more bytes; the stage is built in CI where time is short.
+log "packing $(du -sh "$R" | cut -f1) (unpacked) with xz -0"
 mkdir -p "$WORK/out"
-tar -C "$R" --numeric-owner --sort=name --xattrs -cf - . | xz -T0 -3 > "$WORK/out/$NAME"
+tar -C "$R" --numeric-owner --sort=name --xattrs -cf - . | xz -T0 -0 > "$WORK/out/$NAME"
 tar -tJf "$WORK/out/$NAME" | gzip -n > "$WORK/out/$NAME.CONTENTS.gz"
 (
 	cd "$WORK/out"

@@ -173,7 +173,7 @@ fn image_create_writes_the_contract_layout() {
     let pe = pe::parse(&uki, Path::new("uki.efi")).unwrap();
     let names: Vec<&str> = pe.sections.iter().map(|s| s.name.as_str()).collect();
     let tail = &names[names.len() - 5..];
-    assert_eq!(tail, [".osrel", ".cmdline", ".uname", ".initrd", ".linux"]);
+    assert_eq!(tail, [".osrel", ".cmdline", ".uname", ".linux", ".initrd"]);
     assert_eq!(std::str::from_utf8(pe.section_data(&uki, ".cmdline").unwrap()).unwrap(), info.cmdline);
     let initrd = initramfs::decompress(pe.section_data(&uki, ".initrd").unwrap()).unwrap();
     let cpio = Cpio::parse(&initrd).unwrap();
@@ -293,11 +293,15 @@ fn initramfs_variants_busybox_and_stage_tools() {
     let cpio = Cpio::parse(&initramfs::decompress(&st.data).unwrap()).unwrap();
     // kmod's insmod, util-linux's tools, dash, and their libraries with the loader, found through
     // the merged-/usr symlinks as in the stage.
-    assert_eq!(cpio.get("dbh/bin/insmod"), Some(&Entry::Symlink { target: "/sbin/insmod".into() }));
+    assert_eq!(cpio.get("dbh/bin/insmod"), Some(&Entry::Symlink { target: "/usr/sbin/insmod".into() }));
+    assert_eq!(cpio.get("usr/sbin/insmod"), Some(&Entry::Symlink { target: "/bin/kmod".into() }));
     assert_eq!(cpio.get("lib"), Some(&Entry::Symlink { target: "usr/lib".into() }));
-    for path in ["usr/bin/kmod", "usr/bin/dash", "usr/bin/mount", "usr/sbin/switch_root", "usr/sbin/findfs", "usr/bin/sleep", "usr/lib/ld-linux-aarch64.so.1"] {
+    for path in ["usr/bin/kmod", "usr/bin/dash", "usr/bin/mount", "usr/sbin/switch_root", "usr/sbin/findfs", "usr/bin/sleep"] {
         assert!(matches!(cpio.get(path), Some(Entry::File { .. })), "{path} missing: {:?}", cpio.paths());
     }
+    // The loader under the name in PT_INTERP (a symlink into the multiarch dir, as in the stage).
+    assert!(cpio.get("usr/lib/ld-linux-aarch64.so.1").is_some());
+    assert!(matches!(cpio.get("usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1"), Some(Entry::File { .. })));
     assert!(cpio.paths().iter().any(|p| p.starts_with("usr/lib/aarch64-linux-gnu/libblkid.so")), "libblkid for findfs/mount");
     assert!(cpio.paths().iter().any(|p| p.starts_with("usr/lib/aarch64-linux-gnu/libc.so")));
     assert!(!cpio.paths().iter().any(|p| p.contains("busybox")));
@@ -330,6 +334,7 @@ fn boots_and_runs_portage(target: &str, machine: &str) {
     assert_eq!(lines.first().copied(), Some(machine), "{stdout}");
     assert!(lines.iter().any(|l| l.starts_with("portage 3.")), "{stdout}");
     assert!(lines.iter().any(|l| l.starts_with("Portage 3.")), "emerge --version: {stdout}");
+    assert!(console.contains("dbh-initramfs: started (tools: the stage's busybox)"), "{}", tail(&console));
     assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
     assert!(console.contains("dbh-guest: sshd started"), "{}", tail(&console));
     eprintln!("{target}: booted, ran uname + portage in {:?}", t0.elapsed());
@@ -431,6 +436,7 @@ fn ukify_agrees(target: &str) {
     assert_eq!(a.file_alignment, b.file_alignment);
     assert_eq!(a.size_of_headers, b.size_of_headers);
     assert_eq!(a.checksum, b.checksum);
+    assert_eq!(a.dll_characteristics, b.dll_characteristics);
     // ukify's SizeOfImage/SizeOfInitializedData include its extra .sbat; without it they match ours.
     let sbat = b.sections.iter().find(|s| s.name == ".sbat");
     if let Some(sbat) = sbat {
@@ -483,4 +489,33 @@ fn uki_build_cli_generates_the_initramfs_from_the_modules_root() {
     );
     assert!(!ok);
     assert!(stderr.contains("cannot read /nonexistent.stub"), "{stderr}");
+}
+
+#[test]
+fn arm64_image_with_the_stage_tools_initramfs_boots() {
+    // The other initramfs variant (no busybox: dash, kmod, util-linux and their libraries) booted
+    // for real: same stage, image made through the library with Tools::Stage.
+    let t = dbh::target::Targets::builtin().get("arm64").unwrap().clone();
+    if dbh::vm::firmware::find(&t).is_err() {
+        eprintln!("SKIP: no arm64 firmware on this host");
+        return;
+    }
+    let Some(stage) = test_stage("arm64") else { return };
+    let home = tempfile::Builder::new().prefix("dbh-image-stagetools-").tempdir().unwrap();
+    let mut opts = dbh::image::CreateOptions::new(stage.to_string_lossy());
+    opts.initramfs_tools = initramfs::Tools::Stage;
+    let info = dbh::image::create(&dbh::settings::Home::new(home.path()), &t, &opts, &dbh::events::Silent).unwrap();
+    assert!(!info.initramfs.busybox);
+    let out = dbh()
+        .arg("--home")
+        .arg(home.path())
+        .args(["vm", "exec", "--target", "arm64", "--", "uname", "-m"])
+        .env_remove("DBH_HOME")
+        .output()
+        .unwrap();
+    let console = std::fs::read_to_string(home.path().join("images/arm64/run/console.log")).unwrap_or_default();
+    assert!(out.status.success(), "{}\nconsole: {}", String::from_utf8_lossy(&out.stderr), tail(&console));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "aarch64");
+    assert!(console.contains("dbh-initramfs: started (tools: the stage's shell, kmod and util-linux)"), "{}", tail(&console));
+    assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
 }
