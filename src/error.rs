@@ -26,6 +26,14 @@ pub enum Error {
     Sign(#[from] crate::sign::SignError),
     #[error(transparent)]
     Serve(#[from] crate::serve::ServeError),
+    #[error(transparent)]
+    Uki(#[from] crate::uki::UkiError),
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    #[error(transparent)]
+    Guest(#[from] crate::guest::GuestError),
     /// A command of the contract whose implementation has not landed yet.
     #[error("`dbh {command}` is not implemented in this version of dbh")]
     NotImplemented { command: &'static str },
@@ -46,6 +54,10 @@ impl Error {
             Error::Binhost(e) => e.hint(),
             Error::Sign(e) => e.hint(),
             Error::Serve(e) => e.hint(),
+            Error::Uki(e) => e.hint(),
+            Error::Image(e) => e.hint(),
+            Error::Vm(e) => e.hint(),
+            Error::Guest(e) => e.hint(),
             Error::NotImplemented { .. } => {
                 Some("see README.md for the commands that work in this version".into())
             }

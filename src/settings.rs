@@ -89,6 +89,8 @@ const KEYS: &[KeyDef] = &[
     KeyDef { name: "build.jobs", kind: Kind::Int, doc: "parallel jobs for builds (MAKEOPTS -j)" },
     KeyDef { name: "build.distcc", kind: Kind::Bool, doc: "offload guest compiles to the host's distccd" },
     KeyDef { name: "distcc.hosts", kind: Kind::List, doc: "extra distcc hosts for builds" },
+    KeyDef { name: "vm.boot_timeout", kind: Kind::Int, doc: "seconds a guest may take to answer SSH [default: 300 under TCG, 120 under KVM]" },
+    KeyDef { name: "vm.powerdown_timeout", kind: Kind::Int, doc: "seconds `dbh vm stop` waits for an ACPI power-off before quitting QEMU [default: 20]" },
     KeyDef { name: "key.uid", kind: Kind::Str, doc: "user id of a newly generated signing key" },
 ];
 
@@ -369,7 +371,7 @@ mod tests {
     fn unknown_key_names_file_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let f = write(dir.path(), "dbh.toml", "[serve]\nlisen = []\n");
-        let err = Settings::load_from(vec![], &[f.clone()], &[]).unwrap_err();
+        let err = Settings::load_from(vec![], std::slice::from_ref(&f), &[]).unwrap_err();
         assert_eq!(err.to_string(), format!("settings file {} has an unknown key `serve.lisen`", f.display()));
         assert!(err.hint().unwrap().contains("serve.listen"));
     }

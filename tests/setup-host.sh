@@ -18,7 +18,7 @@ packages=(
 	nettle-dev libclang-dev clang pkg-config
 	gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu
 	distcc nginx wrk chromium
-	python3-venv python3-pip
+	python3-venv python3-pip python3-pefile openssh-client
 )
 
 missing=()

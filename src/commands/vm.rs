@@ -1,8 +1,193 @@
-//! `dbh vm …`: not implemented yet.
+//! `dbh vm …`: start, stop, status, ssh and exec drive the runner in [`crate::vm`]; `image create`
+//! and `build` belong to the image and build modules.
 
-use super::Context;
+use std::time::Duration;
+
+use super::{Context, out};
 use crate::Error;
+use crate::cli::{ImageCommand, ImageCreateArgs, VmCommand};
+use crate::image::{self, CreateOptions};
+use crate::events::{Event, Reporter as _};
+use crate::target::Targets;
+use crate::vm::{self, Shutdown, StartOptions, Status, Vm};
 
-pub fn run<T>(_ctx: &Context, _args: T) -> Result<(), Error> {
-    Err(Error::NotImplemented { command: "vm" })
+pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
+    match cmd {
+        VmCommand::Image(ImageCommand::Create(args)) => image_create(ctx, args),
+        VmCommand::Build(_) => Err(Error::NotImplemented { command: "vm build" }),
+        VmCommand::Start(t) => start(ctx, &t.target),
+        VmCommand::Stop(t) => block_on(async {
+            let home = ctx.settings.home();
+            let deadline = ctx
+                .settings
+                .int("vm.powerdown_timeout")
+                .map_or(vm::POWERDOWN_DEADLINE, |s| Duration::from_secs(s.max(0) as u64));
+            vm::stop_running(&home, &t.target, Shutdown::Powerdown(deadline), &ctx.reporter).await?;
+            ctx.reporter.event(Event::Note { message: format!("the {} guest is stopped", t.target) });
+            Ok(())
+        }),
+        VmCommand::Status(t) => status(ctx, &t.target),
+        VmCommand::Ssh(t) => ssh(ctx, &t.target),
+        VmCommand::Exec { target, command } => exec(ctx, &target, &command),
+    }
+}
+
+fn block_on<F: std::future::Future<Output = Result<(), Error>>>(fut: F) -> Result<(), Error> {
+    // One thread: QEMU is started from this (the main) thread, so PR_SET_PDEATHSIG ties it to dbh.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Failed(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(fut)
+}
+
+fn start_options(ctx: &Context, detached: bool) -> StartOptions {
+    StartOptions {
+        boot_deadline: ctx.settings.int("vm.boot_timeout").map(|s| Duration::from_secs(s.max(1) as u64)),
+        detached,
+        ..Default::default()
+    }
+}
+
+fn start(ctx: &Context, target: &str) -> Result<(), Error> {
+    let targets = Targets::load()?;
+    let target = targets.get(target)?;
+    block_on(async {
+        let home = ctx.settings.home();
+        let vm = with_signals(Vm::start(&home, target, &start_options(ctx, true), &ctx.reporter)).await??;
+        let state = vm.state().clone();
+        let paths = vm.paths().clone();
+        vm.release().await;
+        out(&format!(
+            "the {name} guest runs (pid {pid}, {accel}); SSH on 127.0.0.1:{port}\n  \
+             shell:  dbh vm ssh --target {name}\n  \
+             run:    dbh vm exec --target {name} -- CMD...\n  \
+             direct: ssh -i {key} -p {port} -o UserKnownHostsFile={kh} root@127.0.0.1\n  \
+             stop:   dbh vm stop --target {name}\n",
+            name = target.name,
+            pid = state.pid,
+            accel = state.accel,
+            port = state.ssh_port,
+            key = paths.image.join("ssh/id_ed25519").display(),
+            kh = write_known_hosts(&paths, state.ssh_port)?.display(),
+        ))
+    })
+}
+
+fn write_known_hosts(paths: &vm::Paths, port: u16) -> Result<std::path::PathBuf, Error> {
+    let keys = crate::guest::Keys::in_image(&paths.image);
+    let kh = paths.known_hosts();
+    crate::guest::interactive_command(port, &keys, &kh)?;
+    Ok(kh)
+}
+
+fn status(ctx: &Context, target: &str) -> Result<(), Error> {
+    Targets::load()?.get(target)?;
+    let home = ctx.settings.home();
+    match vm::status(&home, target)? {
+        Status::Stopped => out(&format!("{target}: not running\n")),
+        Status::Running(s) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let up = now.saturating_sub(s.started);
+            out(&format!(
+                "{target}: running\n  pid: {}\n  ssh: 127.0.0.1:{}\n  uptime: {}s\n  accelerator: {}\n  detached: {}\n",
+                s.pid, s.ssh_port, up, s.accel, s.detached
+            ))
+        }
+    }
+}
+
+fn ssh(ctx: &Context, target: &str) -> Result<(), Error> {
+    Targets::load()?.get(target)?;
+    let home = ctx.settings.home();
+    let paths = vm::Paths::new(&home, target);
+    let state = match vm::status(&home, target)? {
+        Status::Running(s) if s.ssh_port != 0 => s,
+        _ => return Err(vm::VmError::NotRunning { target: target.to_owned() }.into()),
+    };
+    let keys = crate::guest::Keys::in_image(&paths.image);
+    let cmd = crate::guest::interactive_command(state.ssh_port, &keys, &paths.known_hosts())?;
+    let status = cmd.std_command().status().map_err(|source| {
+        crate::process::ProcessError::Spawn { command: cmd.display(), source }
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        // The remote shell's status is the user's business, not a dbh error.
+        std::process::exit(status.code().unwrap_or(1));
+    }
+}
+
+/// Races `fut` against SIGINT/SIGTERM; on a signal the future is dropped (a `Vm` in it is killed
+/// by its `Drop`) and the command fails.
+async fn with_signals<F: std::future::Future>(fut: F) -> Result<F::Output, Error> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Failed(format!("cannot catch SIGTERM: {e}")))?;
+    tokio::select! {
+        r = fut => Ok(r),
+        _ = tokio::signal::ctrl_c() => Err(Error::Failed("interrupted; the guest was stopped".into())),
+        _ = term.recv() => Err(Error::Failed("terminated; the guest was stopped".into())),
+    }
+}
+
+fn exec(ctx: &Context, target: &str, command: &[String]) -> Result<(), Error> {
+    let targets = Targets::load()?;
+    let target = targets.get(target)?;
+    let line = crate::guest::shell_join(command);
+    let code = block_on_code(async {
+        let home = ctx.settings.home();
+        let pass = |stream: crate::process::Stream, data: &[u8]| {
+            use std::io::Write;
+            let _ = match stream {
+                crate::process::Stream::Stdout => std::io::stdout().write_all(data).and_then(|_| std::io::stdout().flush()),
+                crate::process::Stream::Stderr => std::io::stderr().write_all(data),
+            };
+        };
+        // A running guest (from `dbh vm start` or another dbh) is used; failing to reach it is an
+        // error, not a reason to boot a second one.
+        if matches!(vm::status(&home, &target.name)?, Status::Running(_)) {
+            let (_, guest) = vm::connect_running(&home, &target.name).await?;
+            let code = with_signals(guest.exec_raw(&line, None, pass)).await??;
+            guest.disconnect().await;
+            return Ok(code);
+        }
+        // No VM runs: a throw-away one for this command.
+        let vm = with_signals(Vm::start(&home, target, &start_options(ctx, false), &ctx.reporter)).await??;
+        let result = with_signals(vm.guest().exec_raw(&line, None, pass)).await;
+        let stopped = vm.stop(Shutdown::Quit, &ctx.reporter).await;
+        let code = result??;
+        stopped?;
+        Ok(code)
+    })?;
+    if code != 0 {
+        std::process::exit(i32::try_from(code).unwrap_or(255).min(255));
+    }
+    Ok(())
+}
+
+fn block_on_code<F: std::future::Future<Output = Result<u32, Error>>>(fut: F) -> Result<u32, Error> {
+    let mut code = 0;
+    block_on(async {
+        code = fut.await?;
+        Ok(())
+    })?;
+    Ok(code)
+}
+
+fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {
+    let targets = Targets::load()?;
+    let target = targets.get(&args.target)?;
+    let mut opts = CreateOptions::new(args.stage);
+    opts.digests = args.digests;
+    opts.keyring = args.keyring;
+    opts.kernel = args.kernel;
+    opts.modules = args.modules;
+    let info = image::create(&ctx.settings.home(), target, &opts, &ctx.reporter)?;
+    out(&format!(
+        "{}: kernel {}, {} init, disk {} MiB\n",
+        ctx.settings.home().images(&target.name).display(),
+        info.kernel_version,
+        info.init_system,
+        info.disk_size >> 20
+    ))
 }

@@ -6,3 +6,5 @@ mod binhost;
 mod cli;
 mod portage;
 mod publish;
+mod image;
+mod vm;

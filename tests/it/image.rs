@@ -1,0 +1,521 @@
+//! Guest images from stage tarballs: `dbh vm image create` against the Debian-based test stages of
+//! `tests/guest/mkstage.sh`, served over real HTTP; DIGESTS refusal before unpacking; the UKI and
+//! initramfs it produces, booted under real QEMU (TCG).
+//!
+//! The stage is built once per recipe (cached under ~/.cache/dbh-tests/stages/); an image made from
+//! it is cached per test run in a shared $DBH_HOME so the boot tests reuse it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use dbh::uki::initramfs::{self, Cpio, Entry};
+use dbh::uki::pe;
+
+use super::cli::dbh;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds (or finds cached) the test stage of `target`; `None` when it cannot be built here
+/// (mkstage exits 77 and says why).
+pub fn test_stage(target: &str) -> Option<PathBuf> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new("bash")
+        .arg(repo_root().join("tests/guest/mkstage.sh"))
+        .arg(target)
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    if out.status.code() == Some(77) {
+        eprintln!("test stage for {target} cannot be built here; skipping");
+        return None;
+    }
+    assert!(out.status.success(), "mkstage.sh {target} failed");
+    let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_owned();
+    Some(PathBuf::from(dir).join(format!("stage3-{target}-dbhtest.tar.xz")))
+}
+
+/// A tiny HTTP/1.1 file server over `dir` (GET with optional `Range: bytes=N-`), on a thread.
+pub struct FileServer {
+    pub port: u16,
+    pub requests: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+impl FileServer {
+    pub fn start(dir: &Path) -> FileServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dir = dir.to_owned();
+        let requests = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let log = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let dir = dir.clone();
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_one(stream, &dir, &log);
+                });
+            }
+        });
+        FileServer { port, requests }
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+fn serve_one(mut stream: TcpStream, dir: &Path, log: &Mutex<Vec<String>>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let path = line.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_owned();
+    let mut range_start = 0u64;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h == "\r\n" {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+            range_start = v.trim().trim_end_matches('-').parse().unwrap_or(0);
+        }
+    }
+    log.lock().unwrap().push(format!("GET /{path} from {range_start}"));
+    let file = dir.join(&path);
+    if path.contains("..") || !file.is_file() {
+        stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        return Ok(());
+    }
+    let mut f = std::fs::File::open(&file)?;
+    let len = f.metadata()?.len();
+    let head = if range_start > 0 {
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(range_start))?;
+        format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {range_start}-{}/{len}\r\nConnection: close\r\n\r\n",
+            len - range_start,
+            len - 1
+        )
+    } else {
+        format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+    };
+    stream.write_all(head.as_bytes())?;
+    std::io::copy(&mut f, &mut stream)?;
+    Ok(())
+}
+
+fn run_dbh(home: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = dbh().arg("--home").arg(home).args(args).env_remove("DBH_HOME").output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A $DBH_HOME holding an image of `target` made by `dbh vm image create` from the test stage
+/// served over HTTP (the product path: download + DIGESTS). Built once per test process.
+pub fn image_home(target: &str) -> Option<PathBuf> {
+    static HOMES: OnceLock<Mutex<std::collections::HashMap<String, Option<PathBuf>>>> = OnceLock::new();
+    let homes = HOMES.get_or_init(Default::default);
+    let mut homes = homes.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = homes.get(target) {
+        return h.clone();
+    }
+    let made = (|| {
+        let stage = test_stage(target)?;
+        let server = FileServer::start(stage.parent().unwrap());
+        let home = tempfile::Builder::new().prefix(&format!("dbh-image-{target}-")).tempdir().unwrap().keep();
+        let name = stage.file_name().unwrap().to_string_lossy().into_owned();
+        let t0 = Instant::now();
+        let (ok, stdout, stderr) =
+            run_dbh(&home, &["vm", "image", "create", "--target", target, "--stage", &server.url(&name)]);
+        assert!(ok, "image create failed:\n{stderr}");
+        eprintln!("image create for {target} took {:?}: {stdout}", t0.elapsed());
+        let reqs = server.requests.lock().unwrap().clone();
+        assert!(reqs.iter().any(|r| r.contains(&format!("/{name}.DIGESTS"))), "{reqs:?}");
+        Some(home)
+    })();
+    homes.insert(target.to_owned(), made.clone());
+    made
+}
+
+#[test]
+fn image_create_writes_the_contract_layout() {
+    let Some(home) = image_home("arm64") else { return };
+    let dir = home.join("images/arm64");
+    for f in ["disk.qcow2", "esp.img", "uki.efi", "image.toml", "ssh/id_ed25519", "ssh/id_ed25519.pub", "ssh/host_ed25519_key.pub"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    assert!(!dir.join("ssh/host_ed25519_key").exists(), "the host's private key must only be in the image");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(dir.join("ssh/id_ed25519")).unwrap().permissions().mode() & 0o777, 0o600);
+    let info = dbh::image::ImageInfo::load(&dir).unwrap();
+    assert_eq!(info.target, "arm64");
+    assert_eq!(info.init_system, dbh::image::InitSystem::Busybox);
+    assert_eq!(info.guest_pkgdir, "/var/cache/binpkgs");
+    assert_eq!(info.stage.sha512.len(), 128);
+    assert!(info.cmdline.contains("root=LABEL=dbh-root rw console=ttyAMA0"), "{}", info.cmdline);
+    assert!(info.initramfs.busybox);
+    assert!(info.initramfs.modules.contains(&"virtio_blk".to_string()), "{:?}", info.initramfs.modules);
+    // Dependencies first: virtio_ring before virtio_pci before virtio_blk.
+    let pos = |m: &str| info.initramfs.modules.iter().position(|x| x == m).unwrap();
+    assert!(pos("virtio_ring") < pos("virtio_pci") && pos("virtio_pci") < pos("virtio_blk"));
+
+    // The UKI is a valid PE with the sections in ukify's order, the initramfs inside parses back.
+    let uki = std::fs::read(dir.join("uki.efi")).unwrap();
+    let pe = pe::parse(&uki, Path::new("uki.efi")).unwrap();
+    let names: Vec<&str> = pe.sections.iter().map(|s| s.name.as_str()).collect();
+    let tail = &names[names.len() - 5..];
+    assert_eq!(tail, [".osrel", ".cmdline", ".uname", ".linux", ".initrd"]);
+    assert_eq!(std::str::from_utf8(pe.section_data(&uki, ".cmdline").unwrap()).unwrap(), info.cmdline);
+    let initrd = initramfs::decompress(pe.section_data(&uki, ".initrd").unwrap()).unwrap();
+    let cpio = Cpio::parse(&initrd).unwrap();
+    assert!(matches!(cpio.get("init"), Some(Entry::File { mode: 0o755, .. })));
+    assert!(matches!(cpio.get("dbh/modules/virtio_blk.ko"), Some(Entry::File { .. })));
+
+    // The ESP holds the UKI where the firmware looks.
+    let out = Command::new("mdir").arg("-i").arg(dir.join("esp.img")).arg("::/EFI/BOOT").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("BOOTAA64 EFI"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// Makes a copy of the stage directory with `edit` applied, served by a fresh server.
+fn tampered_copy(stage: &Path, edit: impl FnOnce(&Path, &Path)) -> (tempfile::TempDir, FileServer) {
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(stage.parent().unwrap()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    let name = stage.file_name().unwrap();
+    edit(&dir.path().join(name), &dir.path().join(format!("{}.DIGESTS", name.to_string_lossy())));
+    let server = FileServer::start(dir.path());
+    (dir, server)
+}
+
+fn assert_refused_before_unpacking(stage: &Path, server: &FileServer, expect: &str) {
+    let home = tempfile::tempdir().unwrap();
+    let name = stage.file_name().unwrap().to_string_lossy().into_owned();
+    let (ok, _, stderr) = run_dbh(home.path(), &["vm", "image", "create", "--target", "arm64", "--stage", &server.url(&name)]);
+    assert!(!ok, "a bad stage was accepted");
+    assert!(stderr.contains(expect), "{stderr}");
+    // Nothing was unpacked: no image dir, no temporary dir left under images/.
+    let images = home.path().join("images");
+    let left: Vec<_> = std::fs::read_dir(&images).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "left behind under images/: {left:?}");
+}
+
+#[test]
+fn tampered_stage_is_refused_before_unpacking() {
+    let Some(stage) = test_stage("arm64") else { return };
+    let (_dir, server) = tampered_copy(&stage, |tar, _| {
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(tar).unwrap();
+        use std::io::{Seek, SeekFrom};
+        let mid = f.metadata().unwrap().len() / 2;
+        let mut b = [0u8; 1];
+        f.seek(SeekFrom::Start(mid)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(mid)).unwrap();
+        f.write_all(&[b[0] ^ 0x01]).unwrap();
+    });
+    assert_refused_before_unpacking(&stage, &server, "does not match its BLAKE2B digest");
+}
+
+#[test]
+fn digests_mismatch_or_missing_entry_is_refused() {
+    let Some(stage) = test_stage("arm64") else { return };
+    let (_dir, server) = tampered_copy(&stage, |_, digests| {
+        let text = std::fs::read_to_string(digests).unwrap();
+        // Change the stage's SHA512 line only (the BLAKE2B one stays right).
+        let mut out = String::new();
+        let mut in_sha = false;
+        for line in text.lines() {
+            if line.starts_with("# SHA512") {
+                in_sha = true;
+            } else if line.starts_with('#') {
+                in_sha = false;
+            }
+            if in_sha && line.ends_with(".tar.xz") {
+                out.push_str(&format!("{}  {}\n", "0".repeat(128), line.split_whitespace().nth(1).unwrap()));
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        std::fs::write(digests, out).unwrap();
+    });
+    assert_refused_before_unpacking(&stage, &server, "does not match its SHA512 digest");
+
+    let (_dir2, server2) = tampered_copy(&stage, |_, digests| {
+        let text = std::fs::read_to_string(digests).unwrap();
+        let kept: String = text.lines().filter(|l| !l.ends_with(".tar.xz")).map(|l| format!("{l}\n")).collect();
+        std::fs::write(digests, kept).unwrap();
+    });
+    assert_refused_before_unpacking(&stage, &server2, "has no entry for");
+}
+
+/// Unpacks the stage into a temp dir (as `image create` does) for initramfs tests.
+fn unpacked_stage(target: &str) -> Option<(tempfile::TempDir, PathBuf)> {
+    let stage = test_stage(target)?;
+    let dir = tempfile::tempdir().unwrap();
+    dbh::image::unpack(&stage, dir.path(), &dbh::events::Silent).unwrap();
+    let modules = std::fs::read_dir(dir.path().join("usr/lib/modules")).unwrap().next().unwrap().unwrap().path();
+    Some((dir, modules))
+}
+
+#[test]
+fn initramfs_variants_busybox_and_stage_tools() {
+    let Some((root, modules)) = unpacked_stage("arm64") else { return };
+    let target = dbh::target::Targets::builtin().get("arm64").unwrap().clone();
+    let build = |tools| {
+        initramfs::build(&initramfs::Spec {
+            root: root.path(),
+            modules_dir: Some(&modules),
+            modules: &target.initramfs.modules,
+            tools,
+            compression: initramfs::Compression::Zstd,
+        })
+        .unwrap()
+    };
+    let bb = build(initramfs::Tools::Busybox);
+    assert!(bb.busybox);
+    let cpio = Cpio::parse(&initramfs::decompress(&bb.data).unwrap()).unwrap();
+    assert_eq!(cpio.get("dbh/bin/insmod"), Some(&Entry::Symlink { target: "/usr/bin/busybox".into() }));
+
+    let st = build(initramfs::Tools::Stage);
+    assert!(!st.busybox);
+    assert_eq!(st.load_order, bb.load_order);
+    let cpio = Cpio::parse(&initramfs::decompress(&st.data).unwrap()).unwrap();
+    // kmod's insmod, util-linux's tools, dash, and their libraries with the loader, found through
+    // the merged-/usr symlinks as in the stage.
+    assert_eq!(cpio.get("dbh/bin/insmod"), Some(&Entry::Symlink { target: "/usr/sbin/insmod".into() }));
+    assert_eq!(cpio.get("usr/sbin/insmod"), Some(&Entry::Symlink { target: "/bin/kmod".into() }));
+    assert_eq!(cpio.get("lib"), Some(&Entry::Symlink { target: "usr/lib".into() }));
+    for path in ["usr/bin/kmod", "usr/bin/dash", "usr/bin/mount", "usr/sbin/switch_root", "usr/sbin/findfs", "usr/bin/sleep"] {
+        assert!(matches!(cpio.get(path), Some(Entry::File { .. })), "{path} missing: {:?}", cpio.paths());
+    }
+    // The loader under the name in PT_INTERP (a symlink into the multiarch dir, as in the stage).
+    assert!(cpio.get("usr/lib/ld-linux-aarch64.so.1").is_some());
+    assert!(matches!(cpio.get("usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1"), Some(Entry::File { .. })));
+    assert!(cpio.paths().iter().any(|p| p.starts_with("usr/lib/aarch64-linux-gnu/libblkid.so")), "libblkid for findfs/mount");
+    assert!(cpio.paths().iter().any(|p| p.starts_with("usr/lib/aarch64-linux-gnu/libc.so")));
+    assert!(!cpio.paths().iter().any(|p| p.contains("busybox")));
+    eprintln!("initramfs sizes: busybox {} bytes, stage tools {} bytes", bb.data.len(), st.data.len());
+}
+
+/// Boots the image made by `image create` through the VM runner (`dbh vm exec`, a throw-away
+/// guest) and checks the architecture and Portage inside.
+fn boots_and_runs_portage(target: &str, machine: &str) {
+    let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
+    if let Err(e) = dbh::vm::firmware::find(&t) {
+        eprintln!("SKIP {target} boot: no firmware on this host: {e}");
+        return;
+    }
+    let Some(home) = image_home(target) else { return };
+    let t0 = Instant::now();
+    let out = dbh()
+        .arg("--home")
+        .arg(&home)
+        .args(["vm", "exec", "--target", target, "--", "sh", "-c"])
+        .arg("uname -m; python3 -c 'import portage; print(\"portage\", portage.VERSION)'; emerge --version 2>/dev/null | head -n 1")
+        .env_remove("DBH_HOME")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let console = std::fs::read_to_string(home.join(format!("images/{target}/run/console.log"))).unwrap_or_default();
+    assert!(out.status.success(), "vm exec failed\nstdout: {stdout}\nstderr: {stderr}\nconsole tail: {}", tail(&console));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.first().copied(), Some(machine), "{stdout}");
+    assert!(lines.iter().any(|l| l.starts_with("portage 3.")), "{stdout}");
+    assert!(lines.iter().any(|l| l.starts_with("Portage 3.")), "emerge --version: {stdout}");
+    assert!(console.contains("dbh-initramfs: started (tools: the stage's busybox)"), "{}", tail(&console));
+    assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
+    assert!(console.contains("dbh-guest: sshd started"), "{}", tail(&console));
+    eprintln!("{target}: booted, ran uname + portage in {:?}", t0.elapsed());
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn arm64_image_boots_and_runs_portage() {
+    boots_and_runs_portage("arm64", "aarch64");
+}
+
+#[test]
+fn amd64_image_boots_and_runs_portage() {
+    boots_and_runs_portage("amd64", "x86_64");
+}
+
+#[test]
+fn riscv64_image_boots_and_runs_portage() {
+    boots_and_runs_portage("riscv64", "riscv64");
+}
+
+/// systemd's ukify as an oracle: the same stub, kernel, initrd, command line, os-release and
+/// uname give the same sections at the same addresses and offsets with the same bytes (ukify
+/// appends a `.sbat` section after them, which dbh does not write).
+fn ukify_agrees(target: &str) {
+    if Command::new("/usr/bin/python3").args(["-c", "import pefile"]).status().map_or(true, |s| !s.success()) {
+        eprintln!("python3-pefile is not installed; skipping the ukify oracle");
+        return;
+    }
+    let out = Command::new("bash").arg(repo_root().join("tests/guest/fetch-ukify.sh")).stderr(Stdio::inherit()).output().unwrap();
+    if out.status.code() == Some(77) {
+        return;
+    }
+    assert!(out.status.success());
+    let ukify = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_owned();
+    let Some(stage) = test_stage(target) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let st = Command::new("tar")
+        .arg("-xJf")
+        .arg(&stage)
+        .arg("-C")
+        .arg(dir.path())
+        .args(["./usr/lib/systemd/boot/efi", "./boot"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
+    let stub = dbh::uki::find_stub(&t, None, Some(dir.path())).unwrap();
+    let kernel = std::fs::read_dir(dir.path().join("boot"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinu"))
+        .unwrap();
+    let initrd: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.path().join("initrd"), &initrd).unwrap();
+    let cmdline = "root=LABEL=dbh-root rw console=ttyS0,115200 panic=-1";
+    let osrel = "ID=dbh\nNAME=\"dbh test\"\n";
+    let uname = "6.1.0-test";
+    let oracle = dir.path().join("ukify.efi");
+    let st = Command::new("/usr/bin/python3")
+        .arg(&ukify)
+        .arg("build")
+        .arg(format!("--linux={}", kernel.display()))
+        .arg(format!("--initrd={}", dir.path().join("initrd").display()))
+        .arg(format!("--cmdline={cmdline}"))
+        .arg(format!("--os-release={osrel}"))
+        .arg(format!("--uname={uname}"))
+        .arg(format!("--stub={}", stub.display()))
+        .arg(format!("--output={}", oracle.display()))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "ukify failed");
+    let theirs = std::fs::read(&oracle).unwrap();
+    let ours = dbh::uki::assemble(&dbh::uki::UkiParts {
+        stub,
+        kernel: std::fs::read(&kernel).unwrap(),
+        initrd,
+        cmdline: cmdline.into(),
+        osrel: osrel.into(),
+        uname: Some(uname.into()),
+    })
+    .unwrap();
+    let a = pe::parse(&ours, Path::new("dbh.efi")).unwrap();
+    let b = pe::parse(&theirs, Path::new("ukify.efi")).unwrap();
+    let b_sections: Vec<_> = b.sections.iter().filter(|s| s.name != ".sbat" || a.sections.iter().any(|x| x.name == ".sbat")).cloned().collect();
+    assert_eq!(a.sections.len(), b_sections.len(), "ours {:?}\nukify {:?}", a.sections, b.sections);
+    for (x, y) in a.sections.iter().zip(&b_sections) {
+        assert_eq!(x, y, "section header differs from ukify's");
+        let (dx, dy) = (a.section_data(&ours, &x.name).unwrap(), b.section_data(&theirs, &y.name).unwrap());
+        assert!(dx == dy, "{} contents differ from ukify's", x.name);
+    }
+    assert_eq!(a.section_alignment, b.section_alignment);
+    assert_eq!(a.file_alignment, b.file_alignment);
+    assert_eq!(a.size_of_headers, b.size_of_headers);
+    assert_eq!(a.checksum, b.checksum);
+    assert_eq!(a.dll_characteristics, b.dll_characteristics);
+    // ukify's SizeOfImage/SizeOfInitializedData include its extra .sbat; without it they match ours.
+    let sbat = b.sections.iter().find(|s| s.name == ".sbat");
+    if let Some(sbat) = sbat {
+        assert_eq!(a.size_of_initialized_data + sbat.virtual_size, b.size_of_initialized_data);
+        assert!(a.size_of_image <= sbat.virtual_address);
+    } else {
+        assert_eq!(a.size_of_image, b.size_of_image);
+    }
+}
+
+#[test]
+fn ukify_oracle_arm64() {
+    ukify_agrees("arm64");
+}
+
+#[test]
+fn ukify_oracle_amd64() {
+    ukify_agrees("amd64");
+}
+
+#[test]
+fn uki_build_cli_generates_the_initramfs_from_the_modules_root() {
+    let Some((root, modules)) = unpacked_stage("arm64") else { return };
+    let kernel = std::fs::read_dir(root.path().join("boot"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("vmlinuz-"))
+        .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let out = home.path().join("x.efi");
+    let (ok, _, stderr) = run_dbh(
+        home.path(),
+        &["uki", "build", "--target", "arm64", "--kernel", &kernel.to_string_lossy(), "--modules", &modules.to_string_lossy(), "--out", &out.to_string_lossy()],
+    );
+    assert!(ok, "{stderr}");
+    let uki = std::fs::read(&out).unwrap();
+    let info = pe::parse(&uki, &out).unwrap();
+    let cmdline = std::str::from_utf8(info.section_data(&uki, ".cmdline").unwrap()).unwrap().to_owned();
+    assert_eq!(cmdline, "root=LABEL=dbh-root rw console=ttyAMA0,115200 panic=-1 net.ifnames=0");
+    assert_eq!(info.section_data(&uki, ".uname").unwrap(), modules.file_name().unwrap().to_string_lossy().as_bytes());
+    assert!(std::str::from_utf8(info.section_data(&uki, ".osrel").unwrap()).unwrap().contains("ID=debian"));
+    let cpio = Cpio::parse(&initramfs::decompress(info.section_data(&uki, ".initrd").unwrap()).unwrap()).unwrap();
+    assert!(cpio.get("dbh/modules/virtio_net.ko").is_some());
+
+    // A missing stub is a clear error with the package to install.
+    let (ok, _, stderr) = run_dbh(
+        home.path(),
+        &["uki", "build", "--target", "riscv64", "--kernel", &kernel.to_string_lossy(), "--stub", "/nonexistent.stub", "--out", &out.to_string_lossy()],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("cannot read /nonexistent.stub"), "{stderr}");
+}
+
+#[test]
+fn arm64_image_with_the_stage_tools_initramfs_boots() {
+    // The other initramfs variant (no busybox: dash, kmod, util-linux and their libraries) booted
+    // for real: same stage, image made through the library with Tools::Stage.
+    let t = dbh::target::Targets::builtin().get("arm64").unwrap().clone();
+    if dbh::vm::firmware::find(&t).is_err() {
+        eprintln!("SKIP: no arm64 firmware on this host");
+        return;
+    }
+    let Some(stage) = test_stage("arm64") else { return };
+    let home = tempfile::Builder::new().prefix("dbh-image-stagetools-").tempdir().unwrap();
+    let mut opts = dbh::image::CreateOptions::new(stage.to_string_lossy());
+    opts.initramfs_tools = initramfs::Tools::Stage;
+    let info = dbh::image::create(&dbh::settings::Home::new(home.path()), &t, &opts, &dbh::events::Silent).unwrap();
+    assert!(!info.initramfs.busybox);
+    let out = dbh()
+        .arg("--home")
+        .arg(home.path())
+        .args(["vm", "exec", "--target", "arm64", "--", "uname", "-m"])
+        .env_remove("DBH_HOME")
+        .output()
+        .unwrap();
+    let console = std::fs::read_to_string(home.path().join("images/arm64/run/console.log")).unwrap_or_default();
+    assert!(out.status.success(), "{}\nconsole: {}", String::from_utf8_lossy(&out.stderr), tail(&console));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "aarch64");
+    assert!(console.contains("dbh-initramfs: started (tools: the stage's shell, kmod and util-linux)"), "{}", tail(&console));
+    assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
+}
