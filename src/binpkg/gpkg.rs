@@ -244,7 +244,7 @@ pub(crate) fn metadata<S: Source + ?Sized>(src: &S, layout: &Layout, path: &Path
     let Role::Metadata(comp) = m.role else { unreachable!("metadata_member") };
     let bytes = member_bytes(src, m, MAX_METADATA)?;
     check_digest(layout, &m.name, &manifest::Hasher::of(&m.name, &bytes))?;
-    let dec = comp.decoder(&bytes[..], &m.name)?;
+    let dec = comp.slice_decoder(&bytes, &m.name)?;
     parse_metadata_tar(dec, &m.name, path)
 }
 
@@ -492,7 +492,7 @@ pub fn rewrite_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super:
     let meta_bytes = match opts.build_id {
         None => meta_bytes,
         Some(id) => {
-            let dec = comp.decoder(&meta_bytes[..], &meta.name).map_err(|f| f.at(src))?;
+            let dec = comp.slice_decoder(&meta_bytes, &meta.name).map_err(|f| f.at(src))?;
             let mut md = parse_metadata_tar(dec, &meta.name, src).map_err(|f| f.at(src))?;
             md.set("BUILD_ID", id.to_string());
             let tar = metadata_tar(&md, meta.mtime).map_err(|e| Fault::Write(e).at(dst))?;

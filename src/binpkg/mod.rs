@@ -297,5 +297,11 @@ pub fn read_xpak_bytes(bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
     read_source(bytes, Path::new("<memory>.xpak"), Format::Xpak)
 }
 
+/// [`verify`] (hashes only, no signatures) on a GPKG held in memory (fuzzing); never panics.
+pub fn verify_gpkg_bytes(bytes: &[u8]) -> Result<Verified, BinpkgError> {
+    let path = Path::new("<memory>.gpkg.tar");
+    gpkg::verify_source(bytes, path, Format::Gpkg, None).map_err(|f| f.at(path))
+}
+
 #[cfg(test)]
 mod tests;

@@ -509,3 +509,22 @@ fn mutated_input_never_panics() {
         }
     }
 }
+
+/// Writes valid seed inputs for the cargo-fuzz targets (`fuzz/corpus/<target>/`).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let signer = Signer::generate_ephemeral("seed <seed@invalid>").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("hello-1.0-3.gpkg.tar");
+    std::fs::write(&src, good_gpkg()).unwrap();
+    let signed = dir.path().join("hello-1.0-4.gpkg.tar");
+    rewrite_gpkg(&src, &signed, &Rewrite { build_id: Some(4), signer: Some(&signer) }).unwrap();
+    std::fs::create_dir_all(root.join("gpkg")).unwrap();
+    std::fs::create_dir_all(root.join("xpak")).unwrap();
+    std::fs::write(root.join("gpkg/plain"), good_gpkg()).unwrap();
+    std::fs::copy(&signed, root.join("gpkg/signed")).unwrap();
+    let image = bz2(&inner_tar(&[("./usr/bin/hello", b"x")]));
+    std::fs::write(root.join("xpak/plain"), xpak_file(&image, XMETA)).unwrap();
+}
