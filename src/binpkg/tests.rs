@@ -359,6 +359,20 @@ fn rewrite_without_signer_is_deterministic_and_unsigned() {
 }
 
 #[test]
+fn rewrite_to_a_temp_name_names_the_directory_after_pf_and_build_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("hello-1.0-3.gpkg.tar");
+    std::fs::write(&src, good_gpkg()).unwrap();
+    let tmp = dir.path().join(".hello-1.0-8.gpkg.tar.tmp42");
+    rewrite_gpkg(&src, &tmp, &Rewrite { build_id: Some(8), signer: None }).unwrap();
+    let p = read_gpkg_bytes(&std::fs::read(&tmp).unwrap()).unwrap();
+    assert_eq!(p.gpkg.unwrap().top, "hello-1.0-8");
+    let tmp = dir.path().join("same.tmp");
+    rewrite_gpkg(&src, &tmp, &Rewrite::default()).unwrap();
+    assert_eq!(read_gpkg_bytes(&std::fs::read(&tmp).unwrap()).unwrap().gpkg.unwrap().top, "hello-1.0-3");
+}
+
+#[test]
 fn rewrite_refuses_a_damaged_image() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("hello-1.0-3.gpkg.tar");

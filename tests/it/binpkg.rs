@@ -296,3 +296,59 @@ fn read_speed() {
     let took = start.elapsed();
     println!("read {n} GPKGs in {took:?} ({:?} each)", took / n);
 }
+
+#[test]
+fn key_generate_and_export_through_the_cli() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let dbh = |args: &[&str]| {
+        crate::cli::dbh().arg("--home").arg(home.path()).args(args).env_remove("DBH_HOME").output().unwrap()
+    };
+    let out = dbh(&["key", "export"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(combined(&out).contains("hint: run `dbh key generate`"), "{}", combined(&out));
+
+    let out = dbh(&["key", "generate", "--uid", "CLI test <cli@dbh.invalid>"]);
+    assert!(out.status.success(), "{}", combined(&out));
+    let fpr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(fpr.len(), 40, "stdout is the fingerprint: {fpr:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let keys = home.path().join("keys");
+    assert!(stderr.contains(&keys.join("secret.asc").display().to_string()), "{stderr}");
+    let mode = std::fs::metadata(keys.join("secret.asc")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let again = dbh(&["key", "generate"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(combined(&again).contains("--force"), "{}", combined(&again));
+
+    // GnuPG reads the exported key: ed25519, signing-capable, no expiry, our user id.
+    let export = dbh(&["key", "export"]);
+    assert!(export.status.success());
+    assert!(export.stdout.starts_with(b"-----BEGIN PGP PUBLIC KEY BLOCK-----"));
+    let gnupg = home.path().join("gnupg");
+    std::fs::create_dir_all(&gnupg).unwrap();
+    let mut child = Command::new("gpg")
+        .arg("--homedir")
+        .arg(&gnupg)
+        .args(["--batch", "--with-colons", "--show-keys"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &export.stdout).unwrap();
+    let shown = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&shown.stdout);
+    let publine = text.lines().find(|l| l.starts_with("pub:")).unwrap_or_else(|| panic!("{}", combined(&shown)));
+    let f: Vec<&str> = publine.split(':').collect();
+    assert_eq!(f[3], "22", "EdDSA: {publine}");
+    assert_eq!(f[6], "", "no expiry: {publine}");
+    assert!(f[11].contains('s') || f[11].contains('S'), "can sign: {publine}");
+    assert!(text.contains(&format!("fpr:::::::::{fpr}:")), "{text}");
+    assert!(text.contains("CLI test <cli@dbh.invalid>"), "{text}");
+
+    let forced = dbh(&["key", "generate", "--force"]);
+    assert!(forced.status.success(), "{}", combined(&forced));
+    assert_ne!(String::from_utf8_lossy(&forced.stdout).trim(), fpr);
+}
