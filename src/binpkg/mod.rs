@@ -287,6 +287,13 @@ fn read_source<S: Source + ?Sized>(src: &S, path: &Path, format: Format) -> Resu
     }
 }
 
+/// [`read`] on a file already in memory (an index reads small packages once for metadata and
+/// digests); the format comes from `path`'s name and errors name `path`.
+pub fn read_bytes(path: &Path, bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
+    let format = Format::of(path).ok_or_else(|| BinpkgError::UnknownFormat { path: path.to_owned() })?;
+    read_source(bytes, path, format)
+}
+
 /// [`read`] on a GPKG held in memory (fuzzing, tests); never panics.
 pub fn read_gpkg_bytes(bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
     read_source(bytes, Path::new("<memory>.gpkg.tar"), Format::Gpkg)

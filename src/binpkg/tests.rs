@@ -288,6 +288,9 @@ fn errors_name_the_file() {
     std::fs::write(&path, b"").unwrap();
     let e = read(&path).unwrap_err().to_string();
     assert!(e.starts_with(&format!("{} is not a valid binary package: the file is empty", path.display())), "{e}");
+    let e = read_bytes(Path::new("/b/hello-1.0.xpak"), b"").unwrap_err().to_string();
+    assert!(e.starts_with("/b/hello-1.0.xpak is not a valid binary package"), "{e}");
+    read_bytes(Path::new("/b/hello-1.0-3.gpkg.tar"), &good_gpkg()).unwrap();
     let e = read(&dir.path().join("x.rpm")).unwrap_err();
     assert!(matches!(e, BinpkgError::UnknownFormat { .. }));
     let e = read(&dir.path().join("missing.xpak")).unwrap_err();
