@@ -373,7 +373,7 @@ mod tests {
     fn unknown_key_names_file_and_key() {
         let dir = tempfile::tempdir().unwrap();
         let f = write(dir.path(), "dbh.toml", "[serve]\nlisen = []\n");
-        let err = Settings::load_from(vec![], &[f.clone()], &[]).unwrap_err();
+        let err = Settings::load_from(vec![], std::slice::from_ref(&f), &[]).unwrap_err();
         assert_eq!(err.to_string(), format!("settings file {} has an unknown key `serve.lisen`", f.display()));
         assert!(err.hint().unwrap().contains("serve.listen"));
     }

@@ -225,6 +225,21 @@ pub async fn send_file(stream: &TcpStream, file: &File, offset: u64, len: u64, s
     Ok(len)
 }
 
+/// TCP_CORK on or off (best effort: a failure only costs segment sizes).
+pub fn set_cork(stream: &TcpStream, on: bool) {
+    let v: libc::c_int = on.into();
+    // SAFETY: valid socket and option buffer.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 async fn wait_writable(stream: &TcpStream, stall: Duration) -> io::Result<()> {
     match tokio::time::timeout(stall, stream.writable()).await {
         Ok(r) => r,

@@ -233,6 +233,9 @@ impl ByteRange {
     pub fn len(&self) -> u64 {
         self.end - self.start
     }
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
 }
 
 /// The outcome of a `Range` header against a representation of `size` bytes.
@@ -303,7 +306,15 @@ pub fn parse_ranges(header: &str, size: u64) -> Ranges {
     if parts == 0 {
         return Ranges::Full;
     }
-    if out.is_empty() { Ranges::Unsatisfiable } else { Ranges::Partial(out) }
+    if out.is_empty() {
+        return Ranges::Unsatisfiable;
+    }
+    // Overlapping parts that add up to more than the file would let a client amplify one file
+    // into many copies; the whole file (200) is a correct and cheaper answer.
+    if out.len() > 1 && out.iter().map(ByteRange::len).sum::<u64>() > size {
+        return Ranges::Full;
+    }
+    Ranges::Partial(out)
 }
 
 /// `If-None-Match` against a strong ETag (weak comparison, as RFC 9110 §13.1.2 prescribes).
@@ -429,6 +440,7 @@ mod tests {
         assert_eq!(parse_ranges("bytes=", 100), Ranges::Full);
         let many = format!("bytes={}", vec!["0-0"; MAX_RANGES + 1].join(","));
         assert_eq!(parse_ranges(&many, 100), Ranges::Full);
+        assert_eq!(parse_ranges("bytes=0-,0-", 100), Ranges::Full);
     }
 
     #[test]

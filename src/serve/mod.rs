@@ -136,9 +136,12 @@ struct Shared {
     key_file: PathBuf,
     limits: Limits,
     /// Parsed indexes for the pages, keyed by target and the index file's identity.
-    summaries: Mutex<HashMap<String, ((u64, u64, i64, i64), Arc<pages::IndexSummary>)>>,
-    fingerprint: Mutex<Option<((u64, u64, i64, i64), Option<String>)>>,
+    summaries: Mutex<HashMap<String, (FileKey, Arc<pages::IndexSummary>)>>,
+    fingerprint: Mutex<Option<(FileKey, Option<String>)>>,
 }
+
+/// Identifies one version of a file: device, inode, mtime seconds and nanoseconds.
+type FileKey = (u64, u64, i64, i64);
 
 /// A bound server; [`Server::run`] serves until the shutdown future completes.
 pub struct Server {
@@ -663,12 +666,36 @@ async fn send_file_body(
         fs::send_all(stream, head, limits.send_stall).await?;
         return Ok(Outcome { status, bytes: 0, keep_alive: keep });
     }
+    // Large bodies: cork the socket (as nginx's tcp_nopush does) so the kernel sends full-sized
+    // segments while sendfile refills the buffer, then uncork to push the tail.
+    let total: u64 = parts.iter().map(|(_, r)| r.len()).sum();
+    let cork = total >= CORK_THRESHOLD;
+    if cork {
+        fs::set_cork(stream, true);
+    }
+    let result = send_parts(stream, head, file, parts, trailer, limits).await;
+    if cork {
+        fs::set_cork(stream, false);
+    }
+    Ok(Outcome { status, bytes: result?, keep_alive: keep })
+}
+
+const CORK_THRESHOLD: u64 = 256 * 1024;
+
+async fn send_parts(
+    stream: &TcpStream,
+    head: &[u8],
+    file: &File,
+    parts: &[(Vec<u8>, ByteRange)],
+    trailer: &[u8],
+    limits: &Limits,
+) -> io::Result<u64> {
     let mut bytes = 0;
     let mut pending = head.to_vec();
     for (part_head, r) in parts {
         pending.extend_from_slice(part_head);
         bytes += part_head.len() as u64;
-        if r.len() > 0 {
+        if !r.is_empty() {
             fs::send_more(stream, &pending, limits.send_stall).await?;
             pending.clear();
             bytes += fs::send_file(stream, file, r.start, r.len(), limits.send_stall).await?;
@@ -677,7 +704,7 @@ async fn send_file_body(
     pending.extend_from_slice(trailer);
     bytes += trailer.len() as u64;
     fs::send_all(stream, &pending, limits.send_stall).await?;
-    Ok(Outcome { status, bytes, keep_alive: keep })
+    Ok(bytes)
 }
 
 fn fxhash(s: &str) -> u64 {

@@ -23,7 +23,7 @@ impl Serve {
     pub fn start(home: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dbh"));
         cmd.arg("--home").arg(home).arg("serve").arg("--dir").arg(dir);
-        if !args.iter().any(|a| *a == "--listen") {
+        if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
         cmd.args(args);
