@@ -2,4 +2,7 @@
 //! and real programs (Portage from PyPI, QEMU, HTTP clients); slow fixtures are cached under
 //! `~/.cache/dbh-tests` keyed by a hash of their recipe.
 
+mod cli;
+mod portage;
+mod publish;
 mod serve;

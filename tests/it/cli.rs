@@ -1,0 +1,59 @@
+//! The command line itself: help text, usage errors, settings display, targets.
+
+use std::process::Command;
+
+pub fn dbh() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dbh"))
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let home = tempfile::tempdir().unwrap();
+    let out = dbh().arg("--home").arg(home.path()).args(args).env_remove("DBH_HOME").output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_lists_the_contract_commands() {
+    let (code, stdout, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    for cmd in ["targets", "binhost", "key", "serve", "uki", "vm", "cross", "build", "rootfs", "config"] {
+        assert!(stdout.contains(&format!("  {cmd} ")), "`{cmd}` missing from --help:\n{stdout}");
+    }
+}
+
+#[test]
+fn usage_error_exits_1_and_names_the_argument() {
+    let (code, _, stderr) = run(&["binhost", "index"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("<DIR>"), "{stderr}");
+}
+
+#[test]
+fn targets_json_has_every_builtin_fact() {
+    let (code, stdout, _) = run(&["targets", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let arm = v.as_array().unwrap().iter().find(|t| t["name"] == "arm64").unwrap();
+    assert_eq!(arm["chost"], "aarch64-unknown-linux-gnu");
+    assert_eq!(arm["qemu"]["binary"], "qemu-system-aarch64");
+    assert_eq!(arm["boot"]["kind"], "uefi");
+}
+
+#[test]
+fn config_show_names_origins() {
+    let home = tempfile::tempdir().unwrap();
+    let out = dbh()
+        .args(["--home"])
+        .arg(home.path())
+        .args(["config", "show"])
+        .env("DBH_SERVE_PUBLIC_URL", "http://binhost.example:8080/")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("# from: command line (--home)"), "{text}");
+    assert!(text.contains("# from: environment (DBH_SERVE_PUBLIC_URL)\nserve.public_url = \"http://binhost.example:8080/\""), "{text}");
+}
