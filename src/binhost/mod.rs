@@ -1,8 +1,300 @@
-//! (in progress)
+//! The binhost: a Portage PKGDIR with its `Packages` index (DESIGN §3).
+//!
+//! Owns the index format ([`index`]), (re)indexing a directory ([`scan`]), the consistency check
+//! ([`check`]), publishing new binary packages under a lock ([`add`]) and the client configuration
+//! stanza ([`conf`]). This module holds what they share: the error type, the directory lock and the
+//! crash-safe way every file gets into the binhost (dot-temp file, fsync, rename, fsync dir).
+
+pub mod add;
+pub mod check;
+pub mod conf;
+pub mod deps;
+pub mod index;
+pub mod scan;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::Hint;
+use crate::events::{Event, Reporter};
+
+pub use index::{Entry, Index};
+
+/// The lock every writer of a binhost holds (`std::fs::File::lock`, an flock).
+pub const LOCK_FILE: &str = ".dbh.lock";
+/// Prefix of every temporary file dbh creates inside a binhost. Names never end in a package
+/// suffix, so neither Portage nor our scanner ever mistakes one for a package.
+pub const TMP_PREFIX: &str = ".dbh-tmp";
+/// Paths (relative to the binhost root) of packages an `add` is placing; see [`add`].
+pub const JOURNAL: &str = ".dbh-pending";
+/// How long a writer waits for another one to finish.
+pub const LOCK_DEADLINE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
-pub enum BinhostError {}
+pub enum BinhostError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("cannot read index {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: index::ParseError,
+    },
+    #[error("{path} is not a directory")]
+    NotADir { path: PathBuf },
+    #[error("timed out after {}s waiting for the lock {path} (another dbh is writing this binhost)", .waited.as_secs())]
+    LockTimeout { path: PathBuf, waited: Duration },
+    #[error("cannot read binary package {path}")]
+    Package {
+        path: PathBuf,
+        #[source]
+        source: crate::binpkg::BinpkgError,
+    },
+    #[error("cannot read binary package {path}: {reason}")]
+    Unreadable { path: PathBuf, reason: String },
+    #[error("binary package {path} is not valid: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("binary package {path} is built for CHOST {found}, but target `{target}` has CHOST {expected}")]
+    WrongChost { path: PathBuf, found: String, target: String, expected: String },
+    #[error("there is no signing key in {path}")]
+    NoKey { path: PathBuf },
+    #[error(transparent)]
+    Sign(#[from] crate::sign::SignError),
+    #[error("binhost URL {url:?} is not an http(s) URL")]
+    BadUrl { url: String },
+}
 
-impl Hint for BinhostError {}
+impl Hint for BinhostError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            BinhostError::Parse { .. } => Some(
+                "move the broken index away and run `dbh binhost index --full DIR` to rebuild it from the packages"
+                    .into(),
+            ),
+            BinhostError::NoKey { .. } => Some(
+                "create one with `dbh key generate`, or publish unsigned with --unsigned (clients then need verify-signature = false)"
+                    .into(),
+            ),
+            BinhostError::WrongChost { .. } => Some("pass the --target the package was built for".into()),
+            BinhostError::LockTimeout { path, .. } => {
+                Some(format!("if no dbh is running, something else holds {}", path.display()))
+            }
+            BinhostError::BadUrl { .. } => Some("pass e.g. --url http://binhost.example.org:8080".into()),
+            _ => None,
+        }
+    }
+}
+
+/// An exclusive lock on a binhost directory, released on drop.
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes `DIR/.dbh.lock`, waiting up to [`LOCK_DEADLINE`] for another writer.
+    pub fn exclusive(dir: &Path, reporter: &dyn Reporter) -> Result<DirLock, BinhostError> {
+        let path = dir.join(LOCK_FILE);
+        let file = fs_err::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?
+            .into_parts()
+            .0;
+        let start = Instant::now();
+        let mut told = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(DirLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(std::io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display())).into());
+                }
+            }
+            if start.elapsed() >= LOCK_DEADLINE {
+                return Err(BinhostError::LockTimeout { path, waited: LOCK_DEADLINE });
+            }
+            if !told {
+                reporter.event(Event::Note {
+                    message: format!("waiting for another dbh to finish writing {}", dir.display()),
+                });
+                told = true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Removes temporary files a killed run left in the binhost root. Only call with the lock held:
+/// then no live writer owns any of them.
+pub fn clean_stale_temps(dir: &Path) -> Result<usize, BinhostError> {
+    let mut removed = 0;
+    for entry in fs_err::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            if entry.file_type()?.is_dir() {
+                fs_err::remove_dir_all(entry.path())?;
+            } else {
+                fs_err::remove_file(entry.path())?;
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// A temporary file in `dir` that is removed on drop unless it was renamed into place.
+pub struct TempFile {
+    path: PathBuf,
+    file: Option<File>,
+}
+
+/// A unique `.dbh-tmp-…` name in `dir`.
+fn temp_name(dir: &Path, what: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    dir.join(format!("{TMP_PREFIX}-{}-{}-{nanos:x}.{what}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)))
+}
+
+impl TempFile {
+    pub fn new(dir: &Path, what: &str) -> Result<TempFile, BinhostError> {
+        TempFile::at(temp_name(dir, what))
+    }
+
+    /// A temp file at exactly `path` (inside a [`TempDir`], when the name itself matters).
+    pub fn at(path: PathBuf) -> Result<TempFile, BinhostError> {
+        let file = fs_err::OpenOptions::new().write(true).create_new(true).open(&path)?.into_parts().0;
+        Ok(TempFile { path, file: Some(file) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("temp file is open until persisted")
+    }
+
+    /// Sets the mtime (when given) and fsyncs the content.
+    pub fn sync(&mut self, mtime: Option<u64>) -> Result<(), BinhostError> {
+        let path = self.path.clone();
+        let file = self.file();
+        file.flush().map_err(|e| io_at(&path, "cannot write", e))?;
+        if let Some(t) = mtime {
+            let t = std::time::UNIX_EPOCH + Duration::from_secs(t);
+            file.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
+                .map_err(|e| io_at(&path, "cannot set the mtime of", e))?;
+        }
+        file.sync_all().map_err(|e| io_at(&path, "cannot fsync", e))
+    }
+
+    /// Renames the (synced) file over `dest`. The caller fsyncs `dest`'s directory.
+    pub fn rename(mut self, dest: &Path) -> Result<(), BinhostError> {
+        drop(self.file.take());
+        fs_err::rename(&self.path, dest)?;
+        self.path = PathBuf::new();
+        Ok(())
+    }
+
+    /// [`TempFile::sync`] then [`TempFile::rename`].
+    pub fn persist(mut self, dest: &Path, mtime: Option<u64>) -> Result<(), BinhostError> {
+        self.sync(mtime)?;
+        self.rename(dest)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A `.dbh-tmp-….d` directory in the binhost root, removed with its content on drop. Files that
+/// must carry their final name while being written (a GPKG's top directory is named after its
+/// file) are made here: the directory's dot name keeps Portage and our scanner away from them.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(dir: &Path) -> Result<TempDir, BinhostError> {
+        let path = temp_name(dir, "d");
+        fs_err::create_dir(&path)?;
+        Ok(TempDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+pub(crate) fn io_at(path: &Path, what: &str, e: std::io::Error) -> BinhostError {
+    BinhostError::Io(std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display())))
+}
+
+/// fsyncs a directory so that renames into it survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<(), BinhostError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_at(dir, "cannot fsync directory", e))
+}
+
+/// Reads `DIR/Packages`; `None` when there is none.
+pub fn read_index(dir: &Path) -> Result<Option<Index>, BinhostError> {
+    let path = dir.join("Packages");
+    let bytes = match fs_err::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Index::parse(&bytes).map(Some).map_err(|source| BinhostError::Parse { path, source })
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Writes `Packages` and `Packages.gz` for `index`, both with mtime = TIMESTAMP, crash-safely.
+///
+/// Order matters: callers rename every new package file into place (and fsync its directory)
+/// *before* calling this, so an index that mentions a file is never visible before the file is.
+/// Here both temp files are complete and fsynced before either rename; `Packages.gz` (what clients
+/// fetch first) and `Packages` are renamed back to back and the directory is fsynced last, so a
+/// crash leaves either the old or the new version of each file, never a torn one.
+pub fn write_index(dir: &Path, index: &Index) -> Result<(), BinhostError> {
+    let text = index.render();
+    let timestamp = index.timestamp();
+    let mut plain = TempFile::new(dir, "Packages")?;
+    plain.file().write_all(text.as_bytes()).map_err(|e| io_at(plain.path(), "cannot write", e))?;
+    let mut gz = TempFile::new(dir, "Packages.gz")?;
+    {
+        let gz_path = gz.path().to_owned();
+        let mut enc = flate2::GzBuilder::new()
+            .mtime(timestamp.unwrap_or(0) as u32)
+            .write(std::io::BufWriter::new(gz.file()), flate2::Compression::new(6));
+        enc.write_all(text.as_bytes()).map_err(|e| io_at(&gz_path, "cannot write", e))?;
+        let mut buf = enc.finish().map_err(|e| io_at(&gz_path, "cannot write", e))?;
+        buf.flush().map_err(|e| io_at(&gz_path, "cannot write", e))?;
+    }
+    gz.sync(timestamp)?;
+    plain.sync(timestamp)?;
+    gz.rename(&dir.join("Packages.gz"))?;
+    plain.rename(&dir.join("Packages"))?;
+    sync_dir(dir)
+}

@@ -2,6 +2,7 @@
 //! and real programs (Portage from PyPI, QEMU, HTTP clients); slow fixtures are cached under
 //! `~/.cache/dbh-tests` keyed by a hash of their recipe.
 
+mod binhost;
 mod cli;
 mod portage;
 mod publish;

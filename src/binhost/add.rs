@@ -1,0 +1,339 @@
+//! `dbh binhost add`: publish binary packages into a target's binhost.
+//!
+//! Every input is read and its Manifest verified first; a bad input stops the whole add before
+//! anything is touched. Then, under the binhost's exclusive lock: BUILD_IDs are allocated (max
+//! of the index, of files already on disk and of this batch, + 1, per CPV), each package is
+//! rewritten as a GPKG with that BUILD_ID in its metadata and signed, written to a dot-temp file,
+//! fsynced, and renamed to `cat/pn/pf-BUILD_ID.gpkg.tar`; then the index gets the new entries.
+//!
+//! Crash safety: packages are renamed into place (and their directories fsynced) before the index
+//! that mentions them, so clients never see an entry without its file. The paths being published
+//! are first recorded in the journal `.dbh-pending`: if dbh dies between the package renames and
+//! the index rename, `check` knows those unindexed files are an interrupted add (not a problem
+//! for clients, who cannot see them), and the next `add` or `index` indexes them. A failure
+//! before the index is written removes what this run placed, so the previous `Packages` and
+//! `Packages.gz` stay byte-identical and no stray files remain.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::index::Entry;
+use super::scan::{self, Found, Options};
+use super::{BinhostError, DirLock, TempDir, TempFile};
+use crate::binpkg::{self, Format, Rewrite};
+use crate::events::{Event, Reporter, Unit};
+use crate::sign::Signer;
+use crate::target::Target;
+
+use super::JOURNAL;
+
+/// One input, checked and ready to publish.
+#[derive(Debug)]
+struct Input {
+    src: PathBuf,
+    format: Format,
+    category: String,
+    pf: String,
+    pn: String,
+}
+
+/// What got published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Added {
+    pub source: PathBuf,
+    pub cpv: String,
+    pub build_id: u64,
+    /// Relative to the binhost root.
+    pub path: String,
+}
+
+/// Publishes `files` into `dir` (the target's binhost, created if missing). `signer` = `None`
+/// publishes unsigned.
+pub fn add(
+    dir: &Path,
+    target: &Target,
+    files: &[PathBuf],
+    signer: Option<&Signer>,
+    reporter: &dyn Reporter,
+) -> Result<Vec<Added>, BinhostError> {
+    let task = format!("add:{}", target.name);
+    reporter.event(Event::Start {
+        task: task.clone(),
+        label: format!("publishing into {}", dir.display()),
+        total: Some(files.len() as u64 * 2),
+        unit: Unit::Items,
+    });
+    let mut inputs = Vec::new();
+    for (i, src) in files.iter().enumerate() {
+        reporter.event(Event::Progress {
+            task: task.clone(),
+            position: i as u64,
+            message: Some(format!("verifying {}", src.display())),
+        });
+        inputs.push(check_input(src, target)?);
+    }
+    fs_err::create_dir_all(dir)?;
+    let _lock = DirLock::exclusive(dir, reporter)?;
+    super::clean_stale_temps(dir)?;
+    let old = super::read_index(dir)?;
+    let pending = read_journal(dir)?;
+
+    // BUILD_IDs: the largest known for the CPV (index, disk, this batch) + 1.
+    let mut next: HashMap<String, u64> = HashMap::new();
+    let mut used = |cpv: &str, id: u64| {
+        let slot = next.entry(cpv.to_owned()).or_insert(0);
+        *slot = (*slot).max(id);
+    };
+    for e in old.iter().flat_map(|i| &i.packages) {
+        if let Some(id) = e.build_id() {
+            used(e.cpv(), id);
+        }
+    }
+    for input in &inputs {
+        let cpv = format!("{}/{}", input.category, input.pf);
+        for id in ids_on_disk(dir, input)? {
+            used(&cpv, id);
+        }
+    }
+    let mut plan = Vec::new();
+    for input in &inputs {
+        let cpv = format!("{}/{}", input.category, input.pf);
+        let id = next.get(&cpv).copied().unwrap_or(0) + 1;
+        next.insert(cpv.clone(), id);
+        let rel = format!("{}/{}/{}-{id}.gpkg.tar", input.category, input.pn, input.pf);
+        plan.push((input, cpv, id, rel));
+    }
+
+    // Rewrite and sign into temp files; nothing is visible yet.
+    let tmpdir = TempDir::new(dir)?;
+    let mut temps = Vec::new();
+    for (n, (input, _, id, rel)) in plan.iter().enumerate() {
+        reporter.event(Event::Progress {
+            task: task.clone(),
+            position: (files.len() + n) as u64,
+            message: Some(format!("signing {rel}")),
+        });
+        // Named like the destination: the GPKG writer names the top directory after the file.
+        let name = rel.rsplit('/').next().expect("rel has a file name");
+        let tmp = TempFile::at(tmpdir.path().join(name))?;
+        let rewrite = Rewrite { build_id: Some(*id), signer };
+        let result = match input.format {
+            Format::Gpkg => binpkg::rewrite_gpkg(&input.src, tmp.path(), &rewrite),
+            Format::Xpak => binpkg::xpak_to_gpkg(&input.src, tmp.path(), &rewrite),
+        };
+        result.map_err(|source| BinhostError::Package { path: input.src.clone(), source })?;
+        // Re-open: the writer may have replaced the file we created.
+        let reopened = fs_err::File::open(tmp.path())?;
+        reopened.sync_all().map_err(|e| super::io_at(tmp.path(), "cannot fsync", e))?;
+        drop(reopened);
+        binpkg::verify(tmp.path(), None)
+            .map_err(|source| BinhostError::Package { path: tmp.path().to_owned(), source })?;
+        temps.push(tmp);
+    }
+
+    let rels: Vec<String> = plan.iter().map(|(_, _, _, rel)| rel.clone()).collect();
+    write_journal(dir, &pending, &rels)?;
+    let mut placed: Vec<PathBuf> = Vec::new();
+    let result = (|| -> Result<Vec<Entry>, BinhostError> {
+        for (tmp, rel) in temps.into_iter().zip(&rels) {
+            let dest = dir.join(rel);
+            let parent = dest.parent().expect("rel has directories");
+            create_dirs_synced(dir, parent)?;
+            tmp.rename(&dest)?;
+            placed.push(dest.clone());
+            super::sync_dir(parent)?;
+        }
+        let mut entries = Vec::new();
+        for rel in &rels {
+            let meta = fs_err::symlink_metadata(dir.join(rel))?;
+            use std::os::unix::fs::MetadataExt;
+            let found = Found { rel: rel.clone(), size: meta.len(), mtime: meta.mtime() };
+            let entry = scan::entry_for(dir, &found).map_err(|skip| BinhostError::Invalid {
+                path: dir.join(rel),
+                reason: skip.to_string(),
+            })?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    })();
+    let entries = match result {
+        Ok(e) => e,
+        Err(e) => {
+            rollback(dir, &placed, &pending);
+            return Err(e);
+        }
+    };
+
+    // The index: incremental. Without a journal from an earlier, interrupted run the old index is
+    // current, so only the new entries are added (no walk over the whole binhost); otherwise the
+    // directory is rescanned, which also indexes what the interrupted run placed.
+    let opts = Options { full: false, target: Some(target) };
+    let committed = if pending.is_empty() {
+        inject(dir, old, entries, target)
+    } else {
+        scan::reindex_locked(dir, old, opts, reporter).map(|_| ())
+    };
+    if let Err(e) = committed {
+        rollback(dir, &placed, &pending);
+        return Err(e);
+    }
+    fs_err::remove_file(dir.join(JOURNAL))?;
+    super::sync_dir(dir)?;
+
+    let added: Vec<Added> = plan
+        .iter()
+        .map(|(input, cpv, id, rel)| Added { source: input.src.clone(), cpv: cpv.clone(), build_id: *id, path: rel.clone() })
+        .collect();
+    for a in &added {
+        reporter.event(Event::Note { message: format!("published {}-{} as {}", a.cpv, a.build_id, a.path) });
+    }
+    reporter.event(Event::Count { name: "binhost.added".into(), value: added.len() as u64 });
+    reporter.event(Event::Finish {
+        task,
+        message: format!("published {} package(s) into {}", added.len(), dir.display()),
+    });
+    Ok(added)
+}
+
+/// Reads and verifies one input; checks that it is a package for `target`.
+fn check_input(src: &Path, target: &Target) -> Result<Input, BinhostError> {
+    let meta = fs_err::metadata(src)?;
+    if !meta.is_file() {
+        return Err(BinhostError::Invalid { path: src.to_owned(), reason: "not a regular file".into() });
+    }
+    if meta.len() == 0 {
+        return Err(BinhostError::Invalid { path: src.to_owned(), reason: "the file is empty".into() });
+    }
+    let pkg = binpkg::read(src).map_err(|source| BinhostError::Package { path: src.to_owned(), source })?;
+    binpkg::verify(src, None).map_err(|source| BinhostError::Package { path: src.to_owned(), source })?;
+    let get = |k: &str| pkg.metadata.get(k).map(super::index::normalize).unwrap_or_default();
+    let (category, pf, slot) = (get("CATEGORY"), get("PF"), get("SLOT"));
+    let invalid = |reason: String| BinhostError::Invalid { path: src.to_owned(), reason };
+    if category.is_empty() || pf.is_empty() || slot.is_empty() {
+        return Err(invalid("its metadata lacks CATEGORY, PF or SLOT".into()));
+    }
+    if !super::deps::valid_category(&category) {
+        return Err(invalid(format!("`{category}` is not a valid category")));
+    }
+    let Some((pn, _, _)) = super::deps::pkgsplit(&pf) else {
+        return Err(invalid(format!("`{pf}` is not a valid package name and version")));
+    };
+    let pn = pn.to_owned();
+    let chost = get("CHOST");
+    if !chost.is_empty() && chost != target.chost {
+        return Err(BinhostError::WrongChost {
+            path: src.to_owned(),
+            found: chost,
+            target: target.name.clone(),
+            expected: target.chost.clone(),
+        });
+    }
+    Ok(Input { src: src.to_owned(), format: pkg.format, category, pf, pn })
+}
+
+/// BUILD_IDs of files of the same PF already in `cat/pn/` (indexed or not).
+fn ids_on_disk(dir: &Path, input: &Input) -> Result<Vec<u64>, BinhostError> {
+    let pkg_dir = dir.join(&input.category).join(&input.pn);
+    let entries = match fs_err::read_dir(&pkg_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut ids = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let stem = scan::SUFFIXES.iter().find_map(|s| name.strip_suffix(s));
+        if let Some((pf, id)) = stem.and_then(|s| s.rsplit_once('-')) {
+            if pf == input.pf {
+                if let Ok(id) = id.parse() {
+                    ids.push(id);
+                }
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Adds entries to the old index and writes it (Portage's `inject`).
+fn inject(dir: &Path, old: Option<super::Index>, entries: Vec<Entry>, target: &Target) -> Result<(), BinhostError> {
+    let mut index = old.unwrap_or_else(super::Index::new);
+    let old_ts = index.timestamp();
+    for e in &mut index.packages {
+        e.retain_allowed();
+    }
+    let new_paths: Vec<String> = entries.iter().map(|e| e.effective_path()).collect();
+    index.packages.retain(|e| !new_paths.contains(&e.effective_path()));
+    index.packages.extend(entries);
+    scan::fill_header(&mut index, Some(target));
+    index.header.insert("PACKAGES".into(), index.packages.len().to_string());
+    let ts = old_ts.map_or(super::now(), |t| super::now().max(t + 1));
+    index.header.insert("TIMESTAMP".into(), ts.to_string());
+    super::write_index(dir, &index)
+}
+
+fn read_journal(dir: &Path) -> Result<Vec<String>, BinhostError> {
+    match fs_err::read_to_string(dir.join(JOURNAL)) {
+        Ok(text) => Ok(text.lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Records the paths about to be placed (plus those of an interrupted run), durably.
+fn write_journal(dir: &Path, pending: &[String], rels: &[String]) -> Result<(), BinhostError> {
+    let mut tmp = TempFile::new(dir, "pending")?;
+    let mut text = String::new();
+    for rel in pending.iter().chain(rels) {
+        text.push_str(rel);
+        text.push('\n');
+    }
+    tmp.file().write_all(text.as_bytes()).map_err(|e| super::io_at(tmp.path(), "cannot write", e))?;
+    tmp.persist(&dir.join(JOURNAL), None)?;
+    super::sync_dir(dir)
+}
+
+/// Undoes the placements of a failed run; what an earlier interrupted run left stays journaled.
+fn rollback(dir: &Path, placed: &[PathBuf], pending: &[String]) {
+    for p in placed {
+        let _ = std::fs::remove_file(p);
+        if let Some(parent) = p.parent() {
+            let _ = super::sync_dir(parent);
+        }
+    }
+    if pending.is_empty() {
+        let _ = std::fs::remove_file(dir.join(JOURNAL));
+    } else {
+        let _ = write_journal(dir, pending, &[]);
+    }
+    let _ = super::sync_dir(dir);
+}
+
+/// Creates `parent` (under `root`) and fsyncs every directory that got a new entry.
+fn create_dirs_synced(root: &Path, parent: &Path) -> Result<(), BinhostError> {
+    let mut missing = Vec::new();
+    let mut p = parent;
+    while !p.exists() && p != root {
+        missing.push(p.to_owned());
+        p = p.parent().unwrap_or(root);
+    }
+    for d in missing.iter().rev() {
+        match fs_err::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        super::sync_dir(d.parent().unwrap_or(root))?;
+    }
+    Ok(())
+}
+
+/// Per-CPV counts, for tests and reports.
+pub fn build_ids(index: &super::Index) -> BTreeMap<String, Vec<u64>> {
+    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in &index.packages {
+        out.entry(e.cpv().to_owned()).or_default().extend(e.build_id());
+    }
+    out
+}

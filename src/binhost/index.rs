@@ -1,0 +1,443 @@
+//! The `Packages` index: parsing and rendering exactly as Portage's `PackageIndex`
+//! (`portage/getbinpkg.py`) and `binarytree` (`portage/dbapi/bintree.py`) do.
+//!
+//! Format: stanzas of `KEY: value` lines, each followed by one blank line. The first stanza is the
+//! header (`VERSION`, `TIMESTAMP`, `PACKAGES`, ARCH/CHOST/PROFILE, …), every further stanza one
+//! package. Portage sorts keys by their *internal* names (`_mtime_` for `MTIME`, `repository` for
+//! `REPO`, `DESCRIPTION` for `DESC`), which is why `MTIME` and `REPO` come last; it omits empty
+//! values, values equal to its per-package defaults (`EAPI: 0`, `SLOT: 0`) and `CHOST`/`REPO` when
+//! they equal the header's; packages are sorted by CPV (string order), we add BUILD_ID as the
+//! tie-breaker that Portage leaves to chance.
+//!
+//! Parsing is stricter than Portage's (which silently skips lines it does not understand and stops
+//! at the first double blank line): anything but a well-formed index is an error naming the line,
+//! because an index we cannot read exactly is an index we must not rewrite.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// The index version Portage 3 writes and accepts (`_pkgindex_version`).
+pub const VERSION: u32 = 0;
+
+/// Package keys Portage keeps when it reads an index (`_pkgindex_allowed_pkg_keys`, as written on
+/// disk); everything else (e.g. `BLAKE2B`, `REPO_REVISIONS`) is dropped when we rewrite an entry.
+pub const ALLOWED_PKG_KEYS: &[&str] = &[
+    "BASE_URI", "BDEPEND", "BUILD_ID", "BUILD_TIME", "CHOST", "CPV", "DEFINED_PHASES", "DEPEND",
+    "DESC", "EAPI", "FETCHCOMMAND", "IDEPEND", "IUSE", "KEYWORDS", "LICENSE", "MD5", "MTIME",
+    "PATH", "PDEPEND", "PKGINDEX_URI", "PROPERTIES", "PROVIDES", "RDEPEND", "REPO", "REQUIRES",
+    "RESTRICT", "RESUMECOMMAND", "SHA1", "SIZE", "SLOT", "USE", "USER_PATCHES",
+];
+
+/// Keys a package inherits from the header when absent (`_pkgindex_inherited_keys`).
+pub const INHERITED_KEYS: &[&str] = &["CHOST", "REPO"];
+
+/// Per-package defaults that are never written (`_pkgindex_default_pkg_data` minus the empty ones).
+const DEFAULT_PKG_DATA: &[(&str, &str)] = &[("EAPI", "0"), ("SLOT", "0")];
+
+/// The key Portage sorts by: its internal name for the three translated keys.
+pub fn sort_name(key: &str) -> &str {
+    match key {
+        "MTIME" => "_mtime_",
+        "REPO" => "repository",
+        "DESC" => "DESCRIPTION",
+        other => other,
+    }
+}
+
+/// Why a `Packages` file could not be read; the caller adds the file name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+fn err(line: usize, message: impl Into<String>) -> ParseError {
+    ParseError { line, message: message.into() }
+}
+
+/// One package stanza. Keys are kept as written on disk (`MTIME`, `REPO`); after parsing,
+/// `CHOST`/`REPO` inherited from the header are filled in, as Portage's `readBody` does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Entry {
+    pub fields: BTreeMap<String, String>,
+    /// First line of the stanza in the file it was read from (0 when built in memory).
+    pub line: usize,
+}
+
+impl Entry {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str).filter(|v| !v.is_empty())
+    }
+    pub fn set(&mut self, key: &str, value: impl Into<String>) {
+        self.fields.insert(key.to_owned(), value.into());
+    }
+    pub fn cpv(&self) -> &str {
+        self.get("CPV").unwrap_or_default()
+    }
+    pub fn path(&self) -> Option<&str> {
+        self.get("PATH")
+    }
+    pub fn build_id(&self) -> Option<u64> {
+        self.get("BUILD_ID").and_then(|v| v.parse().ok())
+    }
+    pub fn size(&self) -> Option<u64> {
+        self.get("SIZE").and_then(|v| v.parse().ok())
+    }
+    pub fn mtime(&self) -> Option<i64> {
+        self.get("MTIME").and_then(|v| v.parse().ok())
+    }
+    /// The path Portage assumes for an entry without PATH (`cpv + ".tbz2"`).
+    pub fn effective_path(&self) -> String {
+        self.path().map_or_else(|| format!("{}.tbz2", self.cpv()), str::to_owned)
+    }
+    /// Drops keys Portage would drop on reading.
+    pub fn retain_allowed(&mut self) {
+        self.fields.retain(|k, _| ALLOWED_PKG_KEYS.contains(&k.as_str()));
+    }
+}
+
+/// A whole index: header and packages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Index {
+    pub header: BTreeMap<String, String>,
+    pub packages: Vec<Entry>,
+}
+
+impl Default for Index {
+    fn default() -> Index {
+        Index::new()
+    }
+}
+
+impl Index {
+    /// A fresh index with only `VERSION: 0`.
+    pub fn new() -> Index {
+        let mut header = BTreeMap::new();
+        header.insert("VERSION".to_owned(), VERSION.to_string());
+        Index { header, packages: Vec::new() }
+    }
+
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.header.get(key).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    pub fn timestamp(&self) -> Option<u64> {
+        self.header("TIMESTAMP").and_then(|v| v.parse().ok())
+    }
+
+    /// Parses a `Packages` file. Errors name the line; they never panic, whatever the input.
+    pub fn parse(bytes: &[u8]) -> Result<Index, ParseError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let line = bytes[..e.valid_up_to()].iter().filter(|b| **b == b'\n').count() + 1;
+            err(line, "is not valid UTF-8")
+        })?;
+        if text.is_empty() {
+            return Err(err(1, "the file is empty"));
+        }
+        if !text.ends_with("\n\n") {
+            let line = text.lines().count().max(1);
+            return Err(err(
+                line,
+                "the file does not end with a blank line after its last stanza (truncated?)",
+            ));
+        }
+        // Every stanza is terminated by a blank line, so splitting off the final "\n" leaves
+        // exactly the lines of the file.
+        let mut stanzas: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
+        let mut current: Option<(usize, BTreeMap<String, String>)> = None;
+        for (i, line) in text[..text.len() - 1].split('\n').enumerate() {
+            let n = i + 1;
+            if line.is_empty() {
+                match current.take() {
+                    Some(stanza) => stanzas.push(stanza),
+                    None => {
+                        return Err(err(
+                            n,
+                            "a second blank line in a row (Portage stops reading the index here)",
+                        ));
+                    }
+                }
+                continue;
+            }
+            let Some((key, rest)) = line.split_once(':') else {
+                return Err(err(n, format!("expected `KEY: value`, found {:?}", clip(line))));
+            };
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(err(n, format!("invalid key {:?}", clip(key))));
+            }
+            let value = match rest.strip_prefix(' ') {
+                Some(v) => v,
+                None if rest.is_empty() => "",
+                None => return Err(err(n, format!("expected a space after `{key}:`"))),
+            };
+            if value.contains('\r') {
+                return Err(err(n, format!("the value of `{key}` contains a carriage return")));
+            }
+            let (_, fields) = current.get_or_insert_with(|| (n, BTreeMap::new()));
+            if fields.insert(key.to_owned(), value.to_owned()).is_some() {
+                return Err(err(n, format!("`{key}` appears twice in the same stanza")));
+            }
+        }
+        debug_assert!(current.is_none(), "text ends with a blank line");
+        let mut stanzas = stanzas.into_iter();
+        let (header_line, header) = stanzas.next().ok_or_else(|| err(1, "there is no header"))?;
+        match header.get("VERSION").map(String::as_str) {
+            None => {
+                return Err(err(
+                    header_line,
+                    "the header has no VERSION (Portage rejects such an index)",
+                ));
+            }
+            Some(v) => match v.parse::<i64>() {
+                Ok(v) if v <= i64::from(VERSION) => {}
+                _ => {
+                    return Err(err(
+                        header_line,
+                        format!("unsupported index VERSION {v:?} (Portage reads {VERSION})"),
+                    ));
+                }
+            },
+        }
+        if header.contains_key("CPV") {
+            return Err(err(header_line, "the header contains CPV: the index has no header"));
+        }
+        let mut packages = Vec::new();
+        for (line, mut fields) in stanzas {
+            match fields.get("CPV") {
+                Some(cpv) if !cpv.is_empty() => {}
+                _ => return Err(err(line, "package stanza without CPV")),
+            }
+            for key in INHERITED_KEYS {
+                if let Some(v) = header.get(*key).filter(|v| !v.is_empty()) {
+                    fields.entry((*key).to_owned()).or_insert_with(|| v.clone());
+                }
+            }
+            packages.push(Entry { fields, line });
+        }
+        Ok(Index { header, packages })
+    }
+
+    /// Sorts packages by CPV (Portage's order), then BUILD_ID.
+    pub fn sort(&mut self) {
+        self.packages.sort_by(|a, b| {
+            a.cpv().cmp(b.cpv()).then_with(|| a.build_id().cmp(&b.build_id()))
+        });
+    }
+
+    /// Renders the index as Portage's `PackageIndex.write` does (packages sorted first).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(512 + self.packages.len() * 640);
+        write_stanza(&mut out, self.header.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut order: Vec<&Entry> = self.packages.iter().collect();
+        order.sort_by(|a, b| a.cpv().cmp(b.cpv()).then_with(|| a.build_id().cmp(&b.build_id())));
+        for entry in order {
+            let fields = entry.fields.iter().filter(|(k, v)| {
+                let k = k.as_str();
+                if INHERITED_KEYS.contains(&k) && self.header(k) == Some(v.as_str()) {
+                    return false;
+                }
+                !DEFAULT_PKG_DATA.iter().any(|(dk, dv)| *dk == k && *dv == v.as_str())
+            });
+            write_stanza(&mut out, fields.map(|(k, v)| (k.as_str(), v.as_str())));
+        }
+        out
+    }
+}
+
+fn write_stanza<'a>(out: &mut String, fields: impl Iterator<Item = (&'a str, &'a str)>) {
+    let mut fields: Vec<(&str, &str)> = fields.filter(|(_, v)| !v.is_empty()).collect();
+    fields.sort_by(|a, b| sort_name(a.0).cmp(sort_name(b.0)));
+    for (k, v) in fields {
+        out.push_str(k);
+        out.push_str(": ");
+        out.push_str(v);
+        out.push('\n');
+    }
+    out.push('\n');
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(60).collect()
+}
+
+/// Portage's value normalisation for metadata (`" ".join(v.split())`).
+pub fn normalize(value: &str) -> String {
+    value.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The index real Portage 3.0.83 wrote in the lab (shared/lab/portage-lab.md), header trimmed.
+    const PORTAGE: &str = "ARCH: amd64
+CHOST: x86_64-pc-linux-gnu
+IUSE_IMPLICIT: prefix prefix-guest prefix-stack
+PACKAGES: 2
+PROFILE: lab
+TIMESTAMP: 1795534646
+USE_EXPAND_VALUES_ARCH: amd64
+VERSION: 0
+
+BUILD_ID: 1
+BUILD_TIME: 1795534646
+CPV: dbh-test/greeter-1.0
+DEFINED_PHASES: install
+EAPI: 8
+KEYWORDS: amd64
+LICENSE: MIT
+MD5: 854e8a53985a3de540da7ef7494c02f6
+PATH: dbh-test/greeter/greeter-1.0-1.gpkg.tar
+RDEPEND: dbh-test/hello
+SHA1: aa3f0cd7f7b4910175d1760a1f82fa6a9542cc82
+SIZE: 10240
+USE: amd64 elibc_glibc kernel_linux userland_GNU
+MTIME: 1795534646
+REPO: dbh-lab
+
+BUILD_ID: 1
+BUILD_TIME: 1795534644
+CPV: dbh-test/hello-1.0
+DEFINED_PHASES: compile install
+EAPI: 8
+IUSE: debug
+KEYWORDS: amd64
+LICENSE: MIT
+MD5: 896a1b910fa25af2243a4d8911bbcf54
+PATH: dbh-test/hello/hello-1.0-1.gpkg.tar
+REQUIRES: x86_64: libc.so.6
+RESTRICT: mirror
+SHA1: 77690e63e9659239cf19996acd1f2d8152959b5e
+SIZE: 20480
+USE: amd64 elibc_glibc kernel_linux userland_GNU
+MTIME: 1795534645
+REPO: dbh-lab
+
+";
+
+    #[test]
+    fn portage_index_round_trips_byte_for_byte() {
+        let index = Index::parse(PORTAGE.as_bytes()).unwrap();
+        assert_eq!(index.packages.len(), 2);
+        assert_eq!(index.packages[1].get("REQUIRES"), Some("x86_64: libc.so.6"));
+        assert_eq!(index.packages[1].line, 26);
+        assert_eq!(index.render(), PORTAGE);
+    }
+
+    #[test]
+    fn inherited_and_default_values_are_omitted_and_order_is_portages() {
+        let mut index = Index::new();
+        index.header.insert("CHOST".into(), "x86_64-pc-linux-gnu".into());
+        let mut e = Entry::default();
+        for (k, v) in [
+            ("CPV", "a/b-1"),
+            ("REPO", "r"),
+            ("MTIME", "5"),
+            ("SLOT", "0"),
+            ("EAPI", "0"),
+            ("CHOST", "x86_64-pc-linux-gnu"),
+            ("DESC", "d"),
+            ("USE", ""),
+            ("BUILD_ID", "2"),
+        ] {
+            e.set(k, v);
+        }
+        let mut e1 = e.clone();
+        e1.set("BUILD_ID", "10");
+        e1.set("CHOST", "aarch64-unknown-linux-gnu");
+        let mut e0 = e.clone();
+        e0.set("CPV", "a/a-1");
+        index.packages = vec![e1, e, e0];
+        let text = index.render();
+        assert_eq!(
+            text,
+            "CHOST: x86_64-pc-linux-gnu\nVERSION: 0\n\n\
+             BUILD_ID: 2\nCPV: a/a-1\nDESC: d\nMTIME: 5\nREPO: r\n\n\
+             BUILD_ID: 2\nCPV: a/b-1\nDESC: d\nMTIME: 5\nREPO: r\n\n\
+             BUILD_ID: 10\nCHOST: aarch64-unknown-linux-gnu\nCPV: a/b-1\nDESC: d\nMTIME: 5\nREPO: r\n\n"
+        );
+        // Reading fills the inherited CHOST back in.
+        let back = Index::parse(text.as_bytes()).unwrap();
+        assert_eq!(back.packages[0].get("CHOST"), Some("x86_64-pc-linux-gnu"));
+        assert_eq!(back.render(), text);
+    }
+
+    #[test]
+    fn garbage_is_an_error_naming_the_line() {
+        let cases: &[(&[u8], usize, &str)] = &[
+            (b"", 1, "empty"),
+            (b"VERSION: 0\n", 1, "truncated"),
+            (b"VERSION: 0\n\nCPV: a/b-1\nSIZE", 4, "truncated"),
+            (b"VERSION: 0\n\nCPV: a/b-1\nnonsense here\n\n", 4, "KEY: value"),
+            (b"VERSION: 0\n\nSIZE: 1\n\n", 3, "without CPV"),
+            (b"TIMESTAMP: 1\n\n", 1, "no VERSION"),
+            (b"VERSION: 99\n\n", 1, "unsupported"),
+            (b"VERSION: 0\n\n\nCPV: a/b-1\n\n", 3, "second blank line"),
+            (b"VERSION: 0\n\nCPV: a/b-1\nCPV: a/b-2\n\n", 4, "twice"),
+            (b"VERSION: 0\n\nCPV:a/b-1\n\n", 3, "space"),
+            (b"VERSION: 0\n\xff\xfe\n\n", 2, "UTF-8"),
+            (b"VERSION: 0\n\nbad key: x\n\n", 3, "invalid key"),
+        ];
+        for (input, line, what) in cases {
+            let e = Index::parse(input).unwrap_err();
+            assert_eq!(e.line, *line, "{input:?}: {e}");
+            assert!(e.message.contains(what), "{input:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn empty_index_and_empty_values() {
+        let index = Index::parse(b"PACKAGES: 0\nURI:\nVERSION: 0\n\n").unwrap();
+        assert_eq!(index.header("URI"), None);
+        assert_eq!(index.render(), "PACKAGES: 0\nVERSION: 0\n\n");
+    }
+
+    /// Seeded random inputs (mutated valid indexes and plain noise) never panic the parser, and
+    /// whatever parses renders to something that parses again to the same index.
+    #[test]
+    fn random_inputs_never_panic() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"ABCPV:/ \n\n-_0123456789abz\r\xff";
+        for round in 0..20_000 {
+            let mut input = PORTAGE.as_bytes().to_vec();
+            if round % 4 == 0 {
+                let len = (next() % 200) as usize;
+                input = (0..len).map(|_| alphabet[(next() % alphabet.len() as u64) as usize]).collect();
+            } else {
+                for _ in 0..(next() % 4 + 1) {
+                    let pos = (next() % input.len() as u64) as usize;
+                    match next() % 3 {
+                        0 => input[pos] = alphabet[(next() % alphabet.len() as u64) as usize],
+                        1 => {
+                            input.remove(pos);
+                        }
+                        _ => input.truncate(pos),
+                    }
+                    if input.is_empty() {
+                        break;
+                    }
+                }
+            }
+            if let Ok(index) = Index::parse(&input) {
+                let text = index.render();
+                let again = Index::parse(text.as_bytes())
+                    .unwrap_or_else(|e| panic!("re-parse of {text:?} failed: {e}"));
+                assert_eq!(again.render(), text);
+            }
+        }
+    }
+}
