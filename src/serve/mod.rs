@@ -504,8 +504,8 @@ async fn respond(
             }
             let Some(base) = base() else { return text(400, "invalid Host header\n").await };
             let summary = summary(shared, t);
-            let conf = pages::binrepos_conf(t, &base, shared.priority);
             let fpr = fingerprint(shared);
+            let conf = pages::binrepos_conf(t, &base, shared.priority, fpr.as_deref());
             let html = pages::target_page(t, summary.as_deref(), &conf, &base, fpr.as_deref());
             send_html(stream, keep, get, &html, limits).await
         }
@@ -514,7 +514,7 @@ async fn respond(
                 return text(404, "no such target\n").await;
             }
             let Some(base) = base() else { return text(400, "invalid Host header\n").await };
-            let conf = pages::binrepos_conf(t, &base, shared.priority);
+            let conf = pages::binrepos_conf(t, &base, shared.priority, fingerprint(shared).as_deref());
             send_bytes(stream, 200, keep, &[("Content-Type", "text/plain; charset=utf-8")], conf.as_bytes(), get, limits).await
         }
         [t, name] if name == "key.asc" => {
@@ -746,7 +746,7 @@ fn summary(shared: &Shared, target: &str) -> Option<Arc<pages::IndexSummary>> {
     {
         return Some(s.clone());
     }
-    let s = Arc::new(pages::load_index(file));
+    let s = Arc::new(pages::load_index(file)?);
     shared.summaries.lock().ok()?.insert(target.to_string(), (key, s.clone()));
     Some(s)
 }

@@ -23,65 +23,31 @@ pub struct IndexSummary {
     pub packages: Vec<PackageRow>,
 }
 
-// TINY STANZA READER — a stand-in for the real `Packages` parser of src/binhost/ (branch
-// `binhost`), which had not landed when this was written. The coordinator can swap
-// `read_index` for `crate::binhost` once it exists; the pages only need the fields below.
-/// Reads `KEY: value` stanzas separated by blank lines: the first is the header.
-pub fn read_index(text: &str) -> IndexSummary {
-    let mut summary = IndexSummary::default();
-    let mut header = true;
-    let mut row = PackageRow::default();
-    let mut in_stanza = false;
-    let flush = |row: &mut PackageRow, summary: &mut IndexSummary| {
-        if !row.cpv.is_empty() {
-            summary.packages.push(std::mem::take(row));
-        } else {
-            *row = PackageRow::default();
-        }
-    };
-    for line in text.lines() {
-        if line.trim().is_empty() {
-            if in_stanza {
-                if header {
-                    header = false;
-                } else {
-                    flush(&mut row, &mut summary);
-                }
-            }
-            in_stanza = false;
-            continue;
-        }
-        in_stanza = true;
-        let Some((k, v)) = line.split_once(':') else { continue };
-        let v = v.trim();
-        if header {
-            match k {
-                "TIMESTAMP" => summary.timestamp = v.parse().ok(),
-                "PACKAGES" => summary.header_count = v.parse().ok(),
-                _ => {}
-            }
-        } else {
-            match k {
-                "CPV" => row.cpv = v.to_string(),
-                "BUILD_ID" => row.build_id = v.to_string(),
-                "SIZE" => row.size = v.parse().unwrap_or(0),
-                "BUILD_TIME" => row.build_time = v.parse().unwrap_or(0),
-                "PATH" => row.path = v.to_string(),
-                _ => {}
-            }
-        }
+/// The page's view of an index parsed by the binhost module's parser.
+pub fn summarize(index: &crate::binhost::Index) -> IndexSummary {
+    IndexSummary {
+        timestamp: index.timestamp(),
+        header_count: index.header("PACKAGES").and_then(|v| v.parse().ok()),
+        packages: index
+            .packages
+            .iter()
+            .map(|e| PackageRow {
+                cpv: e.cpv().to_string(),
+                build_id: e.build_id().map(|b| b.to_string()).unwrap_or_default(),
+                size: e.size().unwrap_or(0),
+                build_time: e.get("BUILD_TIME").and_then(|v| v.parse().ok()).unwrap_or(0),
+                path: e.effective_path(),
+            })
+            .collect(),
     }
-    if in_stanza && !header {
-        flush(&mut row, &mut summary);
-    }
-    summary
 }
 
-/// Reads `<dir>/Packages` through an open descriptor (so a concurrent rename cannot tear it).
-pub fn load_index(file: std::fs::File) -> IndexSummary {
-    let mut text = String::new();
-    let _ = std::io::BufReader::new(file).read_to_string(&mut text);
-    read_index(&text)
+/// Reads `<target>/Packages` through an open descriptor (so a concurrent rename cannot tear
+/// it); `None` when it does not parse.
+pub fn load_index(file: std::fs::File) -> Option<IndexSummary> {
+    let mut bytes = Vec::new();
+    std::io::BufReader::new(file).read_to_end(&mut bytes).ok()?;
+    crate::binhost::Index::parse(&bytes).ok().map(|i| summarize(&i))
 }
 
 /// Splits `cat/name-1.2.3-r1` into (`cat/name`, `1.2.3-r1`) by Portage's rule: the version starts
@@ -219,7 +185,7 @@ pub fn target_page(target: &str, summary: Option<&IndexSummary>, conf: &str, bas
         b,
         "<pre><code>wget -O /etc/portage/binrepos.conf/dbh-{t}.conf {}/binrepos.conf\n\n# it contains:\n{}</code></pre>",
         escape(&url),
-        escape(conf)
+        escape(&conf.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n"))
     );
     let fpr = fingerprint.unwrap_or("FINGERPRINT");
     let _ = writeln!(
@@ -237,9 +203,22 @@ chmod -R go+rX /etc/portage/gnupg   # Portage verifies as the unprivileged user<
     page(&format!("dbh binhost {target}"), &b)
 }
 
-/// The generated `binrepos.conf` for one target.
-pub fn binrepos_conf(target: &str, base: &str, priority: i64) -> String {
-    format!("[dbh-{target}]\nsync-uri = {base}/{target}/\npriority = {priority}\nverify-signature = true\n")
+/// The generated `binrepos.conf` for one target: `dbh binhost conf`'s stanza (with the key
+/// import steps as comments) when the public key is published. Without a key it still says
+/// `verify-signature = true`: a binhost is meant to be signed, and a client must not silently
+/// stop verifying because the server's key file is missing.
+pub fn binrepos_conf(target: &str, base: &str, priority: i64, fingerprint: Option<&str>) -> String {
+    if let Some(fpr) = fingerprint {
+        let input = crate::binhost::conf::ConfInput { target, url: base, priority, fingerprint: Some(fpr) };
+        if let Ok(text) = crate::binhost::conf::render(&input) {
+            return text;
+        }
+    }
+    format!(
+        "# dbh binhost for target `{target}`: save as /etc/portage/binrepos.conf/dbh-{target}.conf\n\
+         # The server has no public signing key yet ({base}/{target}/key.asc is missing).\n\
+         [dbh-{target}]\nsync-uri = {base}/{target}/\npriority = {priority}\nverify-signature = true\n"
+    )
 }
 
 #[cfg(test)]
@@ -248,9 +227,11 @@ mod tests {
 
     #[test]
     fn reads_stanzas() {
-        let s = read_index(
-            "PACKAGES: 2\nTIMESTAMP: 17\nVERSION: 0\n\nBUILD_ID: 1\nCPV: a/b-1.0\nPATH: a/b/b-1.0-1.gpkg.tar\nSIZE: 20480\n\nCPV: a/c-2_rc1-r3\nSIZE: 5\n\n",
-        );
+        let index = crate::binhost::Index::parse(
+            b"PACKAGES: 2\nTIMESTAMP: 17\nVERSION: 0\n\nBUILD_ID: 1\nCPV: a/b-1.0\nPATH: a/b/b-1.0-1.gpkg.tar\nSIZE: 20480\n\nCPV: a/c-2_rc1-r3\nSIZE: 5\n\n",
+        )
+        .unwrap();
+        let s = summarize(&index);
         assert_eq!(s.timestamp, Some(17));
         assert_eq!(s.header_count, Some(2));
         assert_eq!(s.packages.len(), 2);
@@ -262,10 +243,11 @@ mod tests {
 
     #[test]
     fn conf_and_escaping() {
-        assert_eq!(
-            binrepos_conf("arm64", "http://h:8080", 10),
-            "[dbh-arm64]\nsync-uri = http://h:8080/arm64/\npriority = 10\nverify-signature = true\n"
-        );
+        let conf = binrepos_conf("arm64", "http://h:8080", 10, None);
+        assert!(conf.ends_with("[dbh-arm64]\nsync-uri = http://h:8080/arm64/\npriority = 10\nverify-signature = true\n"), "{conf}");
+        let fpr = "0123456789ABCDEF0123456789ABCDEF01234567";
+        let conf = binrepos_conf("arm64", "http://h:8080", 10, Some(fpr));
+        assert!(conf.contains(fpr) && conf.ends_with("verify-signature = true\n"), "{conf}");
         assert!(target_page("<x>", None, "", "http://h", None).contains("&lt;x&gt;"));
     }
 }

@@ -20,9 +20,13 @@ pub struct Serve {
 }
 
 impl Serve {
-    pub fn start(home: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Serve {
+    /// `dir: None` serves the default, `$DBH_HOME/binhost`.
+    pub fn start(home: &Path, dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Serve {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dbh"));
-        cmd.arg("--home").arg(home).arg("serve").arg("--dir").arg(dir);
+        cmd.arg("--home").arg(home).arg("serve");
+        if let Some(dir) = dir {
+            cmd.arg("--dir").arg(dir);
+        }
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -298,7 +302,7 @@ impl Tree {
         self.base.path().join("home")
     }
     pub fn serve(&self, args: &[&str], env: &[(&str, &str)]) -> Serve {
-        Serve::start(&self.home(), &self.dir(), args, env)
+        Serve::start(&self.home(), Some(&self.dir()), args, env)
     }
 }
 
@@ -488,15 +492,15 @@ fn conditional_requests_head_405_pages_conf_and_key() {
 
     // binrepos.conf from the Host header, and from --public-url in a second server.
     let conf = c.get(srv.url("/amd64/binrepos.conf")).send().unwrap().text().unwrap();
-    assert_eq!(
-        conf,
-        format!("[dbh-amd64]\nsync-uri = http://{}/amd64/\npriority = 10\nverify-signature = true\n", srv.addr)
+    assert!(
+        conf.ends_with(&format!("\n[dbh-amd64]\nsync-uri = http://{}/amd64/\npriority = 10\nverify-signature = true\n", srv.addr)),
+        "{conf}"
     );
     let r = raw(&srv.addr, b"GET /amd64/binrepos.conf HTTP/1.1\r\nHost: a b\"<x>\r\nConnection: close\r\n\r\n");
     assert_eq!(r.status, 400);
     let other = tree.serve(&["--public-url", "https://bin.example.org/dbh/"], &[("DBH_BINHOST_PRIORITY", "3")]);
     let conf = c.get(other.url("/arm64/binrepos.conf")).send().unwrap().text().unwrap();
-    assert_eq!(conf, "[dbh-arm64]\nsync-uri = https://bin.example.org/dbh/arm64/\npriority = 3\nverify-signature = true\n");
+    assert!(conf.ends_with("\n[dbh-arm64]\nsync-uri = https://bin.example.org/dbh/arm64/\npriority = 3\nverify-signature = true\n"), "{conf}");
     assert_eq!(c.get(other.url("/nope/binrepos.conf")).send().unwrap().status(), 404);
 
     // key.asc: 404 with a clear body until the key exists, then the file.
@@ -764,7 +768,7 @@ fn pages_render_in_headless_chromium() {
     text.push_str("BUILD_ID: 2\nBUILD_TIME: 1795533595\nCPV: dbh-test/hello-1.0\nPATH: dbh-test/hello/hello-1.0-2.gpkg.tar\nSIZE: 3145728\n\n");
     replace_file(&t.join("Packages"), text.as_bytes(), TS);
     let srv = tree.serve(&[], &[]);
-    let out = output_dir("serve");
+    let out = crate::portage::output_dir("serve");
     let chromium = ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
         .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
@@ -794,122 +798,35 @@ fn pages_render_in_headless_chromium() {
     }
 }
 
-fn output_dir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-output").join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
-/// A Portage config root per shared/lab/portage.md: `PORTAGE_OVERRIDE_EPREFIX`, a `gtar` shim,
-/// no sandbox, root as the portage user. (A private copy of the recipe so this module stands
-/// alone; tests/it/portage.rs, when it lands, is the shared one.)
-struct Prefix {
-    root: PathBuf,
-    venv: PathBuf,
-    shim: PathBuf,
-}
-
-impl Prefix {
-    fn new(root: &Path) -> Prefix {
-        let venv = std::env::var_os("DBH_TEST_PORTAGE_VENV")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/dbh-tests/venv-host"));
-        assert!(
-            venv.join("bin/emerge").exists(),
-            "real Portage is needed at {} (python3 -m venv it && it/bin/pip install portage==3.0.83), or set DBH_TEST_PORTAGE_VENV",
-            venv.display()
-        );
-        let venv = venv.canonicalize().unwrap();
-        let shim = root.join("shim");
-        for d in ["etc/portage/repos.conf", "etc/portage/binrepos.conf", "share/portage/config", "var/tmp", "var/cache/binpkgs", "var/cache/distfiles", "var/db/pkg", "var/log/portage", "home", "shim"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        std::os::unix::fs::symlink("/bin/tar", shim.join("gtar")).unwrap();
-        for f in ["make.globals", "sets", "binrepos.conf"] {
-            std::os::unix::fs::symlink(venv.join("share/portage/config").join(f), root.join("share/portage/config").join(f)).unwrap();
-        }
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo");
-        std::os::unix::fs::symlink(repo.join("profiles/dbh/amd64"), root.join("etc/portage/make.profile")).unwrap();
-        std::fs::write(
-            root.join("etc/portage/repos.conf/dbh.conf"),
-            format!("[DEFAULT]\nmain-repo = dbh-test\n\n[dbh-test]\nlocation = {}\nauto-sync = no\n", repo.display()),
-        )
-        .unwrap();
-        std::fs::write(
-            root.join("etc/portage/make.conf"),
-            r#"PKGDIR="${EPREFIX}/var/cache/binpkgs"
-DISTDIR="${EPREFIX}/var/cache/distfiles"
-PORTAGE_TMPDIR="${EPREFIX}/var/tmp"
-PORTAGE_LOGDIR="${EPREFIX}/var/log/portage"
-BINPKG_GPG_VERIFY_GPG_HOME="${EPREFIX}/etc/portage/gnupg"
-ACCEPT_LICENSE="*"
-CFLAGS="-O2 -pipe"
-PORTAGE_USERNAME="root"
-PORTAGE_GRPNAME="root"
-PORTAGE_INST_UID="0"
-PORTAGE_INST_GID="0"
-FEATURES="-sandbox -usersandbox -userpriv -userfetch -usersync -ipc-sandbox -network-sandbox -pid-sandbox -mount-sandbox"
-CLEAN_DELAY="0"
-EMERGE_WARNING_DELAY="0"
-BINPKG_FORMAT="gpkg"
-"#,
-        )
-        .unwrap();
-        Prefix { root: root.to_owned(), venv, shim }
-    }
-
-    fn emerge(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new(self.venv.join("bin/emerge"))
-            .args(args)
-            .env_clear()
-            .env("HOME", self.root.join("home"))
-            .env("TERM", "dumb")
-            .env("LC_ALL", "C.UTF-8")
-            .env("PATH", format!("{}:{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", self.shim.display(), self.venv.join("bin").display()))
-            .env("PORTAGE_OVERRIDE_EPREFIX", &self.root)
-            .env("PORTAGE_CONFIGROOT", &self.root)
-            .env("NOCOLOR", "true")
-            .output()
-            .expect("run emerge");
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-    }
-}
-
-/// Real Portage installs from `dbh serve` with the binrepos.conf the server hands out, and its
-/// second run revalidates the index with If-Modified-Since and gets 304.
-///
-/// Unsigned for now: `dbh key generate` / `dbh binhost add` had not landed, so the binhost holds
-/// Portage's own unsigned GPKG and the client's copy of the served binrepos.conf is switched to
-/// `verify-signature = false`; everything else is exactly what the server serves.
+/// Real Portage installs from `dbh serve` with signature verification on: the key and packages
+/// come from `dbh key generate` + `dbh binhost add` into `$DBH_HOME/binhost` (served by default,
+/// no --dir), the client takes binrepos.conf and key.asc from the server itself, and its second
+/// run revalidates the index with If-Modified-Since and gets 304.
 #[test]
-fn real_portage_installs_from_dbh_serve() {
-    let tree = Tree::new();
-    let out = output_dir("serve-portage");
-    let work = tempfile::Builder::new().prefix("dbh-serve-portage-").tempdir().unwrap();
-    let bld = Prefix::new(&work.path().join("bld"));
-    let (ok, log) = bld.emerge(&["--oneshot", "--buildpkg", "--quiet-build=y", "dbh-test/hello"]);
-    std::fs::write(out.join("build.log"), &log).unwrap();
-    assert!(ok, "emerge --buildpkg failed:\n{log}");
-    let target = tree.dir().join("amd64");
-    std::fs::remove_dir_all(&target).unwrap();
-    let st = Command::new("cp").arg("-a").arg(bld.root.join("var/cache/binpkgs")).arg(&target).status().unwrap();
-    assert!(st.success());
-    assert!(target.join("dbh-test/hello/hello-1.0-1.gpkg.tar").is_file());
+fn real_portage_installs_signed_packages_from_dbh_serve() {
+    use crate::portage::{Prefix, PrefixOptions};
+    let (home, fpr) = crate::publish::published_home();
+    let out = crate::portage::output_dir("serve-portage");
+    let srv = Serve::start(home.path(), None, &[], &[]);
+    let c = client();
+    let conf = c.get(srv.url("/amd64/binrepos.conf")).send().unwrap().text().unwrap();
+    assert!(conf.contains(&format!("[dbh-amd64]\nsync-uri = http://{}/amd64/\n", srv.addr)), "{conf}");
+    assert!(conf.contains("verify-signature = true\n") && conf.contains(&fpr), "{conf}");
+    let key = c.get(srv.url("/amd64/key.asc")).send().unwrap();
+    assert_eq!(key.status(), 200);
+    let key = key.bytes().unwrap();
+    assert_eq!(key.as_ref(), std::fs::read(home.path().join("keys/public.asc")).unwrap().as_slice());
+    let page = c.get(srv.url("/amd64/")).send().unwrap().text().unwrap();
+    assert!(page.contains(&fpr) && page.contains("dbh-test/greeter"), "{page}");
 
-    let srv = tree.serve(&[], &[]);
-    let conf = client().get(srv.url("/amd64/binrepos.conf")).send().unwrap().text().unwrap();
-    assert!(conf.contains("verify-signature = true\n"), "{conf}");
-    let cl = Prefix::new(&work.path().join("cl"));
-    std::fs::write(
-        cl.root.join("etc/portage/binrepos.conf/dbh-amd64.conf"),
-        conf.replace("verify-signature = true", "verify-signature = false"),
-    )
-    .unwrap();
-
-    let (ok, log) = cl.emerge(&["--oneshot", "--getbinpkgonly", "dbh-test/hello"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let cl = Prefix::new(&tmp.path().join("cl"), PrefixOptions::default());
+    cl.add_binrepo("dbh-amd64", &conf);
+    cl.trust_key(&key, &fpr);
+    let log = cl.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
     std::fs::write(out.join("client-1.log"), &log).unwrap();
-    assert!(ok, "emerge --getbinpkgonly from dbh serve failed:\n{log}\nserver:\n{}", srv.log());
+    assert!(!log.contains("verification failed"), "{log}");
     let hello = Command::new(cl.root.join("usr/bin/hello")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&hello.stdout), "hello from dbh-test\n");
     let access = srv.log();
@@ -917,11 +834,10 @@ fn real_portage_installs_from_dbh_serve() {
     assert!(access.contains(" GET /amd64/dbh-test/hello/hello-1.0-1.gpkg.tar 200 "), "{access}");
 
     let before = srv.log().len();
-    let (ok, log) = cl.emerge(&["--oneshot", "--getbinpkgonly", "--noreplace", "dbh-test/hello"]);
+    let log = cl.ok("emerge", &["--getbinpkgonly", "--noreplace", "dbh-test/greeter"], &[]);
     std::fs::write(out.join("client-2.log"), &log).unwrap();
-    assert!(ok, "second emerge failed:\n{log}");
-    let second = srv.log()[before..].to_string();
     std::fs::write(out.join("access.log"), srv.log()).unwrap();
+    let second = srv.log()[before..].to_string();
     assert!(second.contains(" GET /amd64/Packages.gz 304 0 "), "second run did not revalidate with 304:\n{second}");
     assert!(log.contains("Local copy of remote index is up-to-date"), "{log}");
 }
