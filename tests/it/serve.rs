@@ -767,7 +767,10 @@ fn pages_render_in_headless_chromium() {
     text.push_str("BUILD_ID: 1\nBUILD_TIME: 1795533590\nCPV: dbh-test/hello-1.0\nPATH: dbh-test/hello/hello-1.0-1.gpkg.tar\nSIZE: 50000\n\n");
     text.push_str("BUILD_ID: 2\nBUILD_TIME: 1795533595\nCPV: dbh-test/hello-1.0\nPATH: dbh-test/hello/hello-1.0-2.gpkg.tar\nSIZE: 3145728\n\n");
     replace_file(&t.join("Packages"), text.as_bytes(), TS);
+    crate::publish::dbh_ok(&tree.home(), &["key", "generate", "--uid", "dbh test binhost <test@dbh.invalid>"]);
+    let fpr = crate::publish::fingerprint(&tree.home());
     let srv = tree.serve(&[], &[]);
+    assert!(get(&srv.addr, "/amd64/").body.windows(fpr.len()).any(|w| w == fpr.as_bytes()), "the page names the key");
     let out = crate::portage::output_dir("serve");
     let chromium = ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
