@@ -331,6 +331,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, mu
                 let started = Instant::now();
                 let o = simple(&stream, 431, false, "request head too large\n", limits).await;
                 log_access(peer, "-", "-", &o, started);
+                linger_close(stream).await;
                 return;
             }
             if *stop.borrow() && buf.is_empty() {
@@ -369,6 +370,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, mu
                 };
                 let o = simple(&stream, status, false, &format!("{msg}\n"), limits).await;
                 log_access(peer, "-", "-", &o, started);
+                linger_close(stream).await;
                 return;
             }
         };
@@ -384,8 +386,29 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, mu
             outcome.status = 499;
         }
         log_access(peer, &req.method_text, &req.target, &outcome, started);
+        if req.has_body && outcome.status != 499 {
+            linger_close(stream).await;
+            return;
+        }
         if !outcome.keep_alive || *stop.borrow() {
             return;
+        }
+    }
+}
+
+/// Closes a connection whose client may still be sending (an oversized head, a body we do not
+/// read): closing with unread input makes the kernel send RST, which can destroy the error
+/// response before the client reads it. So: FIN first, then discard input briefly.
+async fn linger_close(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut left = 1usize << 20;
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => break,
         }
     }
 }

@@ -74,7 +74,6 @@ impl Serve {
     }
 
     /// Waits until the access log has a line containing `needle`.
-    #[allow(dead_code)]
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -530,7 +529,8 @@ fn conditional_requests_head_405_pages_conf_and_key() {
     assert_eq!(r.url().path(), "/amd64/", "redirected to the slash form");
 
     // Access log: one line per request with peer, method, path, status and bytes.
-    assert!(srv.log().contains(" GET /amd64/Packages.gz 304 0 "), "{}", srv.log());
+    assert!(srv.wait_log(" GET /amd64/Packages.gz 304 0 ", Duration::from_secs(5)), "{}", srv.log());
+    srv.wait_log("HEAD /amd64/dbh-test/hello/hello-1.0-2.gpkg.tar 200 0 ", Duration::from_secs(5));
     let line = srv.log().lines().find(|l| l.contains("HEAD /amd64/dbh-test/hello/hello-1.0-2.gpkg.tar 200 0 ")).map(str::to_owned);
     assert!(line.as_deref().is_some_and(|l| l.contains("127.0.0.1:")), "{}", srv.log());
 }
@@ -639,7 +639,8 @@ fn slow_clients_are_dropped_while_others_are_served() {
     }
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(8), "dropped after {waited:?}");
-    assert!(srv.log().contains(" - - 408 "), "{}", srv.log());
+    // The log arrives through a pipe: give the reader thread a moment.
+    assert!(srv.wait_log(" - - 408 ", Duration::from_secs(5)), "{}", srv.log());
     // Still serving.
     assert_eq!(get(&srv.addr, "/amd64/Packages").status, 200);
 }
@@ -797,7 +798,7 @@ fn pages_render_in_headless_chromium() {
             .unwrap();
         let png = std::fs::read(&shot).unwrap_or_else(|_| panic!("no screenshot {}: {}", shot.display(), String::from_utf8_lossy(&o.stderr)));
         assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} looks empty ({} bytes)", shot.display(), png.len());
-        assert!(srv.log().contains(&format!("GET {path} 200 ")), "Chromium never fetched {path}:\n{}", srv.log());
+        assert!(srv.wait_log(&format!("GET {path} 200 "), Duration::from_secs(5)), "Chromium never fetched {path}:\n{}", srv.log());
     }
 }
 
@@ -832,6 +833,7 @@ fn real_portage_installs_signed_packages_from_dbh_serve() {
     assert!(!log.contains("verification failed"), "{log}");
     let hello = Command::new(cl.root.join("usr/bin/hello")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&hello.stdout), "hello from dbh-test\n");
+    srv.wait_log(" GET /amd64/dbh-test/greeter/greeter-1.0-1.gpkg.tar 200 ", Duration::from_secs(5));
     let access = srv.log();
     assert!(access.contains(" GET /amd64/Packages.gz 200 "), "{access}");
     assert!(access.contains(" GET /amd64/dbh-test/hello/hello-1.0-1.gpkg.tar 200 "), "{access}");
@@ -839,8 +841,39 @@ fn real_portage_installs_signed_packages_from_dbh_serve() {
     let before = srv.log().len();
     let log = cl.ok("emerge", &["--getbinpkgonly", "--noreplace", "dbh-test/greeter"], &[]);
     std::fs::write(out.join("client-2.log"), &log).unwrap();
+    srv.wait_log(" GET /amd64/Packages.gz 304 0 ", Duration::from_secs(5));
     std::fs::write(out.join("access.log"), srv.log()).unwrap();
     let second = srv.log()[before..].to_string();
     assert!(second.contains(" GET /amd64/Packages.gz 304 0 "), "second run did not revalidate with 304:\n{second}");
     assert!(log.contains("Local copy of remote index is up-to-date"), "{log}");
+}
+
+#[test]
+fn header_size_and_connection_caps() {
+    let tree = Tree::new();
+    let srv = tree.serve(&[], &[("DBH_SERVE_MAX_CONNECTIONS", "2")]);
+    // A head over 16 KiB: 431, connection closed.
+    let big = format!("GET /amd64/Packages HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n", "a".repeat(20_000));
+    let mut s = TcpStream::connect(&srv.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(big.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(out.starts_with(b"HTTP/1.1 431 "), "{}", String::from_utf8_lossy(&out[..out.len().min(200)]));
+
+    // Two connections hold both slots; a third waits in the backlog until one is released.
+    let a = TcpStream::connect(&srv.addr).unwrap();
+    let b = TcpStream::connect(&srv.addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut c = TcpStream::connect(&srv.addr).unwrap();
+    c.write_all(format!("GET /amd64/Packages HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", srv.addr).as_bytes()).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(c.read(&mut buf).is_err(), "a third connection was served while two held the cap of 2");
+    drop(a);
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).unwrap();
+    assert_eq!(parse_responses(&out).remove(0).status, 200);
+    drop(b);
 }
