@@ -20,7 +20,11 @@ pub fn init_tracing(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("dbh={level},warn")));
+        .unwrap_or_else(|_| {
+            // `dbh serve`'s access log (one line per request) shows unless -q.
+            let access = if quiet { "" } else { ",dbh::access=info" };
+            tracing_subscriber::EnvFilter::new(format!("dbh={level}{access},warn"))
+        });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -5,7 +5,8 @@
 mod binhost;
 mod binpkg;
 mod cli;
+mod image;
 mod portage;
 mod publish;
-mod image;
+mod serve;
 mod vm;

@@ -1,0 +1,506 @@
+//! The HTTP/1.1 wire format the server needs, and no more: request heads (GET/HEAD, no bodies),
+//! `Range` and conditional headers, request-target decoding that refuses anything that could
+//! leave the binhost root, and response heads. Kept free of IO so it is unit-tested directly.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Why a request head cannot be served; each maps to one status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadError {
+    /// Malformed request line or header.
+    Bad(&'static str),
+    /// Head larger than the cap.
+    TooLarge,
+    /// Not HTTP/1.0 or HTTP/1.1.
+    Version,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Other,
+}
+
+/// The parts of a request head the server acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: Method,
+    pub method_text: String,
+    /// The raw request target, for the access log.
+    pub target: String,
+    pub http11: bool,
+    pub keep_alive: bool,
+    pub host: Option<String>,
+    pub range: Option<String>,
+    pub if_range: Option<String>,
+    pub if_modified_since: Option<String>,
+    pub if_none_match: Option<String>,
+    /// The request announces a body (Content-Length > 0 or Transfer-Encoding); GET/HEAD never
+    /// need one, so such a connection is answered and closed instead of reading the body.
+    pub has_body: bool,
+}
+
+/// Finds the end of a head (`\r\n\r\n`, or a bare `\n\n` from lenient clients); returns the
+/// length of the head including the terminator.
+pub fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if buf.get(i + 1) == Some(&b'\n') {
+                return Some(i + 2);
+            }
+            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Parses a complete head (as delimited by [`head_end`]).
+pub fn parse_head(head: &[u8]) -> Result<Request, HeadError> {
+    let text = std::str::from_utf8(head).map_err(|_| HeadError::Bad("request head is not UTF-8"))?;
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let line = lines.next().ok_or(HeadError::Bad("empty request"))?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(HeadError::Bad("malformed request line"));
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
+        return Err(HeadError::Bad("malformed method"));
+    }
+    let http11 = match version {
+        "HTTP/1.1" => true,
+        "HTTP/1.0" => false,
+        v if v.starts_with("HTTP/") => return Err(HeadError::Version),
+        _ => return Err(HeadError::Bad("malformed request line")),
+    };
+    let mut req = Request {
+        method: match method {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            _ => Method::Other,
+        },
+        method_text: method.to_string(),
+        target: target.to_string(),
+        http11,
+        keep_alive: http11,
+        host: None,
+        range: None,
+        if_range: None,
+        if_modified_since: None,
+        if_none_match: None,
+        has_body: false,
+    };
+    let mut connection_close = false;
+    let mut connection_keep_alive = false;
+    for line in lines {
+        if line.is_empty() {
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            return Err(HeadError::Bad("obsolete header folding"));
+        }
+        let (name, value) = line.split_once(':').ok_or(HeadError::Bad("header without colon"))?;
+        if name.is_empty() || name.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
+            return Err(HeadError::Bad("malformed header name"));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        let set = |slot: &mut Option<String>| -> Result<(), HeadError> {
+            if slot.is_some() {
+                return Err(HeadError::Bad("repeated header"));
+            }
+            *slot = Some(value.to_string());
+            Ok(())
+        };
+        if name.eq_ignore_ascii_case("host") {
+            set(&mut req.host)?;
+        } else if name.eq_ignore_ascii_case("range") {
+            set(&mut req.range)?;
+        } else if name.eq_ignore_ascii_case("if-range") {
+            set(&mut req.if_range)?;
+        } else if name.eq_ignore_ascii_case("if-modified-since") {
+            set(&mut req.if_modified_since)?;
+        } else if name.eq_ignore_ascii_case("if-none-match") {
+            // Several If-None-Match lines form one list.
+            req.if_none_match = Some(match req.if_none_match.take() {
+                Some(prev) => format!("{prev}, {value}"),
+                None => value.to_string(),
+            });
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                connection_close |= token.eq_ignore_ascii_case("close");
+                connection_keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let n: u64 = value.parse().map_err(|_| HeadError::Bad("malformed Content-Length"))?;
+            req.has_body |= n > 0;
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            req.has_body = true;
+        }
+    }
+    if http11 && req.host.is_none() {
+        return Err(HeadError::Bad("HTTP/1.1 request without Host"));
+    }
+    req.keep_alive = if http11 { !connection_close } else { connection_keep_alive && !connection_close };
+    Ok(req)
+}
+
+/// Why a request target is refused: `BadRequest` for targets no honest client sends (encoded
+/// slashes, NUL, backslashes, `..`), `NotFound` for hidden names (dotfiles, partial files).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    BadRequest,
+    NotFound,
+}
+
+/// Decodes an origin-form request target into path segments, refusing everything that could
+/// name a file outside the served directory or a file that is being written.
+///
+/// Refused: targets not starting with `/`, `%2f`/`%5c` (encoded separators), NUL and other
+/// control bytes (raw or encoded), backslashes, `.` and `..` segments (raw or encoded), empty
+/// segments (`//`), non-UTF-8. Hidden (404): segments starting with `.`, names ending `.partial`
+/// or `.tmp`. The query string is ignored. A trailing `/` yields a final empty segment so that
+/// `/t/` and `/t` can be told apart.
+pub fn decode_target(target: &str) -> Result<Vec<String>, PathError> {
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let rest = path.strip_prefix('/').ok_or(PathError::BadRequest)?;
+    if rest.is_empty() {
+        return Ok(Vec::new());
+    }
+    let raw: Vec<&str> = rest.split('/').collect();
+    let mut out = Vec::with_capacity(raw.len());
+    let last = raw.len() - 1;
+    for (i, seg) in raw.iter().enumerate() {
+        let decoded = percent_decode(seg)?;
+        if decoded.is_empty() {
+            if i == last {
+                out.push(String::new());
+                continue;
+            }
+            return Err(PathError::BadRequest);
+        }
+        if decoded == "." || decoded == ".." {
+            return Err(PathError::BadRequest);
+        }
+        if decoded.starts_with('.') || decoded.ends_with(".partial") || decoded.ends_with(".tmp") {
+            return Err(PathError::NotFound);
+        }
+        out.push(decoded);
+    }
+    Ok(out)
+}
+
+fn percent_decode(seg: &str) -> Result<String, PathError> {
+    let bytes = seg.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        let b = if b == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadRequest)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| PathError::BadRequest)?;
+            let v = u8::from_str_radix(hex, 16).map_err(|_| PathError::BadRequest)?;
+            i += 3;
+            if v == b'/' {
+                return Err(PathError::BadRequest);
+            }
+            v
+        } else {
+            i += 1;
+            b
+        };
+        if b == b'\\' || b < 0x20 || b == 0x7f {
+            return Err(PathError::BadRequest);
+        }
+        out.push(b);
+    }
+    String::from_utf8(out).map_err(|_| PathError::BadRequest)
+}
+
+/// One satisfiable byte range, end exclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl ByteRange {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+/// The outcome of a `Range` header against a representation of `size` bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ranges {
+    /// No usable Range header (absent, malformed, not bytes, too many parts): send everything.
+    Full,
+    /// At least one part is satisfiable; the unsatisfiable ones are dropped (RFC 9110 §14.2).
+    Partial(Vec<ByteRange>),
+    /// Syntactically valid, but no part overlaps the representation: 416.
+    Unsatisfiable,
+}
+
+/// More parts than this and the header is ignored (a full 200 is always a correct answer), which
+/// keeps a hostile `bytes=0-0,0-0,…` from amplifying a small file into a huge response.
+pub const MAX_RANGES: usize = 64;
+
+pub fn parse_ranges(header: &str, size: u64) -> Ranges {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return Ranges::Full;
+    };
+    let mut out = Vec::new();
+    let mut parts = 0;
+    for part in spec.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            continue;
+        }
+        parts += 1;
+        if parts > MAX_RANGES {
+            return Ranges::Full;
+        }
+        let Some((a, b)) = part.split_once('-') else {
+            return Ranges::Full;
+        };
+        let num = |s: &str| -> Option<u64> {
+            if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+                None
+            } else {
+                s.parse().ok()
+            }
+        };
+        let range = if a.is_empty() {
+            // Suffix: the last N bytes.
+            let Some(n) = num(b) else { return Ranges::Full };
+            if n == 0 || size == 0 {
+                continue;
+            }
+            ByteRange { start: size.saturating_sub(n), end: size }
+        } else {
+            let Some(start) = num(a) else { return Ranges::Full };
+            let end = if b.is_empty() {
+                size
+            } else {
+                let Some(last) = num(b) else { return Ranges::Full };
+                if last < start {
+                    return Ranges::Full;
+                }
+                last.saturating_add(1).min(size)
+            };
+            if start >= size {
+                continue;
+            }
+            ByteRange { start, end }
+        };
+        out.push(range);
+    }
+    if parts == 0 {
+        return Ranges::Full;
+    }
+    if out.is_empty() {
+        return Ranges::Unsatisfiable;
+    }
+    // Overlapping parts that add up to more than the file would let a client amplify one file
+    // into many copies; the whole file (200) is a correct and cheaper answer.
+    if out.len() > 1 && out.iter().map(ByteRange::len).sum::<u64>() > size {
+        return Ranges::Full;
+    }
+    Ranges::Partial(out)
+}
+
+/// `If-None-Match` against a strong ETag (weak comparison, as RFC 9110 §13.1.2 prescribes).
+pub fn none_match(header: &str, etag: &str) -> bool {
+    let header = header.trim();
+    if header == "*" {
+        return true;
+    }
+    let bare = etag.trim_start_matches("W/");
+    header.split(',').map(str::trim).any(|t| t.trim_start_matches("W/") == bare)
+}
+
+/// `If-Modified-Since`: true when the resource has not changed since the given date.
+/// Unparseable dates are ignored (the full response is sent), as RFC 9110 requires.
+pub fn not_modified_since(header: &str, last_modified: SystemTime) -> bool {
+    match httpdate::parse_http_date(header.trim()) {
+        Ok(since) => whole_seconds(last_modified) <= since,
+        Err(_) => false,
+    }
+}
+
+/// `If-Range`: the range applies only when the validator still matches. A strong ETag must match
+/// exactly; a date must equal Last-Modified.
+pub fn if_range_matches(header: &str, etag: &str, last_modified: SystemTime) -> bool {
+    let header = header.trim();
+    if header.starts_with('"') {
+        header == etag
+    } else {
+        httpdate::parse_http_date(header).is_ok_and(|d| d == whole_seconds(last_modified))
+    }
+}
+
+pub fn whole_seconds(t: SystemTime) -> SystemTime {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+pub fn http_date(t: SystemTime) -> String {
+    httpdate::fmt_http_date(t)
+}
+
+/// The `Date` header value, formatted at most once per second per thread.
+pub fn now_date() -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static CACHE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_empty() {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        c.1.clone()
+    })
+}
+
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        416 => "Range Not Satisfiable",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+/// Builds a response head. `headers` are written as given; Date, Server, Connection and (unless
+/// `length` is None) Content-Length are added here.
+pub fn response_head(status: u16, keep_alive: bool, length: Option<u64>, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut s = String::with_capacity(256);
+    let _ = write!(s, "HTTP/1.1 {status} {}\r\nServer: dbh/{}\r\nDate: {}\r\n", reason(status), env!("CARGO_PKG_VERSION"), now_date());
+    for (k, v) in headers {
+        let _ = write!(s, "{k}: {v}\r\n");
+    }
+    if let Some(len) = length {
+        let _ = write!(s, "Content-Length: {len}\r\n");
+    }
+    s.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
+    s.into_bytes()
+}
+
+/// A `Host` header value safe to paste into a URL and a config file: host name, IPv4, or a
+/// bracketed IPv6 address, with an optional port.
+pub fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(start: u64, end: u64) -> ByteRange {
+        ByteRange { start, end }
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_ranges("bytes=0-9", 100), Ranges::Partial(vec![r(0, 10)]));
+        assert_eq!(parse_ranges("bytes=90-", 100), Ranges::Partial(vec![r(90, 100)]));
+        assert_eq!(parse_ranges("bytes=-10", 100), Ranges::Partial(vec![r(90, 100)]));
+        assert_eq!(parse_ranges("bytes=-1000", 100), Ranges::Partial(vec![r(0, 100)]));
+        assert_eq!(parse_ranges("bytes=95-200", 100), Ranges::Partial(vec![r(95, 100)]));
+        assert_eq!(parse_ranges("bytes=0-0, 5-9", 100), Ranges::Partial(vec![r(0, 1), r(5, 10)]));
+        assert_eq!(parse_ranges("bytes=100-", 100), Ranges::Unsatisfiable);
+        assert_eq!(parse_ranges("bytes=200-300,-0", 100), Ranges::Unsatisfiable);
+        assert_eq!(parse_ranges("bytes=200-300,0-1", 100), Ranges::Partial(vec![r(0, 2)]));
+        assert_eq!(parse_ranges("bytes=5-1", 100), Ranges::Full);
+        assert_eq!(parse_ranges("items=0-1", 100), Ranges::Full);
+        assert_eq!(parse_ranges("bytes=a-b", 100), Ranges::Full);
+        assert_eq!(parse_ranges("bytes=", 100), Ranges::Full);
+        let many = format!("bytes={}", vec!["0-0"; MAX_RANGES + 1].join(","));
+        assert_eq!(parse_ranges(&many, 100), Ranges::Full);
+        assert_eq!(parse_ranges("bytes=0-,0-", 100), Ranges::Full);
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(decode_target("/"), Ok(vec![]));
+        assert_eq!(decode_target("/amd64/"), Ok(vec!["amd64".into(), "".into()]));
+        assert_eq!(decode_target("/amd64/Packages?x=1"), Ok(vec!["amd64".into(), "Packages".into()]));
+        assert_eq!(decode_target("/a/b%2Dc"), Ok(vec!["a".into(), "b-c".into()]));
+        for bad in [
+            "amd64/Packages",
+            "/../etc/passwd",
+            "/a/%2e%2e/x",
+            "/a/%2E%2E/x",
+            "/a/.%2e/x",
+            "/a%2f..%2fx",
+            "/a/b%5cc",
+            "/a/b\\c",
+            "/a/b%00c",
+            "/a//b",
+            "/a/./b",
+            "/a/%",
+            "/a/%zz",
+            "/a/%ff",
+            "http://h/a",
+        ] {
+            assert_eq!(decode_target(bad), Err(PathError::BadRequest), "{bad}");
+        }
+        for hidden in ["/a/.Packages.x", "/a/Packages.partial", "/a/x.tmp", "/.git/config", "/a/%2eenv"] {
+            assert_eq!(decode_target(hidden), Err(PathError::NotFound), "{hidden}");
+        }
+    }
+
+    #[test]
+    fn heads() {
+        let h = b"GET /a HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1\r\nConnection: close\r\n\r\nGET";
+        let end = head_end(h).unwrap();
+        assert_eq!(&h[end..], b"GET");
+        let req = parse_head(&h[..end]).unwrap();
+        assert_eq!(req.method, Method::Get);
+        assert_eq!(req.range.as_deref(), Some("bytes=0-1"));
+        assert!(!req.keep_alive);
+        let req = parse_head(b"HEAD / HTTP/1.0\r\n\r\n").unwrap();
+        assert!(!req.keep_alive);
+        assert_eq!(parse_head(b"GET / HTTP/1.1\r\n\r\n"), Err(HeadError::Bad("HTTP/1.1 request without Host")));
+        assert_eq!(parse_head(b"GET / HTTP/2.0\r\n\r\n"), Err(HeadError::Version));
+        assert!(parse_head(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n").unwrap().has_body);
+    }
+
+    #[test]
+    fn conditionals() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_533_596_700);
+        let date = http_date(whole_seconds(t));
+        assert!(not_modified_since(&date, t));
+        assert!(!not_modified_since(&http_date(UNIX_EPOCH + Duration::from_secs(1_795_533_595)), t));
+        assert!(!not_modified_since("garbage", t));
+        assert!(none_match("\"x\", \"abc\"", "\"abc\""));
+        assert!(none_match("W/\"abc\"", "\"abc\""));
+        assert!(!none_match("\"abd\"", "\"abc\""));
+        assert!(if_range_matches("\"abc\"", "\"abc\"", t));
+        assert!(if_range_matches(&date, "\"abc\"", t));
+        assert!(!if_range_matches("W/\"abc\"", "\"abc\"", t));
+    }
+}
