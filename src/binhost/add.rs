@@ -107,6 +107,7 @@ pub fn add(
 
     // Rewrite and sign into temp files; nothing is visible yet.
     let tmpdir = TempDir::new(dir)?;
+    let verifier = signer.map(Signer::verifier);
     let mut temps = Vec::new();
     for (n, (input, _, id, rel)) in plan.iter().enumerate() {
         reporter.event(Event::Progress {
@@ -127,7 +128,8 @@ pub fn add(
         let reopened = fs_err::File::open(tmp.path())?;
         reopened.sync_all().map_err(|e| super::io_at(tmp.path(), "cannot fsync", e))?;
         drop(reopened);
-        binpkg::verify(tmp.path(), None)
+        // What we publish must verify, signatures included, before anyone can see it.
+        binpkg::verify(tmp.path(), verifier.as_ref())
             .map_err(|source| BinhostError::Package { path: tmp.path().to_owned(), source })?;
         temps.push(tmp);
     }

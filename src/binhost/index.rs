@@ -28,11 +28,20 @@ pub const ALLOWED_PKG_KEYS: &[&str] = &[
     "RESTRICT", "RESUMECOMMAND", "SHA1", "SIZE", "SLOT", "USE", "USER_PATCHES",
 ];
 
+/// `ALLOWED_PKG_KEYS.contains(key)`, as a `match` (indexes are big; this runs per key).
+pub fn is_allowed(key: &str) -> bool {
+    matches!(
+        key,
+        "BASE_URI" | "BDEPEND" | "BUILD_ID" | "BUILD_TIME" | "CHOST" | "CPV" | "DEFINED_PHASES" | "DEPEND"
+            | "DESC" | "EAPI" | "FETCHCOMMAND" | "IDEPEND" | "IUSE" | "KEYWORDS" | "LICENSE" | "MD5" | "MTIME"
+            | "PATH" | "PDEPEND" | "PKGINDEX_URI" | "PROPERTIES" | "PROVIDES" | "RDEPEND" | "REPO" | "REQUIRES"
+            | "RESTRICT" | "RESUMECOMMAND" | "SHA1" | "SIZE" | "SLOT" | "USE" | "USER_PATCHES"
+    )
+}
+
 /// Keys a package inherits from the header when absent (`_pkgindex_inherited_keys`).
 pub const INHERITED_KEYS: &[&str] = &["CHOST", "REPO"];
 
-/// Per-package defaults that are never written (`_pkgindex_default_pkg_data` minus the empty ones).
-const DEFAULT_PKG_DATA: &[(&str, &str)] = &[("EAPI", "0"), ("SLOT", "0")];
 
 /// The key Portage sorts by: its internal name for the three translated keys.
 pub fn sort_name(key: &str) -> &str {
@@ -100,7 +109,10 @@ impl Entry {
     }
     /// Drops keys Portage would drop on reading.
     pub fn retain_allowed(&mut self) {
-        self.fields.retain(|k, _| ALLOWED_PKG_KEYS.contains(&k.as_str()));
+        if self.fields.keys().all(|k| is_allowed(k)) {
+            return;
+        }
+        self.fields.retain(|k, _| is_allowed(k));
     }
 }
 
@@ -152,12 +164,12 @@ impl Index {
         // Every stanza is terminated by a blank line, so splitting off the final "\n" leaves
         // exactly the lines of the file.
         let mut stanzas: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
-        let mut current: Option<(usize, BTreeMap<String, String>)> = None;
+        let mut current: Option<(usize, Vec<(&str, &str, usize)>)> = None;
         for (i, line) in text[..text.len() - 1].split('\n').enumerate() {
             let n = i + 1;
             if line.is_empty() {
                 match current.take() {
-                    Some(stanza) => stanzas.push(stanza),
+                    Some((start, fields)) => stanzas.push((start, build_fields(fields)?)),
                     None => {
                         return Err(err(
                             n,
@@ -181,10 +193,8 @@ impl Index {
             if value.contains('\r') {
                 return Err(err(n, format!("the value of `{key}` contains a carriage return")));
             }
-            let (_, fields) = current.get_or_insert_with(|| (n, BTreeMap::new()));
-            if fields.insert(key.to_owned(), value.to_owned()).is_some() {
-                return Err(err(n, format!("`{key}` appears twice in the same stanza")));
-            }
+            let (_, fields) = current.get_or_insert_with(|| (n, Vec::with_capacity(24)));
+            fields.push((key, value, n));
         }
         debug_assert!(current.is_none(), "text ends with a blank line");
         let mut stanzas = stanzas.into_iter();
@@ -227,24 +237,30 @@ impl Index {
 
     /// Sorts packages by CPV (Portage's order), then BUILD_ID.
     pub fn sort(&mut self) {
-        self.packages.sort_by(|a, b| {
-            a.cpv().cmp(b.cpv()).then_with(|| a.build_id().cmp(&b.build_id()))
-        });
+        let mut keyed: Vec<(String, Option<u64>, Entry)> = std::mem::take(&mut self.packages)
+            .into_iter()
+            .map(|e| (e.cpv().to_owned(), e.build_id(), e))
+            .collect();
+        keyed.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        self.packages = keyed.into_iter().map(|(_, _, e)| e).collect();
     }
 
     /// Renders the index as Portage's `PackageIndex.write` does (packages sorted first).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(512 + self.packages.len() * 640);
         write_stanza(&mut out, self.header.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let mut order: Vec<&Entry> = self.packages.iter().collect();
-        order.sort_by(|a, b| a.cpv().cmp(b.cpv()).then_with(|| a.build_id().cmp(&b.build_id())));
-        for entry in order {
-            let fields = entry.fields.iter().filter(|(k, v)| {
-                let k = k.as_str();
-                if INHERITED_KEYS.contains(&k) && self.header(k) == Some(v.as_str()) {
-                    return false;
-                }
-                !DEFAULT_PKG_DATA.iter().any(|(dk, dv)| *dk == k && *dv == v.as_str())
+        let mut order: Vec<(&str, Option<u64>, &Entry)> =
+            self.packages.iter().map(|e| (e.cpv(), e.build_id(), e)).collect();
+        let (chost, repo) = (self.header("CHOST"), self.header("REPO"));
+        // Usually already sorted: then this is one linear pass.
+        order.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        for (_, _, entry) in order {
+            let fields = entry.fields.iter().filter(|(k, v)| match k.as_str() {
+                "CHOST" => chost != Some(v.as_str()),
+                "REPO" => repo != Some(v.as_str()),
+                // Portage's per-package defaults (`_pkgindex_default_pkg_data`), never written.
+                "EAPI" | "SLOT" => v.as_str() != "0",
+                _ => true,
             });
             write_stanza(&mut out, fields.map(|(k, v)| (k.as_str(), v.as_str())));
         }
@@ -252,16 +268,46 @@ impl Index {
     }
 }
 
+/// Writes one stanza, keys in Portage's order. Callers pass fields in key order (they come from
+/// a `BTreeMap`), which equals Portage's order except for the translated keys: those are moved
+/// to their place by their internal name.
 fn write_stanza<'a>(out: &mut String, fields: impl Iterator<Item = (&'a str, &'a str)>) {
-    let mut fields: Vec<(&str, &str)> = fields.filter(|(_, v)| !v.is_empty()).collect();
-    fields.sort_by(|a, b| sort_name(a.0).cmp(sort_name(b.0)));
+    let mut plain: Vec<(&str, &str)> = Vec::with_capacity(24);
+    let mut moved: Vec<(&str, &str)> = Vec::new();
     for (k, v) in fields {
+        if v.is_empty() {
+            continue;
+        }
+        if sort_name(k) == k {
+            plain.push((k, v));
+        } else {
+            moved.push((k, v));
+        }
+    }
+    debug_assert!(plain.windows(2).all(|w| w[0].0 < w[1].0), "fields come sorted");
+    moved.sort_by(|a, b| sort_name(a.0).cmp(sort_name(b.0)));
+    for (k, v) in moved {
+        let at = plain.partition_point(|(p, _)| sort_name(p) < sort_name(k));
+        plain.insert(at, (k, v));
+    }
+    for (k, v) in plain {
         out.push_str(k);
         out.push_str(": ");
         out.push_str(v);
         out.push('\n');
     }
     out.push('\n');
+}
+
+/// The fields of one stanza as a map; a key given twice is an error at its second line.
+fn build_fields(mut fields: Vec<(&str, &str, usize)>) -> Result<BTreeMap<String, String>, ParseError> {
+    // Stable and nearly sorted already (Portage writes keys in order): close to linear.
+    fields.sort_by(|a, b| a.0.cmp(b.0));
+    if let Some(w) = fields.windows(2).find(|w| w[0].0 == w[1].0) {
+        let line = w[0].2.max(w[1].2);
+        return Err(err(line, format!("`{}` appears twice in the same stanza", w[0].0)));
+    }
+    Ok(fields.into_iter().map(|(k, v, _)| (k.to_owned(), v.to_owned())).collect())
 }
 
 fn clip(s: &str) -> String {
@@ -391,6 +437,12 @@ REPO: dbh-lab
             assert_eq!(e.line, *line, "{input:?}: {e}");
             assert!(e.message.contains(what), "{input:?}: {e}");
         }
+    }
+
+    #[test]
+    fn is_allowed_matches_the_list() {
+        assert!(ALLOWED_PKG_KEYS.iter().all(|k| is_allowed(k)));
+        assert!(!is_allowed("REPO_REVISIONS") && !is_allowed("BLAKE2B") && !is_allowed(""));
     }
 
     #[test]

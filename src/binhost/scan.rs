@@ -458,9 +458,16 @@ fn commit(dir: &Path, old: &Index, had_index: bool, mut index: Index) -> Result<
     let old_ts = old.timestamp();
     if had_index && let Some(ts) = old_ts {
         index.header.insert("TIMESTAMP".into(), ts.to_string());
-        let mut allowed = old.clone();
-        allowed.packages.iter_mut().for_each(Entry::retain_allowed);
-        if index.render() == allowed.render() && files_match(dir, &old.render(), ts) {
+        let old_text = old.render();
+        let clean = old.packages.iter().all(|e| e.fields.keys().all(|k| super::index::is_allowed(k)));
+        let same = if clean {
+            index.render() == old_text
+        } else {
+            let mut allowed = old.clone();
+            allowed.packages.iter_mut().for_each(Entry::retain_allowed);
+            index.render() == allowed.render()
+        };
+        if same && files_match(dir, &old_text, ts) {
             return Ok(false);
         }
     }
