@@ -245,16 +245,21 @@ impl Index {
         self.packages = keyed.into_iter().map(|(_, _, e)| e).collect();
     }
 
+    /// Packages in index order: by CPV, then BUILD_ID.
+    pub fn packages_sorted(&self) -> Vec<&Entry> {
+        let mut order: Vec<(&str, Option<u64>, &Entry)> =
+            self.packages.iter().map(|e| (e.cpv(), e.build_id(), e)).collect();
+        // Usually already sorted: then this is one linear pass.
+        order.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        order.into_iter().map(|(_, _, e)| e).collect()
+    }
+
     /// Renders the index as Portage's `PackageIndex.write` does (packages sorted first).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(512 + self.packages.len() * 640);
         write_stanza(&mut out, self.header.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let mut order: Vec<(&str, Option<u64>, &Entry)> =
-            self.packages.iter().map(|e| (e.cpv(), e.build_id(), e)).collect();
         let (chost, repo) = (self.header("CHOST"), self.header("REPO"));
-        // Usually already sorted: then this is one linear pass.
-        order.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-        for (_, _, entry) in order {
+        for entry in self.packages_sorted() {
             let fields = entry.fields.iter().filter(|(k, v)| match k.as_str() {
                 "CHOST" => chost != Some(v.as_str()),
                 "REPO" => repo != Some(v.as_str()),
@@ -266,6 +271,92 @@ impl Index {
         }
         out
     }
+}
+
+/// Adds `new` entries to an index given as text, copying every other stanza byte for byte: the
+/// fast path of `add` on big binhosts (no per-entry maps). `header` is the complete new header.
+/// Returns `None` whenever the result could differ from parsing, editing and rendering the index
+/// (text not exactly as we render it, unsorted stanzas, keys Portage would drop, inherited
+/// CHOST/REPO changing); the caller then takes the slow path. Entries whose PATH equals a new
+/// entry's are replaced.
+pub fn splice(old: &str, header: &BTreeMap<String, String>, new: &[Entry]) -> Option<String> {
+    let mut count = 0usize;
+    let (old_header, body) = old.split_once("\n\n")?;
+    let parsed = Index::parse(format!("{old_header}\n\n").as_bytes()).ok()?;
+    for key in INHERITED_KEYS {
+        if parsed.header(key) != header.get(*key).map(String::as_str).filter(|v| !v.is_empty()) {
+            return None;
+        }
+    }
+    let new_index = Index { header: header.clone(), packages: new.to_vec() };
+    let rendered = new_index.render();
+    let (new_header, new_body) = rendered.split_once("\n\n")?;
+    let mut new_stanzas: Vec<(&str, Option<u64>, &str)> = Vec::new();
+    for (entry, text) in new_index.packages_sorted().into_iter().zip(new_body.split_terminator("\n\n")) {
+        new_stanzas.push((entry.cpv(), entry.build_id(), text));
+    }
+    let new_paths: Vec<&str> = new.iter().filter_map(Entry::path).collect();
+
+    let _ = new_header;
+    let mut out = String::with_capacity(old.len() + rendered.len());
+    let mut pending = new_stanzas.iter().peekable();
+    let mut last: Option<(&str, Option<u64>)> = None;
+    if !body.is_empty() && !body.ends_with("\n\n") && body != "\n" {
+        return None;
+    }
+    for stanza in body.split_terminator("\n\n") {
+        let (mut cpv, mut build_id, mut path) = (None, None, None);
+        let mut prev_key = "";
+        for line in stanza.split('\n') {
+            let (key, value) = line.split_once(": ")?;
+            if value.is_empty() || !is_allowed(key) || key == "EAPI" && value == "0" || key == "SLOT" && value == "0" {
+                return None;
+            }
+            // Keys must be in rendering order (which also rules out duplicates).
+            if sort_name(prev_key) >= sort_name(key) && !prev_key.is_empty() {
+                return None;
+            }
+            if value.contains('\r') || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return None;
+            }
+            match key {
+                "CPV" => cpv = Some(value),
+                "BUILD_ID" => build_id = Some(value.parse::<u64>().ok()?),
+                "PATH" => path = Some(value),
+                "CHOST" if Some(value) == header.get("CHOST").map(String::as_str) => return None,
+                "REPO" if Some(value) == header.get("REPO").map(String::as_str) => return None,
+                _ => {}
+            }
+            prev_key = key;
+        }
+        let cpv = cpv?;
+        if last.is_some_and(|l| l > (cpv, build_id)) {
+            return None;
+        }
+        last = Some((cpv, build_id));
+        while let Some((_, _, text)) = pending.next_if(|(c, b, _)| (*c, *b) < (cpv, build_id)) {
+            out.push_str(text);
+            out.push_str("\n\n");
+            count += 1;
+        }
+        if path.is_some_and(|p| new_paths.contains(&p)) {
+            continue;
+        }
+        out.push_str(stanza);
+        out.push_str("\n\n");
+        count += 1;
+    }
+    for (_, _, text) in pending {
+        out.push_str(text);
+        out.push_str("\n\n");
+        count += 1;
+    }
+    let mut header = header.clone();
+    header.insert("PACKAGES".into(), count.to_string());
+    let mut text = String::with_capacity(out.len() + 2048);
+    write_stanza(&mut text, header.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    text.push_str(&out);
+    Some(text)
 }
 
 /// Writes one stanza, keys in Portage's order. Callers pass fields in key order (they come from
@@ -443,6 +534,52 @@ REPO: dbh-lab
     fn is_allowed_matches_the_list() {
         assert!(ALLOWED_PKG_KEYS.iter().all(|k| is_allowed(k)));
         assert!(!is_allowed("REPO_REVISIONS") && !is_allowed("BLAKE2B") && !is_allowed(""));
+    }
+
+    /// The fast path gives exactly what parse + edit + render gives, or declines.
+    #[test]
+    fn splice_equals_the_slow_path() {
+        let old = Index::parse(PORTAGE.as_bytes()).unwrap();
+        let mut header = old.header.clone();
+        header.insert("PACKAGES".into(), "3".into());
+        header.insert("TIMESTAMP".into(), "1795534700".into());
+        let mut cases: Vec<Vec<Entry>> = Vec::new();
+        for (cpv, id, path) in [
+            ("dbh-test/a-1", "4", "dbh-test/a/a-1-4.gpkg.tar"),
+            ("dbh-test/hello-1.0", "2", "dbh-test/hello/hello-1.0-2.gpkg.tar"),
+            ("dbh-test/hello-1.0", "0", "dbh-test/hello/hello-1.0-0.gpkg.tar"),
+            ("zzz/last-2", "1", "zzz/last/last-2-1.gpkg.tar"),
+            // Replaces greeter's entry (same PATH).
+            ("dbh-test/greeter-1.0", "1", "dbh-test/greeter/greeter-1.0-1.gpkg.tar"),
+        ] {
+            let mut e = Entry::default();
+            for (k, v) in [("CPV", cpv), ("BUILD_ID", id), ("PATH", path), ("SIZE", "1"), ("MTIME", "2"), ("MD5", "m"), ("SHA1", "s"), ("REPO", "dbh-lab"), ("CHOST", "x86_64-pc-linux-gnu"), ("SLOT", "0")] {
+                e.set(k, v);
+            }
+            cases.push(vec![e]);
+        }
+        cases.push(cases.iter().flatten().cloned().collect());
+        for new in cases {
+            let mut slow = old.clone();
+            let paths: Vec<String> = new.iter().map(Entry::effective_path).collect();
+            slow.packages.retain(|e| !paths.contains(&e.effective_path()));
+            slow.packages.extend(new.clone());
+            let mut h = header.clone();
+            h.insert("PACKAGES".into(), slow.packages.len().to_string());
+            slow.header = h;
+            assert_eq!(splice(PORTAGE, &header, &new).as_deref(), Some(slow.render().as_str()));
+        }
+        // Declines what it cannot copy verbatim.
+        let changed_chost = {
+            let mut h = header.clone();
+            h.insert("CHOST".into(), "aarch64-unknown-linux-gnu".into());
+            h
+        };
+        assert_eq!(splice(PORTAGE, &changed_chost, &[]), None);
+        let with_unknown = PORTAGE.replace("RDEPEND: dbh-test/hello\n", "RDEPEND: dbh-test/hello\nREPO_REVISIONS: {}\n");
+        assert_eq!(splice(&with_unknown, &header, &[]), None);
+        let unsorted = PORTAGE.replace("CPV: dbh-test/greeter-1.0", "CPV: dbh-test/zzz-1.0");
+        assert_eq!(splice(&unsorted, &header, &[]), None);
     }
 
     #[test]

@@ -278,8 +278,11 @@ pub fn now() -> u64 {
 /// fetch first) and `Packages` are renamed back to back and the directory is fsynced last, so a
 /// crash leaves either the old or the new version of each file, never a torn one.
 pub fn write_index(dir: &Path, index: &Index) -> Result<(), BinhostError> {
-    let text = index.render();
-    let timestamp = index.timestamp();
+    write_index_text(dir, &index.render(), index.timestamp())
+}
+
+/// [`write_index`] for an already rendered index whose header says TIMESTAMP `timestamp`.
+pub fn write_index_text(dir: &Path, text: &str, timestamp: Option<u64>) -> Result<(), BinhostError> {
     let mut plain = TempFile::new(dir, "Packages")?;
     plain.file().write_all(text.as_bytes()).map_err(|e| io_at(plain.path(), "cannot write", e))?;
     let mut gz = TempFile::new(dir, "Packages.gz")?;

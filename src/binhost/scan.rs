@@ -117,7 +117,12 @@ pub fn hash_file(path: &Path) -> Result<(String, String), BinhostError> {
 /// dependencies, PATH, SIZE, MTIME, MD5, SHA1. Applies Portage's validity rules for names and
 /// locations, so that an entry we write is one Portage would have written too.
 pub fn entry_for(root: &Path, found: &Found) -> Result<Entry, Skip> {
-    let path = root.join(&found.rel);
+    entry_for_file(&root.join(&found.rel), found)
+}
+
+/// [`entry_for`] for a file that is still at `path` (a temp file) but will be at `found.rel`.
+pub fn entry_for_file(path: &Path, found: &Found) -> Result<Entry, Skip> {
+    let path = path.to_owned();
     let unreadable = |source| Skip::Unreadable(BinhostError::Package { path: path.clone(), source });
     // Small packages (the common case) are read once: metadata and digests from the same bytes.
     let (pkg, digests) = if found.size <= IN_MEMORY_LIMIT {
