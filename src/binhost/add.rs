@@ -14,7 +14,7 @@
 //! before the index is written removes what this run placed, so the previous `Packages` and
 //! `Packages.gz` stay byte-identical and no stray files remain.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -132,7 +132,7 @@ pub fn add(
             Format::Gpkg => binpkg::rewrite_gpkg(&input.src, tmp.path(), &rewrite),
             Format::Xpak => binpkg::xpak_to_gpkg(&input.src, tmp.path(), &rewrite),
         };
-        result.map_err(|source| BinhostError::Package { path: input.src.clone(), source })?;
+        result.map_err(|source| BinhostError::Package { path: input.src.clone(), source: Box::new(source) })?;
         // Re-open: the writer may have replaced the file we created.
         let reopened = fs_err::File::open(tmp.path())?;
         reopened.sync_all().map_err(|e| super::io_at(tmp.path(), "cannot fsync", e))?;
@@ -140,7 +140,7 @@ pub fn add(
         drop(reopened);
         // What we publish must verify, signatures included, before anyone can see it.
         binpkg::verify(tmp.path(), verifier.as_ref())
-            .map_err(|source| BinhostError::Package { path: tmp.path().to_owned(), source })?;
+            .map_err(|source| BinhostError::Package { path: tmp.path().to_owned(), source: Box::new(source) })?;
         // The entry, from the temp file: rename keeps size and mtime.
         use std::os::unix::fs::MetadataExt;
         let found = Found { rel: rel.clone(), size: meta.len(), mtime: meta.mtime() };
@@ -218,8 +218,8 @@ fn check_input(src: &Path, target: &Target) -> Result<Input, BinhostError> {
     if meta.len() == 0 {
         return Err(BinhostError::Invalid { path: src.to_owned(), reason: "the file is empty".into() });
     }
-    let pkg = binpkg::read(src).map_err(|source| BinhostError::Package { path: src.to_owned(), source })?;
-    binpkg::verify(src, None).map_err(|source| BinhostError::Package { path: src.to_owned(), source })?;
+    let pkg = binpkg::read(src).map_err(|source| BinhostError::Package { path: src.to_owned(), source: Box::new(source) })?;
+    binpkg::verify(src, None).map_err(|source| BinhostError::Package { path: src.to_owned(), source: Box::new(source) })?;
     let get = |k: &str| pkg.metadata.get(k).map(super::index::normalize).unwrap_or_default();
     let (category, pf, slot) = (get("CATEGORY"), get("PF"), get("SLOT"));
     let invalid = |reason: String| BinhostError::Invalid { path: src.to_owned(), reason };
@@ -258,12 +258,11 @@ fn ids_on_disk(dir: &Path, input: &Input) -> Result<Vec<u64>, BinhostError> {
         let name = entry?.file_name();
         let Some(name) = name.to_str() else { continue };
         let stem = scan::SUFFIXES.iter().find_map(|s| name.strip_suffix(s));
-        if let Some((pf, id)) = stem.and_then(|s| s.rsplit_once('-')) {
-            if pf == input.pf {
-                if let Ok(id) = id.parse() {
-                    ids.push(id);
-                }
-            }
+        if let Some((pf, id)) = stem.and_then(|s| s.rsplit_once('-'))
+            && pf == input.pf
+            && let Ok(id) = id.parse()
+        {
+            ids.push(id);
         }
     }
     Ok(ids)
@@ -387,13 +386,4 @@ fn create_dirs_synced(root: &Path, parent: &Path) -> Result<(), BinhostError> {
         super::sync_dir(d.parent().unwrap_or(root))?;
     }
     Ok(())
-}
-
-/// Per-CPV counts, for tests and reports.
-pub fn build_ids(index: &super::Index) -> BTreeMap<String, Vec<u64>> {
-    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for e in &index.packages {
-        out.entry(e.cpv().to_owned()).or_default().extend(e.build_id());
-    }
-    out
 }

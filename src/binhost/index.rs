@@ -164,7 +164,7 @@ impl Index {
         // Every stanza is terminated by a blank line, so splitting off the final "\n" leaves
         // exactly the lines of the file.
         let mut stanzas: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
-        let mut current: Option<(usize, Vec<(&str, &str, usize)>)> = None;
+        let mut current: Option<(usize, RawFields<'_>)> = None;
         for (i, line) in text[..text.len() - 1].split('\n').enumerate() {
             let n = i + 1;
             if line.is_empty() {
@@ -390,8 +390,11 @@ fn write_stanza<'a>(out: &mut String, fields: impl Iterator<Item = (&'a str, &'a
     out.push('\n');
 }
 
+/// A stanza's `(key, value, line)`s as read.
+type RawFields<'a> = Vec<(&'a str, &'a str, usize)>;
+
 /// The fields of one stanza as a map; a key given twice is an error at its second line.
-fn build_fields(mut fields: Vec<(&str, &str, usize)>) -> Result<BTreeMap<String, String>, ParseError> {
+fn build_fields(mut fields: RawFields<'_>) -> Result<BTreeMap<String, String>, ParseError> {
     // Stable and nearly sorted already (Portage writes keys in order): close to linear.
     fields.sort_by(|a, b| a.0.cmp(b.0));
     if let Some(w) = fields.windows(2).find(|w| w[0].0 == w[1].0) {

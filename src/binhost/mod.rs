@@ -50,7 +50,7 @@ pub enum BinhostError {
     Package {
         path: PathBuf,
         #[source]
-        source: crate::binpkg::BinpkgError,
+        source: Box<crate::binpkg::BinpkgError>,
     },
     #[error("cannot read binary package {path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },

@@ -123,7 +123,7 @@ pub fn entry_for(root: &Path, found: &Found) -> Result<Entry, Skip> {
 /// [`entry_for`] for a file that is still at `path` (a temp file) but will be at `found.rel`.
 pub fn entry_for_file(path: &Path, found: &Found) -> Result<Entry, Skip> {
     let path = path.to_owned();
-    let unreadable = |source| Skip::Unreadable(BinhostError::Package { path: path.clone(), source });
+    let unreadable = |source| Skip::Unreadable(BinhostError::Package { path: path.clone(), source: Box::new(source) });
     // Small packages (the common case) are read once: metadata and digests from the same bytes.
     let (pkg, digests) = if found.size <= IN_MEMORY_LIMIT {
         let bytes = fs_err::read(&path).map_err(|e| Skip::Unreadable(e.into()))?;
