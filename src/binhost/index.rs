@@ -505,6 +505,7 @@ REPO: dbh-lab
              BUILD_ID: 10\nCHOST: aarch64-unknown-linux-gnu\nCPV: a/b-1\nDESC: d\nMTIME: 5\nREPO: r\n\n"
         );
         // Reading fills the inherited CHOST back in.
+        insta::assert_snapshot!("packages_rendered", text);
         let back = Index::parse(text.as_bytes()).unwrap();
         assert_eq!(back.packages[0].get("CHOST"), Some("x86_64-pc-linux-gnu"));
         assert_eq!(back.render(), text);
