@@ -35,7 +35,7 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
     if !dir.is_dir() {
         return Err(BinhostError::NotADir { path: dir.to_owned() });
     }
-    let _lock = std::fs::File::open(dir.join(super::LOCK_FILE)).ok().filter(|f| f.lock_shared().is_ok());
+    let _lock = super::DirLock::shared(dir, reporter)?;
     let mut problems = Vec::new();
     let mut problem = |path: &Path, message: String| problems.push(Problem { path: path.to_owned(), message });
     let packages_path = dir.join("Packages");

@@ -93,7 +93,7 @@ pub struct DirLock {
 }
 
 impl DirLock {
-    /// Takes `DIR/.dbh.lock`, waiting up to [`LOCK_DEADLINE`] for another writer.
+    /// Takes `DIR/.dbh.lock` exclusively, waiting up to [`LOCK_DEADLINE`] for another writer.
     pub fn exclusive(dir: &Path, reporter: &dyn Reporter) -> Result<DirLock, BinhostError> {
         let path = dir.join(LOCK_FILE);
         let file = fs_err::OpenOptions::new()
@@ -103,18 +103,33 @@ impl DirLock {
             .open(&path)?
             .into_parts()
             .0;
+        Self::wait(file, &path, dir, reporter, false)
+    }
+
+    /// Takes `DIR/.dbh.lock` shared (readers), if it exists and can be opened; `None` otherwise
+    /// (a binhost no dbh ever wrote, or one we may only read).
+    pub fn shared(dir: &Path, reporter: &dyn Reporter) -> Result<Option<DirLock>, BinhostError> {
+        let path = dir.join(LOCK_FILE);
+        match File::open(&path) {
+            Ok(file) => Self::wait(file, &path, dir, reporter, true).map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn wait(file: File, path: &Path, dir: &Path, reporter: &dyn Reporter, shared: bool) -> Result<DirLock, BinhostError> {
         let start = Instant::now();
         let mut told = false;
         loop {
-            match file.try_lock() {
+            let attempt = if shared { file.try_lock_shared() } else { file.try_lock() };
+            match attempt {
                 Ok(()) => return Ok(DirLock { _file: file }),
                 Err(std::fs::TryLockError::WouldBlock) => {}
                 Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(std::io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display())).into());
+                    return Err(io_at(path, "cannot lock", e));
                 }
             }
             if start.elapsed() >= LOCK_DEADLINE {
-                return Err(BinhostError::LockTimeout { path, waited: LOCK_DEADLINE });
+                return Err(BinhostError::LockTimeout { path: path.to_owned(), waited: LOCK_DEADLINE });
             }
             if !told {
                 reporter.event(Event::Note {
