@@ -305,7 +305,9 @@ pub fn write_index_text(dir: &Path, text: &str, timestamp: Option<u64>) -> Resul
         let gz_path = gz.path().to_owned();
         let mut enc = flate2::GzBuilder::new()
             .mtime(timestamp.unwrap_or(0) as u32)
-            .write(std::io::BufWriter::new(gz.file()), flate2::Compression::new(6));
+            // Level 3: on a 10 000-package index 12 % larger than level 6 but about three times
+            // cheaper, and this runs on every `add` (measured with bench/index).
+            .write(std::io::BufWriter::new(gz.file()), flate2::Compression::new(3));
         enc.write_all(text.as_bytes()).map_err(|e| io_at(&gz_path, "cannot write", e))?;
         let mut buf = enc.finish().map_err(|e| io_at(&gz_path, "cannot write", e))?;
         buf.flush().map_err(|e| io_at(&gz_path, "cannot write", e))?;
