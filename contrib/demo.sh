@@ -14,6 +14,8 @@ target=${DBH_DEMO_TARGET:-amd64}
 listen=${DBH_DEMO_LISTEN:-127.0.0.1:8080}
 venv=${DBH_TEST_PORTAGE_VENV:-$HOME/.cache/dbh-tests/venv-portage-3.0.83}
 work=$(mktemp -d "${TMPDIR:-/tmp}/dbh-demo.XXXXXX")
+# Portage verifies signatures as `nobody`: the client's keyring must be reachable by it.
+chmod 755 "$work"
 serve_pid=
 cleanup() { [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
@@ -70,6 +72,7 @@ mkdir -p -m 0755 "$work/client/etc/portage/gnupg"
 curl -fsS "http://$listen/$target/key.asc" | gpg --homedir "$work/client/etc/portage/gnupg" --batch --import
 fpr=$(gpg --homedir "$work/client/etc/portage/gnupg" --batch --with-colons --list-keys | awk -F: '/^fpr/{print $10; exit}')
 echo "$fpr:6:" | gpg --homedir "$work/client/etc/portage/gnupg" --batch --import-ownertrust
+gpg --homedir "$work/client/etc/portage/gnupg" --batch --check-trustdb
 chmod -R go+rX "$work/client/etc/portage/gnupg"
 pt "$work/client" emerge --getbinpkgonly dbh-test/greeter
 "$work/client/usr/bin/greeter"
