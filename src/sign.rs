@@ -121,8 +121,9 @@ impl KeyStore {
         let secret = cert.as_tsk().armored().to_vec().map_err(|e| SignError::Generate(pgp_reason(e)))?;
         let public = cert.armored().to_vec().map_err(|e| SignError::Generate(pgp_reason(e)))?;
         fs_err::create_dir_all(&self.dir).map_err(|source| SignError::Write { path: self.dir.clone(), source })?;
-        write_atomic(&self.public_path(), &public, 0o644)?;
+        // The secret key is the truth (`export` derives the public key from it): write it first.
         write_atomic(&self.secret_path(), &secret, 0o600)?;
+        write_atomic(&self.public_path(), &public, 0o644)?;
         Ok(cert.fingerprint().to_hex())
     }
 

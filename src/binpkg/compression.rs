@@ -93,6 +93,15 @@ impl Compression {
         })
     }
 
+    /// A decompressing reader over bytes in memory; avoids zstd's 128 KiB input buffer, which
+    /// dominates when thousands of small metadata members are read for an index.
+    pub(crate) fn slice_decoder<'a>(self, data: &'a [u8], member: &str) -> Result<Box<dyn Read + 'a>, Fault> {
+        match self {
+            Compression::Zstd => Ok(Box::new(zstd::stream::read::Decoder::with_buffer(data).map_err(Fault::Io)?)),
+            other => other.decoder(data, member),
+        }
+    }
+
     /// Compresses `data` completely (metadata members are small).
     pub(crate) fn compress(self, data: &[u8], member: &str) -> Result<Vec<u8>, Fault> {
         let out = Vec::with_capacity(data.len() / 2 + 64);

@@ -244,7 +244,7 @@ pub(crate) fn metadata<S: Source + ?Sized>(src: &S, layout: &Layout, path: &Path
     let Role::Metadata(comp) = m.role else { unreachable!("metadata_member") };
     let bytes = member_bytes(src, m, MAX_METADATA)?;
     check_digest(layout, &m.name, &manifest::Hasher::of(&m.name, &bytes))?;
-    let dec = comp.decoder(&bytes[..], &m.name)?;
+    let dec = comp.slice_decoder(&bytes, &m.name)?;
     parse_metadata_tar(dec, &m.name, path)
 }
 
@@ -356,8 +356,17 @@ pub struct Rewrite<'a> {
     pub signer: Option<&'a crate::sign::Signer>,
 }
 
-/// The top directory for a destination file: its name without `.gpkg.tar`.
-fn top_for(dst: &Path, fallback: &str) -> String {
+/// The top directory for a destination file: its name without `.gpkg.tar`; for other names (a
+/// caller's temp file) `<PF>-<BUILD_ID>` as Portage names it, else the `fallback`.
+fn top_for(dst: &Path, md: Option<&Metadata>, fallback: &str) -> String {
+    let from_md = md.and_then(|md| {
+        let pf = md.get("PF")?.trim();
+        (!pf.is_empty() && !pf.contains('/')).then(|| match md.build_id() {
+            Some(id) => format!("{pf}-{id}"),
+            None => pf.to_owned(),
+        })
+    });
+    let fallback = from_md.as_deref().unwrap_or(fallback);
     dst.file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_suffix(".gpkg.tar"))
@@ -489,11 +498,11 @@ pub fn rewrite_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super:
     let Role::Metadata(comp) = meta.role else { unreachable!("metadata_member") };
     let meta_bytes = member_bytes(&source, &meta, MAX_METADATA).map_err(|f| f.at(src))?;
     check_digest(&layout, &meta.name, &manifest::Hasher::of(&meta.name, &meta_bytes)).map_err(|f| f.at(src))?;
+    let dec = comp.slice_decoder(&meta_bytes, &meta.name).map_err(|f| f.at(src))?;
+    let mut md = parse_metadata_tar(dec, &meta.name, src).map_err(|f| f.at(src))?;
     let meta_bytes = match opts.build_id {
         None => meta_bytes,
         Some(id) => {
-            let dec = comp.decoder(&meta_bytes[..], &meta.name).map_err(|f| f.at(src))?;
-            let mut md = parse_metadata_tar(dec, &meta.name, src).map_err(|f| f.at(src))?;
             md.set("BUILD_ID", id.to_string());
             let tar = metadata_tar(&md, meta.mtime).map_err(|e| Fault::Write(e).at(dst))?;
             comp.compress(&tar, &meta.name).map_err(|f| f.at(dst))?
@@ -501,7 +510,8 @@ pub fn rewrite_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super:
     };
     let mut out = Out {
         w: tarfmt::Writer::new(create(dst)?),
-        top: top_for(dst, &layout.top),
+        // Without a new BUILD_ID the source's directory name stays (it may be `<PF>` alone).
+        top: top_for(dst, opts.build_id.map(|_| &md), &layout.top),
         lines: Vec::new(),
         signer: opts.signer,
         dst,
@@ -576,8 +586,7 @@ pub fn xpak_to_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super:
         buf.into_inner().map_err(|e| werr(e.into_error()))?;
     }
     let image_len = image.metadata().map_err(|e| Fault::Write(e).at(dst))?.len();
-    let fallback = md.get("PF").map(str::trim).unwrap_or("package").to_owned();
-    let mut out = Out { w: tarfmt::Writer::new(create(dst)?), top: top_for(dst, &fallback), lines: Vec::new(), signer: opts.signer, dst, mtime };
+    let mut out = Out { w: tarfmt::Writer::new(create(dst)?), top: top_for(dst, Some(&md), "package"), lines: Vec::new(), signer: opts.signer, dst, mtime };
     out.small(VERSION_MEMBER, b"")?;
     out.signed_small("metadata.tar.zst", &meta)?;
     use std::io::Seek;

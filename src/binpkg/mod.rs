@@ -287,6 +287,13 @@ fn read_source<S: Source + ?Sized>(src: &S, path: &Path, format: Format) -> Resu
     }
 }
 
+/// [`read`] on a file already in memory (an index reads small packages once for metadata and
+/// digests); the format comes from `path`'s name and errors name `path`.
+pub fn read_bytes(path: &Path, bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
+    let format = Format::of(path).ok_or_else(|| BinpkgError::UnknownFormat { path: path.to_owned() })?;
+    read_source(bytes, path, format)
+}
+
 /// [`read`] on a GPKG held in memory (fuzzing, tests); never panics.
 pub fn read_gpkg_bytes(bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
     read_source(bytes, Path::new("<memory>.gpkg.tar"), Format::Gpkg)
@@ -295,6 +302,12 @@ pub fn read_gpkg_bytes(bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
 /// [`read`] on an XPAK held in memory (fuzzing, tests); never panics.
 pub fn read_xpak_bytes(bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
     read_source(bytes, Path::new("<memory>.xpak"), Format::Xpak)
+}
+
+/// [`verify`] (hashes only, no signatures) on a GPKG held in memory (fuzzing); never panics.
+pub fn verify_gpkg_bytes(bytes: &[u8]) -> Result<Verified, BinpkgError> {
+    let path = Path::new("<memory>.gpkg.tar");
+    gpkg::verify_source(bytes, path, Format::Gpkg, None).map_err(|f| f.at(path))
 }
 
 #[cfg(test)]

@@ -133,6 +133,17 @@ fn octal(field: &[u8], what: &str, at: u64) -> Result<u64, Fault> {
     u64::from_str_radix(text, 8).map_err(|_| Fault::bad(format!("tar header at offset {at} has a garbled {what} `{text}`")))
 }
 
+/// The ustar checksum: all header bytes summed with the checksum field counted as spaces.
+fn header_sum(h: &[u8; BLOCK as usize]) -> u64 {
+    let mut sum: u64 = 8 * u64::from(b' ');
+    for (i, &b) in h.iter().enumerate() {
+        if !(148..156).contains(&i) {
+            sum += u64::from(b);
+        }
+    }
+    sum
+}
+
 fn cstr(field: &[u8]) -> &[u8] {
     let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
     &field[..end]
@@ -169,7 +180,7 @@ pub fn list<S: Source + ?Sized>(src: &S) -> Result<Vec<Entry>, Fault> {
             break;
         }
         let stored = octal(&h[148..156], "checksum", pos).ok();
-        let sum: u64 = h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u64::from(b) }).sum();
+        let sum = header_sum(&h);
         if stored != Some(sum) {
             return Err(Fault::bad(format!("tar header at offset {pos} has a wrong checksum (not a tar file?)")));
         }

@@ -288,6 +288,9 @@ fn errors_name_the_file() {
     std::fs::write(&path, b"").unwrap();
     let e = read(&path).unwrap_err().to_string();
     assert!(e.starts_with(&format!("{} is not a valid binary package: the file is empty", path.display())), "{e}");
+    let e = read_bytes(Path::new("/b/hello-1.0.xpak"), b"").unwrap_err().to_string();
+    assert!(e.starts_with("/b/hello-1.0.xpak is not a valid binary package"), "{e}");
+    read_bytes(Path::new("/b/hello-1.0-3.gpkg.tar"), &good_gpkg()).unwrap();
     let e = read(&dir.path().join("x.rpm")).unwrap_err();
     assert!(matches!(e, BinpkgError::UnknownFormat { .. }));
     let e = read(&dir.path().join("missing.xpak")).unwrap_err();
@@ -356,6 +359,20 @@ fn rewrite_without_signer_is_deterministic_and_unsigned() {
     rewrite_gpkg(&signed, &plain, &Rewrite::default()).unwrap();
     assert!(!read(&plain).unwrap().signed);
     assert_eq!(read(&plain).unwrap().metadata.build_id(), Some(3));
+}
+
+#[test]
+fn rewrite_to_a_temp_name_names_the_directory_after_pf_and_build_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("hello-1.0-3.gpkg.tar");
+    std::fs::write(&src, good_gpkg()).unwrap();
+    let tmp = dir.path().join(".hello-1.0-8.gpkg.tar.tmp42");
+    rewrite_gpkg(&src, &tmp, &Rewrite { build_id: Some(8), signer: None }).unwrap();
+    let p = read_gpkg_bytes(&std::fs::read(&tmp).unwrap()).unwrap();
+    assert_eq!(p.gpkg.unwrap().top, "hello-1.0-8");
+    let tmp = dir.path().join("same.tmp");
+    rewrite_gpkg(&src, &tmp, &Rewrite::default()).unwrap();
+    assert_eq!(read_gpkg_bytes(&std::fs::read(&tmp).unwrap()).unwrap().gpkg.unwrap().top, "hello-1.0-3");
 }
 
 #[test]
@@ -508,4 +525,23 @@ fn mutated_input_never_panics() {
             let _ = read_xpak_bytes(&noise);
         }
     }
+}
+
+/// Writes valid seed inputs for the cargo-fuzz targets (`fuzz/corpus/<target>/`).
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+    let signer = Signer::generate_ephemeral("seed <seed@invalid>").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("hello-1.0-3.gpkg.tar");
+    std::fs::write(&src, good_gpkg()).unwrap();
+    let signed = dir.path().join("hello-1.0-4.gpkg.tar");
+    rewrite_gpkg(&src, &signed, &Rewrite { build_id: Some(4), signer: Some(&signer) }).unwrap();
+    std::fs::create_dir_all(root.join("gpkg")).unwrap();
+    std::fs::create_dir_all(root.join("xpak")).unwrap();
+    std::fs::write(root.join("gpkg/plain"), good_gpkg()).unwrap();
+    std::fs::copy(&signed, root.join("gpkg/signed")).unwrap();
+    let image = bz2(&inner_tar(&[("./usr/bin/hello", b"x")]));
+    std::fs::write(root.join("xpak/plain"), xpak_file(&image, XMETA)).unwrap();
 }

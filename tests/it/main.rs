@@ -3,6 +3,7 @@
 //! `~/.cache/dbh-tests` keyed by a hash of their recipe.
 
 mod binhost;
+mod binpkg;
 mod cli;
 mod portage;
 mod publish;

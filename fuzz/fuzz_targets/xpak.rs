@@ -1,0 +1,8 @@
+//! XPAK reader on arbitrary bytes: errors are fine, panics and hangs are bugs.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = dbh::binpkg::read_xpak_bytes(data);
+});
