@@ -316,7 +316,14 @@ pub fn index_dir(dir: &Path, opts: Options<'_>, reporter: &dyn Reporter) -> Resu
         }
         Err(e) => return Err(e),
     };
-    reindex_locked(dir, old, opts, reporter)
+    let outcome = reindex_locked(dir, old, opts, reporter)?;
+    // Whatever an interrupted add placed is indexed now: its journal is done.
+    match fs_err::remove_file(dir.join(super::JOURNAL)) {
+        Ok(()) => super::sync_dir(dir)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(outcome)
 }
 
 /// Reindexes `dir` with the lock held, starting from the already parsed old index.

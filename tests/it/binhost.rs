@@ -389,8 +389,10 @@ fn add_survives_sigkill_anywhere() {
         .filter(|n| n.starts_with(".dbh-tmp") || n == ".dbh-pending")
         .collect();
     assert!(stray.is_empty(), "left behind: {stray:?}");
-    // Every file on disk is indexed.
+    // Every file on disk is indexed; `index` also finishes an interrupted add (and its journal).
+    std::fs::write(dir.join(".dbh-pending"), "dbh-test/hello/hello-1.0-1.gpkg.tar\n").unwrap();
     let out = run_dbh(&["binhost", "index", s(&dir)]);
+    assert!(!dir.join(".dbh-pending").exists());
     assert!(combined(&out).contains("(0 read"), "files were not indexed by add: {}", combined(&out));
 }
 
