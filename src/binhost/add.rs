@@ -14,11 +14,11 @@
 //! before the index is written removes what this run placed, so the previous `Packages` and
 //! `Packages.gz` stay byte-identical and no stray files remain.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::index::Entry;
+use super::index::{Entry, Index};
 use super::scan::{self, Found, Options};
 use super::{BinhostError, DirLock, TempDir, TempFile};
 use crate::binpkg::{self, Format, Rewrite};
@@ -76,25 +76,33 @@ pub fn add(
     fs_err::create_dir_all(dir)?;
     let _lock = DirLock::exclusive(dir, reporter)?;
     super::clean_stale_temps(dir)?;
-    let old = super::read_index(dir)?;
+    let index_path = dir.join("Packages");
+    let old_text = match fs_err::read_to_string(&index_path) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            // Not UTF-8: let the parser say where.
+            let bytes = fs_err::read(&index_path)?;
+            let source = Index::parse(&bytes).expect_err("invalid UTF-8 does not parse");
+            return Err(BinhostError::Parse { path: index_path, source });
+        }
+        Err(e) => return Err(e.into()),
+    };
     let pending = read_journal(dir)?;
+    let parse = |text: &str| {
+        Index::parse(text.as_bytes()).map_err(|source| BinhostError::Parse { path: index_path.clone(), source })
+    };
 
     // BUILD_IDs: the largest known for the CPV (index, disk, this batch) + 1.
     let mut next: HashMap<String, u64> = HashMap::new();
-    let mut used = |cpv: &str, id: u64| {
-        let slot = next.entry(cpv.to_owned()).or_insert(0);
-        *slot = (*slot).max(id);
-    };
-    for e in old.iter().flat_map(|i| &i.packages) {
-        if let Some(id) = e.build_id() {
-            used(e.cpv(), id);
-        }
-    }
     for input in &inputs {
         let cpv = format!("{}/{}", input.category, input.pf);
+        let mut max = old_text.as_deref().map_or(0, |t| max_build_id(t, &cpv));
         for id in ids_on_disk(dir, input)? {
-            used(&cpv, id);
+            max = max.max(id);
         }
+        let slot = next.entry(cpv).or_insert(0);
+        *slot = (*slot).max(max);
     }
     let mut plan = Vec::new();
     for input in &inputs {
@@ -107,7 +115,9 @@ pub fn add(
 
     // Rewrite and sign into temp files; nothing is visible yet.
     let tmpdir = TempDir::new(dir)?;
+    let verifier = signer.map(Signer::verifier);
     let mut temps = Vec::new();
+    let mut entries = Vec::new();
     for (n, (input, _, id, rel)) in plan.iter().enumerate() {
         reporter.event(Event::Progress {
             task: task.clone(),
@@ -122,20 +132,45 @@ pub fn add(
             Format::Gpkg => binpkg::rewrite_gpkg(&input.src, tmp.path(), &rewrite),
             Format::Xpak => binpkg::xpak_to_gpkg(&input.src, tmp.path(), &rewrite),
         };
-        result.map_err(|source| BinhostError::Package { path: input.src.clone(), source })?;
+        result.map_err(|source| BinhostError::Package { path: input.src.clone(), source: Box::new(source) })?;
         // Re-open: the writer may have replaced the file we created.
         let reopened = fs_err::File::open(tmp.path())?;
         reopened.sync_all().map_err(|e| super::io_at(tmp.path(), "cannot fsync", e))?;
+        let meta = reopened.metadata()?;
         drop(reopened);
-        binpkg::verify(tmp.path(), None)
-            .map_err(|source| BinhostError::Package { path: tmp.path().to_owned(), source })?;
+        // What we publish must verify, signatures included, before anyone can see it.
+        binpkg::verify(tmp.path(), verifier.as_ref())
+            .map_err(|source| BinhostError::Package { path: tmp.path().to_owned(), source: Box::new(source) })?;
+        // The entry, from the temp file: rename keeps size and mtime.
+        use std::os::unix::fs::MetadataExt;
+        let found = Found { rel: rel.clone(), size: meta.len(), mtime: meta.mtime() };
+        let entry = scan::entry_for_file(tmp.path(), &found)
+            .map_err(|skip| BinhostError::Invalid { path: input.src.clone(), reason: skip.to_string() })?;
+        entries.push(entry);
         temps.push(tmp);
     }
+
+    // The new index text, complete before anything is placed: a broken old index stops us here.
+    // Without a journal from an earlier, interrupted run the old index is current and only the
+    // new entries go in (spliced into the text when it is exactly as we write it, else parsed,
+    // edited and rendered); with one, the directory is rescanned after placing, which also
+    // indexes what the interrupted run placed.
+    let old_ts = old_text.as_deref().and_then(header_timestamp);
+    let ts = old_ts.map_or(super::now(), |t| super::now().max(t + 1));
+    let new_text = if !pending.is_empty() {
+        None
+    } else {
+        Some(index_text(old_text.as_deref(), &entries, target, ts, &parse)?)
+    };
+    let old_index = match (&new_text, &old_text) {
+        (None, Some(t)) => Some(parse(t)?),
+        _ => None,
+    };
 
     let rels: Vec<String> = plan.iter().map(|(_, _, _, rel)| rel.clone()).collect();
     write_journal(dir, &pending, &rels)?;
     let mut placed: Vec<PathBuf> = Vec::new();
-    let result = (|| -> Result<Vec<Entry>, BinhostError> {
+    let result = (|| -> Result<(), BinhostError> {
         for (tmp, rel) in temps.into_iter().zip(&rels) {
             let dest = dir.join(rel);
             let parent = dest.parent().expect("rel has directories");
@@ -144,37 +179,15 @@ pub fn add(
             placed.push(dest.clone());
             super::sync_dir(parent)?;
         }
-        let mut entries = Vec::new();
-        for rel in &rels {
-            let meta = fs_err::symlink_metadata(dir.join(rel))?;
-            use std::os::unix::fs::MetadataExt;
-            let found = Found { rel: rel.clone(), size: meta.len(), mtime: meta.mtime() };
-            let entry = scan::entry_for(dir, &found).map_err(|skip| BinhostError::Invalid {
-                path: dir.join(rel),
-                reason: skip.to_string(),
-            })?;
-            entries.push(entry);
+        match new_text {
+            Some(text) => super::write_index_text(dir, &text, Some(ts)),
+            None => {
+                let opts = Options { full: false, target: Some(target) };
+                scan::reindex_locked(dir, old_index, opts, reporter).map(|_| ())
+            }
         }
-        Ok(entries)
     })();
-    let entries = match result {
-        Ok(e) => e,
-        Err(e) => {
-            rollback(dir, &placed, &pending);
-            return Err(e);
-        }
-    };
-
-    // The index: incremental. Without a journal from an earlier, interrupted run the old index is
-    // current, so only the new entries are added (no walk over the whole binhost); otherwise the
-    // directory is rescanned, which also indexes what the interrupted run placed.
-    let opts = Options { full: false, target: Some(target) };
-    let committed = if pending.is_empty() {
-        inject(dir, old, entries, target)
-    } else {
-        scan::reindex_locked(dir, old, opts, reporter).map(|_| ())
-    };
-    if let Err(e) = committed {
+    if let Err(e) = result {
         rollback(dir, &placed, &pending);
         return Err(e);
     }
@@ -205,8 +218,8 @@ fn check_input(src: &Path, target: &Target) -> Result<Input, BinhostError> {
     if meta.len() == 0 {
         return Err(BinhostError::Invalid { path: src.to_owned(), reason: "the file is empty".into() });
     }
-    let pkg = binpkg::read(src).map_err(|source| BinhostError::Package { path: src.to_owned(), source })?;
-    binpkg::verify(src, None).map_err(|source| BinhostError::Package { path: src.to_owned(), source })?;
+    let pkg = binpkg::read(src).map_err(|source| BinhostError::Package { path: src.to_owned(), source: Box::new(source) })?;
+    binpkg::verify(src, None).map_err(|source| BinhostError::Package { path: src.to_owned(), source: Box::new(source) })?;
     let get = |k: &str| pkg.metadata.get(k).map(super::index::normalize).unwrap_or_default();
     let (category, pf, slot) = (get("CATEGORY"), get("PF"), get("SLOT"));
     let invalid = |reason: String| BinhostError::Invalid { path: src.to_owned(), reason };
@@ -245,32 +258,78 @@ fn ids_on_disk(dir: &Path, input: &Input) -> Result<Vec<u64>, BinhostError> {
         let name = entry?.file_name();
         let Some(name) = name.to_str() else { continue };
         let stem = scan::SUFFIXES.iter().find_map(|s| name.strip_suffix(s));
-        if let Some((pf, id)) = stem.and_then(|s| s.rsplit_once('-')) {
-            if pf == input.pf {
-                if let Ok(id) = id.parse() {
-                    ids.push(id);
-                }
-            }
+        if let Some((pf, id)) = stem.and_then(|s| s.rsplit_once('-'))
+            && pf == input.pf
+            && let Ok(id) = id.parse()
+        {
+            ids.push(id);
         }
     }
     Ok(ids)
 }
 
-/// Adds entries to the old index and writes it (Portage's `inject`).
-fn inject(dir: &Path, old: Option<super::Index>, entries: Vec<Entry>, target: &Target) -> Result<(), BinhostError> {
-    let mut index = old.unwrap_or_else(super::Index::new);
-    let old_ts = index.timestamp();
+/// The index with `entries` added (Portage's `inject`): header from the old index plus the
+/// target's ARCH/CHOST/PROFILE, PACKAGES, TIMESTAMP `ts`.
+fn index_text(
+    old: Option<&str>,
+    entries: &[Entry],
+    target: &Target,
+    ts: u64,
+    parse: &dyn Fn(&str) -> Result<Index, BinhostError>,
+) -> Result<String, BinhostError> {
+    let header_only = |t: &str| t.split_once("\n\n").map(|(h, _)| format!("{h}\n\n"));
+    let mut index = match old.and_then(header_only) {
+        // The header is small: parse it (its line numbers are the file's).
+        Some(h) => parse(&h)?,
+        None => match old {
+            Some(t) => parse(t)?,
+            None => Index::new(),
+        },
+    };
+    scan::fill_header(&mut index, Some(target));
+    index.header.insert("TIMESTAMP".into(), ts.to_string());
+    if let Some(text) = old
+        && let Some(spliced) = super::index::splice(text, &index.header, entries)
+    {
+        return Ok(spliced);
+    }
+    let mut index = match old {
+        Some(t) => {
+            let mut full = parse(t)?;
+            full.header = index.header;
+            full
+        }
+        None => index,
+    };
     for e in &mut index.packages {
         e.retain_allowed();
     }
-    let new_paths: Vec<String> = entries.iter().map(|e| e.effective_path()).collect();
+    let new_paths: Vec<String> = entries.iter().map(Entry::effective_path).collect();
     index.packages.retain(|e| !new_paths.contains(&e.effective_path()));
-    index.packages.extend(entries);
-    scan::fill_header(&mut index, Some(target));
+    index.packages.extend(entries.iter().cloned());
     index.header.insert("PACKAGES".into(), index.packages.len().to_string());
-    let ts = old_ts.map_or(super::now(), |t| super::now().max(t + 1));
-    index.header.insert("TIMESTAMP".into(), ts.to_string());
-    super::write_index(dir, &index)
+    Ok(index.render())
+}
+
+/// TIMESTAMP from an index's header, without parsing the rest.
+fn header_timestamp(text: &str) -> Option<u64> {
+    let header = text.split_once("\n\n").map_or(text, |(h, _)| h);
+    header.lines().find_map(|l| l.strip_prefix("TIMESTAMP: ")?.parse().ok())
+}
+
+/// The largest BUILD_ID the index text has for `cpv` (0 if none), by searching the text.
+fn max_build_id(text: &str, cpv: &str) -> u64 {
+    let needle = format!("\nCPV: {cpv}\n");
+    let mut max = 0;
+    for (at, _) in text.match_indices(&needle) {
+        let start = text[..at].rfind("\n\n").map_or(0, |i| i + 2);
+        let end = text[at..].find("\n\n").map_or(text.len(), |i| at + i);
+        let stanza = &text[start..end];
+        if let Some(id) = stanza.lines().find_map(|l| l.strip_prefix("BUILD_ID: ")?.parse::<u64>().ok()) {
+            max = max.max(id);
+        }
+    }
+    max
 }
 
 fn read_journal(dir: &Path) -> Result<Vec<String>, BinhostError> {
@@ -327,13 +386,4 @@ fn create_dirs_synced(root: &Path, parent: &Path) -> Result<(), BinhostError> {
         super::sync_dir(d.parent().unwrap_or(root))?;
     }
     Ok(())
-}
-
-/// Per-CPV counts, for tests and reports.
-pub fn build_ids(index: &super::Index) -> BTreeMap<String, Vec<u64>> {
-    let mut out: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for e in &index.packages {
-        out.entry(e.cpv().to_owned()).or_default().extend(e.build_id());
-    }
-    out
 }

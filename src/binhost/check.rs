@@ -35,7 +35,7 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
     if !dir.is_dir() {
         return Err(BinhostError::NotADir { path: dir.to_owned() });
     }
-    let _lock = std::fs::File::open(dir.join(super::LOCK_FILE)).ok().filter(|f| f.lock_shared().is_ok());
+    let _lock = super::DirLock::shared(dir, reporter)?;
     let mut problems = Vec::new();
     let mut problem = |path: &Path, message: String| problems.push(Problem { path: path.to_owned(), message });
     let packages_path = dir.join("Packages");
@@ -64,10 +64,27 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
         },
         None => None,
     };
+    // With the journal of an interrupted add present, a Packages.gz one step ahead of Packages is
+    // the state between their two renames: both are complete indexes whose files exist, and the
+    // next add or index rewrites both. Anything else is a problem.
+    let mut gz_ahead = false;
     match (scan::gunzip(&gz_path), &bytes) {
         (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => problem(&gz_path, "missing index file".into()),
         (Err(e), _) => problem(&gz_path, format!("cannot be decompressed: {e}")),
-        (Ok(gz), Some(plain)) if gz != *plain => problem(&gz_path, "does not match Packages".into()),
+        (Ok(gz), Some(plain)) if gz != *plain => {
+            let interrupted = !pending.is_empty() && interrupted_commit_is_sound(dir, &gz_path, &gz);
+            if interrupted {
+                gz_ahead = true;
+                reporter.event(Event::Note {
+                    message: format!(
+                        "{}: newer than Packages, an add was interrupted between writing the two (both are complete; the next `dbh binhost add` or `dbh binhost index` rewrites them)",
+                        gz_path.display()
+                    ),
+                });
+            } else {
+                problem(&gz_path, "does not match Packages".into());
+            }
+        }
         _ => {}
     }
     let Some(index) = index else {
@@ -80,7 +97,8 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
     match index.timestamp() {
         None => problem(&packages_path, "the header has no valid TIMESTAMP".into()),
         Some(ts) => {
-            for p in [&packages_path, &gz_path] {
+            let paths: &[&PathBuf] = if gz_ahead { &[&packages_path] } else { &[&packages_path, &gz_path] };
+            for p in paths {
                 if let Ok(m) = std::fs::metadata(p)
                     && m.mtime() != ts as i64
                 {
@@ -191,6 +209,17 @@ fn differences(index: &Index, indexed: &Entry, fresh: &Entry) -> Vec<String> {
             format!("{k} is {} in the index, {} in the file", show(a.get(k)), show(b.get(k)))
         })
         .collect()
+}
+
+/// Is `gz` (the decompressed Packages.gz) a complete index whose every entry's file is there
+/// with its SIZE, and does the file's mtime equal its TIMESTAMP?
+fn interrupted_commit_is_sound(dir: &Path, gz_path: &Path, gz: &[u8]) -> bool {
+    let Ok(index) = Index::parse(gz) else { return false };
+    let mtime_ok = std::fs::metadata(gz_path).is_ok_and(|m| Some(m.mtime()) == index.timestamp().map(|t| t as i64));
+    mtime_ok
+        && index.packages.iter().all(|e| {
+            std::fs::symlink_metadata(dir.join(e.effective_path())).is_ok_and(|m| Some(m.len()) == e.size())
+        })
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

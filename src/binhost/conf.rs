@@ -94,7 +94,9 @@ mod tests {
         assert!(text.contains("http://h:8080/arm64/key.asc"));
         // Every line but the stanza is a comment, so the output can be saved as is.
         assert!(text.lines().filter(|l| !l.starts_with('#')).all(|l| l.starts_with('[') || l.contains(" = ")));
+        insta::assert_snapshot!("conf_signed", text);
         let text = render(&ConfInput { target: "arm64", url: "http://h", priority: 3, fingerprint: None }).unwrap();
+        insta::assert_snapshot!("conf_unsigned", text);
         assert!(text.contains("verify-signature = false\n") && text.contains("priority = 3\n"));
     }
 }

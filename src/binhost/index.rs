@@ -28,11 +28,20 @@ pub const ALLOWED_PKG_KEYS: &[&str] = &[
     "RESTRICT", "RESUMECOMMAND", "SHA1", "SIZE", "SLOT", "USE", "USER_PATCHES",
 ];
 
+/// `ALLOWED_PKG_KEYS.contains(key)`, as a `match` (indexes are big; this runs per key).
+pub fn is_allowed(key: &str) -> bool {
+    matches!(
+        key,
+        "BASE_URI" | "BDEPEND" | "BUILD_ID" | "BUILD_TIME" | "CHOST" | "CPV" | "DEFINED_PHASES" | "DEPEND"
+            | "DESC" | "EAPI" | "FETCHCOMMAND" | "IDEPEND" | "IUSE" | "KEYWORDS" | "LICENSE" | "MD5" | "MTIME"
+            | "PATH" | "PDEPEND" | "PKGINDEX_URI" | "PROPERTIES" | "PROVIDES" | "RDEPEND" | "REPO" | "REQUIRES"
+            | "RESTRICT" | "RESUMECOMMAND" | "SHA1" | "SIZE" | "SLOT" | "USE" | "USER_PATCHES"
+    )
+}
+
 /// Keys a package inherits from the header when absent (`_pkgindex_inherited_keys`).
 pub const INHERITED_KEYS: &[&str] = &["CHOST", "REPO"];
 
-/// Per-package defaults that are never written (`_pkgindex_default_pkg_data` minus the empty ones).
-const DEFAULT_PKG_DATA: &[(&str, &str)] = &[("EAPI", "0"), ("SLOT", "0")];
 
 /// The key Portage sorts by: its internal name for the three translated keys.
 pub fn sort_name(key: &str) -> &str {
@@ -100,7 +109,10 @@ impl Entry {
     }
     /// Drops keys Portage would drop on reading.
     pub fn retain_allowed(&mut self) {
-        self.fields.retain(|k, _| ALLOWED_PKG_KEYS.contains(&k.as_str()));
+        if self.fields.keys().all(|k| is_allowed(k)) {
+            return;
+        }
+        self.fields.retain(|k, _| is_allowed(k));
     }
 }
 
@@ -152,12 +164,12 @@ impl Index {
         // Every stanza is terminated by a blank line, so splitting off the final "\n" leaves
         // exactly the lines of the file.
         let mut stanzas: Vec<(usize, BTreeMap<String, String>)> = Vec::new();
-        let mut current: Option<(usize, BTreeMap<String, String>)> = None;
+        let mut current: Option<(usize, RawFields<'_>)> = None;
         for (i, line) in text[..text.len() - 1].split('\n').enumerate() {
             let n = i + 1;
             if line.is_empty() {
                 match current.take() {
-                    Some(stanza) => stanzas.push(stanza),
+                    Some((start, fields)) => stanzas.push((start, build_fields(fields)?)),
                     None => {
                         return Err(err(
                             n,
@@ -181,10 +193,8 @@ impl Index {
             if value.contains('\r') {
                 return Err(err(n, format!("the value of `{key}` contains a carriage return")));
             }
-            let (_, fields) = current.get_or_insert_with(|| (n, BTreeMap::new()));
-            if fields.insert(key.to_owned(), value.to_owned()).is_some() {
-                return Err(err(n, format!("`{key}` appears twice in the same stanza")));
-            }
+            let (_, fields) = current.get_or_insert_with(|| (n, Vec::with_capacity(24)));
+            fields.push((key, value, n));
         }
         debug_assert!(current.is_none(), "text ends with a blank line");
         let mut stanzas = stanzas.into_iter();
@@ -227,24 +237,35 @@ impl Index {
 
     /// Sorts packages by CPV (Portage's order), then BUILD_ID.
     pub fn sort(&mut self) {
-        self.packages.sort_by(|a, b| {
-            a.cpv().cmp(b.cpv()).then_with(|| a.build_id().cmp(&b.build_id()))
-        });
+        let mut keyed: Vec<(String, Option<u64>, Entry)> = std::mem::take(&mut self.packages)
+            .into_iter()
+            .map(|e| (e.cpv().to_owned(), e.build_id(), e))
+            .collect();
+        keyed.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        self.packages = keyed.into_iter().map(|(_, _, e)| e).collect();
+    }
+
+    /// Packages in index order: by CPV, then BUILD_ID.
+    pub fn packages_sorted(&self) -> Vec<&Entry> {
+        let mut order: Vec<(&str, Option<u64>, &Entry)> =
+            self.packages.iter().map(|e| (e.cpv(), e.build_id(), e)).collect();
+        // Usually already sorted: then this is one linear pass.
+        order.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        order.into_iter().map(|(_, _, e)| e).collect()
     }
 
     /// Renders the index as Portage's `PackageIndex.write` does (packages sorted first).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(512 + self.packages.len() * 640);
         write_stanza(&mut out, self.header.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let mut order: Vec<&Entry> = self.packages.iter().collect();
-        order.sort_by(|a, b| a.cpv().cmp(b.cpv()).then_with(|| a.build_id().cmp(&b.build_id())));
-        for entry in order {
-            let fields = entry.fields.iter().filter(|(k, v)| {
-                let k = k.as_str();
-                if INHERITED_KEYS.contains(&k) && self.header(k) == Some(v.as_str()) {
-                    return false;
-                }
-                !DEFAULT_PKG_DATA.iter().any(|(dk, dv)| *dk == k && *dv == v.as_str())
+        let (chost, repo) = (self.header("CHOST"), self.header("REPO"));
+        for entry in self.packages_sorted() {
+            let fields = entry.fields.iter().filter(|(k, v)| match k.as_str() {
+                "CHOST" => chost != Some(v.as_str()),
+                "REPO" => repo != Some(v.as_str()),
+                // Portage's per-package defaults (`_pkgindex_default_pkg_data`), never written.
+                "EAPI" | "SLOT" => v.as_str() != "0",
+                _ => true,
             });
             write_stanza(&mut out, fields.map(|(k, v)| (k.as_str(), v.as_str())));
         }
@@ -252,16 +273,135 @@ impl Index {
     }
 }
 
+/// Adds `new` entries to an index given as text, copying every other stanza byte for byte: the
+/// fast path of `add` on big binhosts (no per-entry maps). `header` is the complete new header.
+/// Returns `None` whenever the result could differ from parsing, editing and rendering the index
+/// (text not exactly as we render it, unsorted stanzas, keys Portage would drop, inherited
+/// CHOST/REPO changing); the caller then takes the slow path. Entries whose PATH equals a new
+/// entry's are replaced.
+pub fn splice(old: &str, header: &BTreeMap<String, String>, new: &[Entry]) -> Option<String> {
+    let mut count = 0usize;
+    let (old_header, body) = old.split_once("\n\n")?;
+    let parsed = Index::parse(format!("{old_header}\n\n").as_bytes()).ok()?;
+    for key in INHERITED_KEYS {
+        if parsed.header(key) != header.get(*key).map(String::as_str).filter(|v| !v.is_empty()) {
+            return None;
+        }
+    }
+    let new_index = Index { header: header.clone(), packages: new.to_vec() };
+    let rendered = new_index.render();
+    let (new_header, new_body) = rendered.split_once("\n\n")?;
+    let mut new_stanzas: Vec<(&str, Option<u64>, &str)> = Vec::new();
+    for (entry, text) in new_index.packages_sorted().into_iter().zip(new_body.split_terminator("\n\n")) {
+        new_stanzas.push((entry.cpv(), entry.build_id(), text));
+    }
+    let new_paths: Vec<&str> = new.iter().filter_map(Entry::path).collect();
+
+    let _ = new_header;
+    let mut out = String::with_capacity(old.len() + rendered.len());
+    let mut pending = new_stanzas.iter().peekable();
+    let mut last: Option<(&str, Option<u64>)> = None;
+    if !body.is_empty() && !body.ends_with("\n\n") && body != "\n" {
+        return None;
+    }
+    for stanza in body.split_terminator("\n\n") {
+        let (mut cpv, mut build_id, mut path) = (None, None, None);
+        let mut prev_key = "";
+        for line in stanza.split('\n') {
+            let (key, value) = line.split_once(": ")?;
+            if value.is_empty() || !is_allowed(key) || key == "EAPI" && value == "0" || key == "SLOT" && value == "0" {
+                return None;
+            }
+            // Keys must be in rendering order (which also rules out duplicates).
+            if sort_name(prev_key) >= sort_name(key) && !prev_key.is_empty() {
+                return None;
+            }
+            if value.contains('\r') || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return None;
+            }
+            match key {
+                "CPV" => cpv = Some(value),
+                "BUILD_ID" => build_id = Some(value.parse::<u64>().ok()?),
+                "PATH" => path = Some(value),
+                "CHOST" if Some(value) == header.get("CHOST").map(String::as_str) => return None,
+                "REPO" if Some(value) == header.get("REPO").map(String::as_str) => return None,
+                _ => {}
+            }
+            prev_key = key;
+        }
+        let cpv = cpv?;
+        if last.is_some_and(|l| l > (cpv, build_id)) {
+            return None;
+        }
+        last = Some((cpv, build_id));
+        while let Some((_, _, text)) = pending.next_if(|(c, b, _)| (*c, *b) < (cpv, build_id)) {
+            out.push_str(text);
+            out.push_str("\n\n");
+            count += 1;
+        }
+        if path.is_some_and(|p| new_paths.contains(&p)) {
+            continue;
+        }
+        out.push_str(stanza);
+        out.push_str("\n\n");
+        count += 1;
+    }
+    for (_, _, text) in pending {
+        out.push_str(text);
+        out.push_str("\n\n");
+        count += 1;
+    }
+    let mut header = header.clone();
+    header.insert("PACKAGES".into(), count.to_string());
+    let mut text = String::with_capacity(out.len() + 2048);
+    write_stanza(&mut text, header.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    text.push_str(&out);
+    Some(text)
+}
+
+/// Writes one stanza, keys in Portage's order. Callers pass fields in key order (they come from
+/// a `BTreeMap`), which equals Portage's order except for the translated keys: those are moved
+/// to their place by their internal name.
 fn write_stanza<'a>(out: &mut String, fields: impl Iterator<Item = (&'a str, &'a str)>) {
-    let mut fields: Vec<(&str, &str)> = fields.filter(|(_, v)| !v.is_empty()).collect();
-    fields.sort_by(|a, b| sort_name(a.0).cmp(sort_name(b.0)));
+    let mut plain: Vec<(&str, &str)> = Vec::with_capacity(24);
+    let mut moved: Vec<(&str, &str)> = Vec::new();
     for (k, v) in fields {
+        if v.is_empty() {
+            continue;
+        }
+        if sort_name(k) == k {
+            plain.push((k, v));
+        } else {
+            moved.push((k, v));
+        }
+    }
+    debug_assert!(plain.windows(2).all(|w| w[0].0 < w[1].0), "fields come sorted");
+    moved.sort_by(|a, b| sort_name(a.0).cmp(sort_name(b.0)));
+    for (k, v) in moved {
+        let at = plain.partition_point(|(p, _)| sort_name(p) < sort_name(k));
+        plain.insert(at, (k, v));
+    }
+    for (k, v) in plain {
         out.push_str(k);
         out.push_str(": ");
         out.push_str(v);
         out.push('\n');
     }
     out.push('\n');
+}
+
+/// A stanza's `(key, value, line)`s as read.
+type RawFields<'a> = Vec<(&'a str, &'a str, usize)>;
+
+/// The fields of one stanza as a map; a key given twice is an error at its second line.
+fn build_fields(mut fields: RawFields<'_>) -> Result<BTreeMap<String, String>, ParseError> {
+    // Stable and nearly sorted already (Portage writes keys in order): close to linear.
+    fields.sort_by(|a, b| a.0.cmp(b.0));
+    if let Some(w) = fields.windows(2).find(|w| w[0].0 == w[1].0) {
+        let line = w[0].2.max(w[1].2);
+        return Err(err(line, format!("`{}` appears twice in the same stanza", w[0].0)));
+    }
+    Ok(fields.into_iter().map(|(k, v, _)| (k.to_owned(), v.to_owned())).collect())
 }
 
 fn clip(s: &str) -> String {
@@ -365,6 +505,7 @@ REPO: dbh-lab
              BUILD_ID: 10\nCHOST: aarch64-unknown-linux-gnu\nCPV: a/b-1\nDESC: d\nMTIME: 5\nREPO: r\n\n"
         );
         // Reading fills the inherited CHOST back in.
+        insta::assert_snapshot!("packages_rendered", text);
         let back = Index::parse(text.as_bytes()).unwrap();
         assert_eq!(back.packages[0].get("CHOST"), Some("x86_64-pc-linux-gnu"));
         assert_eq!(back.render(), text);
@@ -391,6 +532,58 @@ REPO: dbh-lab
             assert_eq!(e.line, *line, "{input:?}: {e}");
             assert!(e.message.contains(what), "{input:?}: {e}");
         }
+    }
+
+    #[test]
+    fn is_allowed_matches_the_list() {
+        assert!(ALLOWED_PKG_KEYS.iter().all(|k| is_allowed(k)));
+        assert!(!is_allowed("REPO_REVISIONS") && !is_allowed("BLAKE2B") && !is_allowed(""));
+    }
+
+    /// The fast path gives exactly what parse + edit + render gives, or declines.
+    #[test]
+    fn splice_equals_the_slow_path() {
+        let old = Index::parse(PORTAGE.as_bytes()).unwrap();
+        let mut header = old.header.clone();
+        header.insert("PACKAGES".into(), "3".into());
+        header.insert("TIMESTAMP".into(), "1795534700".into());
+        let mut cases: Vec<Vec<Entry>> = Vec::new();
+        for (cpv, id, path) in [
+            ("dbh-test/a-1", "4", "dbh-test/a/a-1-4.gpkg.tar"),
+            ("dbh-test/hello-1.0", "2", "dbh-test/hello/hello-1.0-2.gpkg.tar"),
+            ("dbh-test/hello-1.0", "0", "dbh-test/hello/hello-1.0-0.gpkg.tar"),
+            ("zzz/last-2", "1", "zzz/last/last-2-1.gpkg.tar"),
+            // Replaces greeter's entry (same PATH).
+            ("dbh-test/greeter-1.0", "1", "dbh-test/greeter/greeter-1.0-1.gpkg.tar"),
+        ] {
+            let mut e = Entry::default();
+            for (k, v) in [("CPV", cpv), ("BUILD_ID", id), ("PATH", path), ("SIZE", "1"), ("MTIME", "2"), ("MD5", "m"), ("SHA1", "s"), ("REPO", "dbh-lab"), ("CHOST", "x86_64-pc-linux-gnu"), ("SLOT", "0")] {
+                e.set(k, v);
+            }
+            cases.push(vec![e]);
+        }
+        cases.push(cases.iter().flatten().cloned().collect());
+        for new in cases {
+            let mut slow = old.clone();
+            let paths: Vec<String> = new.iter().map(Entry::effective_path).collect();
+            slow.packages.retain(|e| !paths.contains(&e.effective_path()));
+            slow.packages.extend(new.clone());
+            let mut h = header.clone();
+            h.insert("PACKAGES".into(), slow.packages.len().to_string());
+            slow.header = h;
+            assert_eq!(splice(PORTAGE, &header, &new).as_deref(), Some(slow.render().as_str()));
+        }
+        // Declines what it cannot copy verbatim.
+        let changed_chost = {
+            let mut h = header.clone();
+            h.insert("CHOST".into(), "aarch64-unknown-linux-gnu".into());
+            h
+        };
+        assert_eq!(splice(PORTAGE, &changed_chost, &[]), None);
+        let with_unknown = PORTAGE.replace("RDEPEND: dbh-test/hello\n", "RDEPEND: dbh-test/hello\nREPO_REVISIONS: {}\n");
+        assert_eq!(splice(&with_unknown, &header, &[]), None);
+        let unsorted = PORTAGE.replace("CPV: dbh-test/greeter-1.0", "CPV: dbh-test/zzz-1.0");
+        assert_eq!(splice(&unsorted, &header, &[]), None);
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub enum BinhostError {
     Package {
         path: PathBuf,
         #[source]
-        source: crate::binpkg::BinpkgError,
+        source: Box<crate::binpkg::BinpkgError>,
     },
     #[error("cannot read binary package {path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },
@@ -93,7 +93,7 @@ pub struct DirLock {
 }
 
 impl DirLock {
-    /// Takes `DIR/.dbh.lock`, waiting up to [`LOCK_DEADLINE`] for another writer.
+    /// Takes `DIR/.dbh.lock` exclusively, waiting up to [`LOCK_DEADLINE`] for another writer.
     pub fn exclusive(dir: &Path, reporter: &dyn Reporter) -> Result<DirLock, BinhostError> {
         let path = dir.join(LOCK_FILE);
         let file = fs_err::OpenOptions::new()
@@ -103,18 +103,33 @@ impl DirLock {
             .open(&path)?
             .into_parts()
             .0;
+        Self::wait(file, &path, dir, reporter, false)
+    }
+
+    /// Takes `DIR/.dbh.lock` shared (readers), if it exists and can be opened; `None` otherwise
+    /// (a binhost no dbh ever wrote, or one we may only read).
+    pub fn shared(dir: &Path, reporter: &dyn Reporter) -> Result<Option<DirLock>, BinhostError> {
+        let path = dir.join(LOCK_FILE);
+        match File::open(&path) {
+            Ok(file) => Self::wait(file, &path, dir, reporter, true).map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    fn wait(file: File, path: &Path, dir: &Path, reporter: &dyn Reporter, shared: bool) -> Result<DirLock, BinhostError> {
         let start = Instant::now();
         let mut told = false;
         loop {
-            match file.try_lock() {
+            let attempt = if shared { file.try_lock_shared() } else { file.try_lock() };
+            match attempt {
                 Ok(()) => return Ok(DirLock { _file: file }),
                 Err(std::fs::TryLockError::WouldBlock) => {}
                 Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(std::io::Error::new(e.kind(), format!("cannot lock {}: {e}", path.display())).into());
+                    return Err(io_at(path, "cannot lock", e));
                 }
             }
             if start.elapsed() >= LOCK_DEADLINE {
-                return Err(BinhostError::LockTimeout { path, waited: LOCK_DEADLINE });
+                return Err(BinhostError::LockTimeout { path: path.to_owned(), waited: LOCK_DEADLINE });
             }
             if !told {
                 reporter.event(Event::Note {
@@ -278,8 +293,11 @@ pub fn now() -> u64 {
 /// fetch first) and `Packages` are renamed back to back and the directory is fsynced last, so a
 /// crash leaves either the old or the new version of each file, never a torn one.
 pub fn write_index(dir: &Path, index: &Index) -> Result<(), BinhostError> {
-    let text = index.render();
-    let timestamp = index.timestamp();
+    write_index_text(dir, &index.render(), index.timestamp())
+}
+
+/// [`write_index`] for an already rendered index whose header says TIMESTAMP `timestamp`.
+pub fn write_index_text(dir: &Path, text: &str, timestamp: Option<u64>) -> Result<(), BinhostError> {
     let mut plain = TempFile::new(dir, "Packages")?;
     plain.file().write_all(text.as_bytes()).map_err(|e| io_at(plain.path(), "cannot write", e))?;
     let mut gz = TempFile::new(dir, "Packages.gz")?;
@@ -287,7 +305,9 @@ pub fn write_index(dir: &Path, index: &Index) -> Result<(), BinhostError> {
         let gz_path = gz.path().to_owned();
         let mut enc = flate2::GzBuilder::new()
             .mtime(timestamp.unwrap_or(0) as u32)
-            .write(std::io::BufWriter::new(gz.file()), flate2::Compression::new(6));
+            // Level 3: on a 10 000-package index 12 % larger than level 6 but about three times
+            // cheaper, and this runs on every `add` (measured with bench/index).
+            .write(std::io::BufWriter::new(gz.file()), flate2::Compression::new(3));
         enc.write_all(text.as_bytes()).map_err(|e| io_at(&gz_path, "cannot write", e))?;
         let mut buf = enc.finish().map_err(|e| io_at(&gz_path, "cannot write", e))?;
         buf.flush().map_err(|e| io_at(&gz_path, "cannot write", e))?;

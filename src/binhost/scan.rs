@@ -117,8 +117,13 @@ pub fn hash_file(path: &Path) -> Result<(String, String), BinhostError> {
 /// dependencies, PATH, SIZE, MTIME, MD5, SHA1. Applies Portage's validity rules for names and
 /// locations, so that an entry we write is one Portage would have written too.
 pub fn entry_for(root: &Path, found: &Found) -> Result<Entry, Skip> {
-    let path = root.join(&found.rel);
-    let unreadable = |source| Skip::Unreadable(BinhostError::Package { path: path.clone(), source });
+    entry_for_file(&root.join(&found.rel), found)
+}
+
+/// [`entry_for`] for a file that is still at `path` (a temp file) but will be at `found.rel`.
+pub fn entry_for_file(path: &Path, found: &Found) -> Result<Entry, Skip> {
+    let path = path.to_owned();
+    let unreadable = |source| Skip::Unreadable(BinhostError::Package { path: path.clone(), source: Box::new(source) });
     // Small packages (the common case) are read once: metadata and digests from the same bytes.
     let (pkg, digests) = if found.size <= IN_MEMORY_LIMIT {
         let bytes = fs_err::read(&path).map_err(|e| Skip::Unreadable(e.into()))?;
@@ -311,7 +316,14 @@ pub fn index_dir(dir: &Path, opts: Options<'_>, reporter: &dyn Reporter) -> Resu
         }
         Err(e) => return Err(e),
     };
-    reindex_locked(dir, old, opts, reporter)
+    let outcome = reindex_locked(dir, old, opts, reporter)?;
+    // Whatever an interrupted add placed is indexed now: its journal is done.
+    match fs_err::remove_file(dir.join(super::JOURNAL)) {
+        Ok(()) => super::sync_dir(dir)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(outcome)
 }
 
 /// Reindexes `dir` with the lock held, starting from the already parsed old index.
@@ -458,9 +470,16 @@ fn commit(dir: &Path, old: &Index, had_index: bool, mut index: Index) -> Result<
     let old_ts = old.timestamp();
     if had_index && let Some(ts) = old_ts {
         index.header.insert("TIMESTAMP".into(), ts.to_string());
-        let mut allowed = old.clone();
-        allowed.packages.iter_mut().for_each(Entry::retain_allowed);
-        if index.render() == allowed.render() && files_match(dir, &old.render(), ts) {
+        let old_text = old.render();
+        let clean = old.packages.iter().all(|e| e.fields.keys().all(|k| super::index::is_allowed(k)));
+        let same = if clean {
+            index.render() == old_text
+        } else {
+            let mut allowed = old.clone();
+            allowed.packages.iter_mut().for_each(Entry::retain_allowed);
+            index.render() == allowed.render()
+        };
+        if same && files_match(dir, &old_text, ts) {
             return Ok(false);
         }
     }

@@ -389,8 +389,10 @@ fn add_survives_sigkill_anywhere() {
         .filter(|n| n.starts_with(".dbh-tmp") || n == ".dbh-pending")
         .collect();
     assert!(stray.is_empty(), "left behind: {stray:?}");
-    // Every file on disk is indexed.
+    // Every file on disk is indexed; `index` also finishes an interrupted add (and its journal).
+    std::fs::write(dir.join(".dbh-pending"), "dbh-test/hello/hello-1.0-1.gpkg.tar\n").unwrap();
     let out = run_dbh(&["binhost", "index", s(&dir)]);
+    assert!(!dir.join(".dbh-pending").exists());
     assert!(combined(&out).contains("(0 read"), "files were not indexed by add: {}", combined(&out));
 }
 
@@ -415,4 +417,31 @@ fn concurrent_adds_lose_nothing_and_never_duplicate_a_build_id() {
         assert_eq!(ids, (1..=2 * rounds).collect::<Vec<u64>>(), "{cpv}");
     }
     dbh_ok(&["binhost", "check", s(&dir)]);
+}
+
+/// The one state SIGKILL can leave between the two index renames, made on purpose: Packages.gz
+/// already new, Packages still old, the journal naming the new files. `check` accepts it only
+/// with the journal; the next add repairs it.
+#[test]
+fn check_accepts_an_add_interrupted_between_the_index_renames_only_with_its_journal() {
+    let (home, dir) = keyed_home();
+    let out = add_cmd(home.path(), &[&fixture(HELLO)]).output().unwrap();
+    assert!(out.status.success(), "{}", combined(&out));
+    let old = std::fs::read(dir.join("Packages")).unwrap();
+    let old_mtime = filetime(&dir.join("Packages"));
+    let out = add_cmd(home.path(), &[&fixture(GREETER)]).output().unwrap();
+    assert!(out.status.success(), "{}", combined(&out));
+    std::fs::write(dir.join("Packages"), &old).unwrap();
+    set_mtime(&dir.join("Packages"), old_mtime);
+    let out = run_dbh(&["binhost", "check", s(&dir)]);
+    assert_eq!(out.status.code(), Some(1), "without a journal this is an inconsistency: {}", combined(&out));
+    std::fs::write(dir.join(".dbh-pending"), "dbh-test/greeter/greeter-1.0-1.gpkg.tar\n").unwrap();
+    let out = run_dbh(&["binhost", "check", s(&dir)]);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(combined(&out).contains("an add was interrupted"), "{}", combined(&out));
+    let out = add_cmd(home.path(), &[&fixture(HELLO)]).output().unwrap();
+    assert!(out.status.success(), "{}", combined(&out));
+    dbh_ok(&["binhost", "check", s(&dir)]);
+    assert!(!dir.join(".dbh-pending").exists());
+    assert_eq!(assert_entries_match_files(&dir).len(), 3);
 }
