@@ -314,11 +314,20 @@ fn initramfs_variants_busybox_and_stage_tools() {
 /// abort on MSR 0x10a, a runner issue reported separately).
 fn boots_and_runs_portage(target: &str, machine: &str) {
     let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
+    let Some(home) = image_home(target) else { return };
+    // Modules the initramfs carries are plain ELF .ko even where the kernel ships .ko.xz (trixie).
+    let uki = std::fs::read(home.join(format!("images/{target}/uki.efi"))).unwrap();
+    let pe = pe::parse(&uki, Path::new("uki.efi")).unwrap();
+    let cpio = Cpio::parse(&initramfs::decompress(pe.section_data(&uki, ".initrd").unwrap()).unwrap()).unwrap();
+    let kos: Vec<String> = cpio.paths().into_iter().filter(|p| p.starts_with("dbh/modules/")).collect();
+    assert!(kos.iter().any(|p| p.ends_with("virtio_net.ko")), "{kos:?}");
+    for ko in &kos {
+        assert!(matches!(cpio.get(ko), Some(Entry::File { data, .. }) if data.starts_with(b"\x7fELF")), "{ko} is not an ELF object");
+    }
     if let Err(e) = dbh::vm::firmware::find(&t) {
-        eprintln!("SKIP {target} boot: no firmware on this host: {e}");
+        eprintln!("SKIP {target} boot (the image was created and checked): no firmware on this host: {e}");
         return;
     }
-    let Some(home) = image_home(target) else { return };
     let t0 = Instant::now();
     let script = "uname -m; python3 -c 'import portage; print(\"portage\", portage.VERSION)'; emerge --version 2>/dev/null | head -n 1";
     let (ok, stdout, stderr) = if target == "arm64" {
