@@ -313,7 +313,7 @@ fn initramfs_variants_busybox_and_stage_tools() {
 /// library with TCG forced (on these hosts the runner's KVM probe passes but `-cpu host` guests
 /// abort on MSR 0x10a, a runner issue reported separately).
 fn boots_and_runs_portage(target: &str, machine: &str) {
-    let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
+    let mut t = dbh::target::Targets::builtin().get(target).unwrap().clone();
     let Some(home) = image_home(target) else { return };
     // Modules the initramfs carries are plain ELF .ko even where the kernel ships .ko.xz (trixie).
     let uki = std::fs::read(home.join(format!("images/{target}/uki.efi"))).unwrap();
@@ -323,6 +323,18 @@ fn boots_and_runs_portage(target: &str, machine: &str) {
     assert!(kos.iter().any(|p| p.ends_with("virtio_net.ko")), "{kos:?}");
     for ko in &kos {
         assert!(matches!(cpio.get(ko), Some(Entry::File { data, .. }) if data.starts_with(b"\x7fELF")), "{ko} is not an ELF object");
+    }
+    if dbh::vm::firmware::find(&t).is_err() && target == "riscv64" {
+        // bookworm has no edk2 for riscv64: use trixie's qemu-efi-riscv64 (Architecture: all),
+        // unpacked into the test cache, through the target's firmware paths as a user would.
+        let out = Command::new("bash").arg(repo_root().join("tests/guest/fetch-trixie-all.sh")).arg("qemu-efi-riscv64").output().unwrap();
+        if out.status.success() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().unwrap().trim());
+            if let dbh::target::Boot::Uefi { firmware_code, firmware_vars, .. } = &mut t.boot {
+                firmware_code.insert(0, dir.join("usr/share/qemu-efi-riscv64/RISCV_VIRT_CODE.fd").display().to_string());
+                firmware_vars.insert(0, dir.join("usr/share/qemu-efi-riscv64/RISCV_VIRT_VARS.fd").display().to_string());
+            }
+        }
     }
     if let Err(e) = dbh::vm::firmware::find(&t) {
         eprintln!("SKIP {target} boot (the image was created and checked): no firmware on this host: {e}");
