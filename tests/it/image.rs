@@ -119,6 +119,28 @@ fn run_dbh(home: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Where this test process keeps its shared images: `<tmp>/dbh-image-tests-<pid>/`; directories
+/// of test processes that are gone are removed on first use (statics are never dropped, so a
+/// TempDir would leak several hundred MB per run).
+fn shared_home_root() -> PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("dbh-image-tests-").and_then(|p| p.parse::<u32>().ok())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let root = tmp.join(format!("dbh-image-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        root
+    })
+    .clone()
+}
+
 /// A $DBH_HOME holding an image of `target` made by `dbh vm image create` from the test stage
 /// served over HTTP (the product path: download + DIGESTS). Built once per test process.
 pub fn image_home(target: &str) -> Option<PathBuf> {
@@ -131,7 +153,7 @@ pub fn image_home(target: &str) -> Option<PathBuf> {
     let made = (|| {
         let stage = test_stage(target)?;
         let server = FileServer::start(stage.parent().unwrap());
-        let home = tempfile::Builder::new().prefix(&format!("dbh-image-{target}-")).tempdir().unwrap().keep();
+        let home = shared_home_root().join(target);
         let name = stage.file_name().unwrap().to_string_lossy().into_owned();
         let t0 = Instant::now();
         let (ok, stdout, stderr) =
@@ -571,4 +593,29 @@ fn arm64_image_with_the_stage_tools_initramfs_boots() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "aarch64");
     assert!(console.contains("dbh-initramfs: started (tools: the stage's shell, kmod and util-linux)"), "{}", tail(&console));
     assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
+}
+
+#[test]
+fn downloads_resume_a_partial_file_and_report_bytes() {
+    use dbh::events::{Collector, Event, Unit};
+    let served = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(served.path().join("stage3-x.tar.xz"), &data).unwrap();
+    let server = FileServer::start(served.path());
+    let url = server.url("stage3-x.tar.xz");
+    let cache = tempfile::tempdir().unwrap();
+    // A previous attempt left the first megabyte behind.
+    use sha2::Digest;
+    let key = hex::encode(&sha2::Sha256::digest(url.as_bytes())[..6]);
+    std::fs::write(cache.path().join(format!("{key}-stage3-x.tar.xz.partial")), &data[..1_000_000]).unwrap();
+    let events = Collector::default();
+    let path = dbh::image::stage::fetch(&url, cache.path(), &events).unwrap();
+    assert!(std::fs::read(&path).unwrap() == data, "resumed download differs");
+    assert_eq!(server.requests.lock().unwrap().clone(), ["GET /stage3-x.tar.xz from 1000000"]);
+    let events = events.events.lock().unwrap().clone();
+    assert!(events.iter().any(|e| matches!(e, Event::Start { unit: Unit::Bytes, total: Some(3_000_000), .. })), "{events:?}");
+    assert!(events.iter().any(|e| matches!(e, Event::Progress { position: 3_000_000, .. })));
+    // A missing file is an HTTP error naming the URL.
+    let err = dbh::image::stage::fetch(&server.url("nope.tar.xz"), cache.path(), &dbh::events::Silent).unwrap_err();
+    assert!(err.to_string().contains("answered 404"), "{err}");
 }
