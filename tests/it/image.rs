@@ -619,3 +619,37 @@ fn downloads_resume_a_partial_file_and_report_bytes() {
     let err = dbh::image::stage::fetch(&server.url("nope.tar.xz"), cache.path(), &dbh::events::Silent).unwrap_err();
     assert!(err.to_string().contains("answered 404"), "{err}");
 }
+
+#[test]
+fn a_stage_without_kernel_asks_for_one_and_leaves_nothing_behind() {
+    // A Gentoo stage3 has no kernel: the error says so and how to pass a dist-kernel.
+    let dir = tempfile::tempdir().unwrap();
+    let stage = dir.path().join("stage3-tiny.tar.gz");
+    {
+        let enc = flate2::write::GzEncoder::new(std::fs::File::create(&stage).unwrap(), flate2::Compression::fast());
+        let mut tar = tar::Builder::new(enc);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(6);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, "etc/hostname", &b"gentoo"[..]).unwrap();
+        tar.into_inner().unwrap().finish().unwrap();
+    }
+    use sha2::Digest;
+    let bytes = std::fs::read(&stage).unwrap();
+    std::fs::write(
+        dir.path().join("stage3-tiny.tar.gz.DIGESTS"),
+        format!("# SHA512 HASH\n{}  stage3-tiny.tar.gz\n", hex::encode(sha2::Sha512::digest(&bytes))),
+    )
+    .unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run_dbh(home.path(), &["vm", "image", "create", "--target", "arm64", "--stage", &stage.to_string_lossy()]);
+    assert!(!ok);
+    assert!(stderr.contains("the stage has no kernel in /boot"), "{stderr}");
+    assert!(stderr.contains("hint:") && stderr.contains("gentoo-kernel-bin") && stderr.contains("--kernel"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(home.path().join("images")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "a failed create left {left:?}");
+}
