@@ -653,3 +653,8 @@ fn a_stage_without_kernel_asks_for_one_and_leaves_nothing_behind() {
     let left: Vec<_> = std::fs::read_dir(home.path().join("images")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "a failed create left {left:?}");
 }
+
+#[test]
+fn ukify_oracle_riscv64() {
+    ukify_agrees("riscv64");
+}
