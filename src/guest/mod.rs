@@ -92,13 +92,63 @@ impl Keys {
 /// Whether the guest's sshd answers: QEMU's user networking accepts TCP connections on the
 /// forwarded port before anything listens in the guest, so only the `SSH-` banner counts.
 pub async fn banner_ready(port: u16) -> bool {
+    probe_banner(port).await.is_some()
+}
+
+/// Connects to the forwarded port and reads the first bytes of the server's banner; returns the
+/// connection (with those bytes put back) when they are `SSH-`, to continue as an SSH session.
+pub async fn probe_banner(port: u16) -> Option<Probed> {
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).await.ok()?;
-        Some(&buf == b"SSH-")
+        let _ = s.set_nodelay(true);
+        (&buf == b"SSH-").then(|| Probed { prefix: buf.to_vec(), pos: 0, inner: s })
     };
-    tokio::time::timeout(Duration::from_secs(3), attempt).await.ok().flatten().unwrap_or(false)
+    tokio::time::timeout(Duration::from_secs(3), attempt).await.ok().flatten()
+}
+
+/// A TCP stream whose first bytes were already read by [`probe_banner`] and are replayed.
+pub struct Probed {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: tokio::net::TcpStream,
+}
+
+impl tokio::io::AsyncRead for Probed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Probed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 struct Pinned {
@@ -156,6 +206,20 @@ fn fingerprint(key: &PublicKey) -> String {
 impl Guest {
     /// Connects as root with the image's client key, refusing any host key but the pinned one.
     pub async fn connect(target: &str, port: u16, keys: &Keys) -> Result<Guest, GuestError> {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| GuestError::Connect {
+            target: target.to_owned(),
+            port,
+            source: Box::new(russh::Error::IO(e)),
+        })?;
+        let _ = stream.set_nodelay(true);
+        Self::connect_stream(target, port, keys, stream).await
+    }
+
+    /// [`Guest::connect`] over an established connection (e.g. from [`probe_banner`]).
+    pub async fn connect_stream<S>(target: &str, port: u16, keys: &Keys, stream: S) -> Result<Guest, GuestError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let expected = russh::keys::load_public_key(&keys.host_pub)
             .map_err(|source| GuestError::Key { path: keys.host_pub.clone(), source: Box::new(source) })?;
         let client = russh::keys::load_secret_key(&keys.client, None)
@@ -169,7 +233,7 @@ impl Guest {
             nodelay: true,
             ..Default::default()
         };
-        let connected = russh::client::connect(Arc::new(config), ("127.0.0.1", port), handler).await;
+        let connected = russh::client::connect_stream(Arc::new(config), stream, handler).await;
         let mut handle = match connected {
             Ok(h) => h,
             Err(russh::Error::UnknownKey) => {

@@ -405,11 +405,13 @@ impl Vm {
         });
         let started = Instant::now();
         // The port is free when probed; QEMU may still lose a race for it, then try another.
+        let keys = Keys::in_image(&paths.image);
+        let mut lock = Some(lock);
         let mut attempt = 0;
-        let (child, state) = loop {
+        loop {
             attempt += 1;
             launch.ssh_port = free_port()?;
-            let child = spawn(target, &paths, &launch, &lock, opts.detached)?;
+            let child = spawn(target, &paths, &launch, lock.as_ref().expect("held until the end"), opts.detached)?;
             let pid = child.id().unwrap_or(0);
             let state = State {
                 target: target.name.clone(),
@@ -421,62 +423,42 @@ impl Vm {
                 detached: opts.detached,
                 accel,
             };
+            let json = serde_json::to_string_pretty(&state).expect("state serialises");
             let mut vm = Vm {
                 target: target.name.clone(),
                 paths: paths.clone(),
                 child: Some(child),
-                state: state.clone(),
+                state,
                 guest: None,
                 _lock: None,
                 keep_overlay: opts.keep_overlay,
             };
-            // Give QEMU a moment to fail on the port before declaring the start.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if let Some(status) = vm.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                let stderr = tail_lines(&paths.qemu_log(), CONSOLE_TAIL_LINES);
-                vm.child = None;
-                if attempt < 3 && stderr.contains("hostfwd") {
-                    continue;
+            fs_err::write(paths.state(), json).map_err(io("write", &paths.state()))?;
+            match vm.wait_for_ssh(deadline, started, &keys, reporter, &task).await {
+                Ok(guest) => {
+                    vm.guest = Some(guest);
+                    vm._lock = lock.take();
+                    reporter.event(Event::Finish {
+                        task,
+                        message: format!(
+                            "{} guest up in {:.1}s, SSH on 127.0.0.1:{}",
+                            target.name,
+                            started.elapsed().as_secs_f64(),
+                            vm.state.ssh_port
+                        ),
+                    });
+                    return Ok(vm);
                 }
-                return Err(VmError::QemuExited {
-                    target: target.name.clone(),
-                    how: describe_exit(status),
-                    waiting_for: "it started".into(),
-                    output: tails(&stderr, &tail_lines(&paths.console(), CONSOLE_TAIL_LINES)),
-                });
-            }
-            break (vm.child.take().expect("just spawned"), state);
-        };
-        let json = serde_json::to_string_pretty(&state).expect("state serialises");
-        fs_err::write(paths.state(), json).map_err(io("write", &paths.state()))?;
-        let mut vm = Vm {
-            target: target.name.clone(),
-            paths: paths.clone(),
-            child: Some(child),
-            state,
-            guest: None,
-            _lock: Some(lock),
-            keep_overlay: opts.keep_overlay,
-        };
-        let keys = Keys::in_image(&paths.image);
-        match vm.wait_for_ssh(deadline, started, &keys, reporter, &task).await {
-            Ok(guest) => {
-                vm.guest = Some(guest);
-                reporter.event(Event::Finish {
-                    task,
-                    message: format!(
-                        "{} guest up in {:.1}s, SSH on 127.0.0.1:{}",
-                        target.name,
-                        started.elapsed().as_secs_f64(),
-                        vm.state.ssh_port
-                    ),
-                });
-                Ok(vm)
-            }
-            Err(e) => {
-                reporter.event(Event::Finish { task, message: format!("{} guest failed to boot", target.name) });
-                vm.kill_now().await;
-                Err(e)
+                Err(VmError::QemuExited { output, .. }) if attempt < 3 && output.contains("host forwarding") => {
+                    tracing::info!("QEMU lost port {} to another program; trying another", launch.ssh_port);
+                    vm.kill_now().await;
+                    prepare_run_files(target, &paths, &launch, opts.keep_overlay)?;
+                }
+                Err(e) => {
+                    reporter.event(Event::Finish { task, message: format!("{} guest failed to boot", target.name) });
+                    vm.kill_now().await;
+                    return Err(e);
+                }
             }
         }
     }
@@ -521,9 +503,12 @@ impl Vm {
                 last_line = line;
             }
             let left = deadline.saturating_sub(started.elapsed());
-            if tokio::time::timeout(left, crate::guest::banner_ready(self.state.ssh_port)).await.unwrap_or(false) {
+            let probe = crate::guest::probe_banner(self.state.ssh_port);
+            if let Ok(Some(stream)) = tokio::time::timeout(left, probe).await {
                 let left = deadline.saturating_sub(started.elapsed());
-                match tokio::time::timeout(left, Guest::connect(&self.target, self.state.ssh_port, keys)).await {
+                // The probe's connection goes on as the SSH session: one sshd fork less under TCG.
+                let connect = Guest::connect_stream(&self.target, self.state.ssh_port, keys, stream);
+                match tokio::time::timeout(left, connect).await {
                     Ok(Ok(guest)) => return Ok(guest),
                     // The guest's sshd may drop early connections while it finishes starting.
                     Ok(Err(GuestError::Connect { .. })) => {}
@@ -531,7 +516,7 @@ impl Vm {
                     Err(_) => continue,
                 }
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -648,17 +633,25 @@ fn spawn(target: &Target, paths: &Paths, launch: &Launch, lock: &Lock, detached:
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().map_err(io("open", &paths.qemu_log()))?)
         .stderr(log)
-        .process_group(0)
         .kill_on_drop(false);
+    if !detached {
+        // Its own group: a Ctrl-C at the terminal reaches dbh, which stops the guest properly.
+        command.process_group(0);
+    }
     let lock_fd = lock.file.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (fcntl, prctl, getppid, kill) between fork and exec.
+    // SAFETY: only async-signal-safe calls (fcntl, setsid, prctl, getppid, kill) between fork and exec.
     unsafe {
         command.pre_exec(move || {
             // QEMU inherits the locked descriptor: the lock is held as long as QEMU lives.
             if libc::fcntl(lock_fd, libc::F_SETFD, 0) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
-            if !detached {
+            if detached {
+                // Its own session (and group): a closing terminal's SIGHUP does not reach it.
+                if libc::setsid() == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 // The parent may have died between fork and prctl.
                 if libc::getppid() == 1 {

@@ -191,14 +191,14 @@ pub fn kvm_usable(target: &Target, cache_dir: &Path) -> bool {
         return false;
     }
     let boot_id = fs_err::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let cache = cache_dir.join(format!("kvm-probe-{}.txt", target.qemu.binary));
+    let cache = cache_dir.join(format!("kvm-probe-v2-{}.txt", target.qemu.binary));
     if let Ok(text) = fs_err::read_to_string(&cache)
         && let Some((id, answer)) = text.split_once('\n')
         && id == boot_id.trim()
     {
         return answer.trim() == "yes";
     }
-    let ok = probe_kvm(&target.qemu.binary, &host_machine());
+    let ok = probe_kvm(target, &host_machine());
     tracing::info!("KVM probe for {}: {}", target.qemu.binary, if ok { "works" } else { "does not work" });
     if fs_err::create_dir_all(cache_dir).is_ok() {
         let _ = fs_err::write(&cache, format!("{}\n{}\n", boot_id.trim(), if ok { "yes" } else { "no" }));
@@ -206,9 +206,12 @@ pub fn kvm_usable(target: &Target, cache_dir: &Path) -> bool {
     ok
 }
 
-/// Runs a tiny guest under KVM that writes to QEMU's isa-debug-exit port: QEMU then exits with
-/// status (1 << 1) | 1 = 3, which only happens if the vCPU really executed the instruction.
-fn probe_kvm(binary: &str, host: &str) -> bool {
+/// Runs a tiny guest under KVM, with the target's machine and KVM CPU model, that writes to QEMU's
+/// isa-debug-exit port: QEMU then exits with status (1 << 1) | 1 = 3, which only happens if the
+/// vCPU really executed the instruction. The CPU model matters: on these machines `-machine pc`
+/// with the default CPU passes, while `-cpu host` aborts setting an MSR, as real guests do.
+fn probe_kvm(target: &Target, host: &str) -> bool {
+    let binary = target.qemu.binary.as_str();
     if host != "x86_64" {
         // No probe guest for other hosts yet: stay on TCG rather than guess.
         return false;
@@ -222,7 +225,8 @@ fn probe_kvm(binary: &str, host: &str) -> bool {
         return false;
     }
     let cmd = Cmd::new(binary)
-        .args(["-accel", "kvm", "-machine", "pc", "-nodefaults", "-display", "none", "-no-reboot", "-m", "16"])
+        .args(["-accel", "kvm", "-machine", &target.qemu.machine, "-cpu", &target.qemu.cpu_kvm])
+        .args(["-nodefaults", "-display", "none", "-no-reboot", "-m", "16"])
         .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-bios"])
         .arg(&bios_path);
     let mut command = cmd.std_command();
@@ -319,6 +323,25 @@ mod tests {
         let t = Targets::builtin();
         if let Ok(v) = check_version(t.get("riscv64").unwrap()) {
             assert!(v >= QemuVersion::parse("8.1").unwrap());
+        }
+    }
+
+    #[test]
+    fn kvm_is_never_used_for_a_foreign_target_and_the_probe_answer_is_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Targets::builtin();
+        let foreign = if host_machine() == "aarch64" { "amd64" } else { "arm64" };
+        assert!(!kvm_usable(t.get(foreign).unwrap(), dir.path()));
+        let native = t.iter().find(|t| t.uname_machine == host_machine());
+        if let (Some(native), true) = (native, Path::new("/dev/kvm").exists()) {
+            // A real probe guest (on these machines /dev/kvm exists and guests fail: false).
+            let first = kvm_usable(native, dir.path());
+            eprintln!("KVM for {} on this host: {first}", native.name);
+            let cached = dir.path().join(format!("kvm-probe-v2-{}.txt", native.qemu.binary));
+            if host_machine() == "x86_64" && Cmd::new(&native.qemu.binary).arg("--version").output().is_ok() {
+                assert!(cached.exists(), "the probe result is cached");
+                assert_eq!(kvm_usable(native, dir.path()), first);
+            }
         }
     }
 

@@ -1,10 +1,17 @@
 //! The VM runner against real QEMU guests (arm64 under TCG).
 //!
-//! Guest image: tests/it/vm_fixture/arm64-guest.sh builds a small arm64 guest in the contract's
-//! layout (busybox initramfs + dropbear, UKI, ESP, ext4 disk, pinned keys), cached in
-//! ~/.cache/dbh-tests/vm-arm64-guest-<hash of the script>/. One guest is booted once per test run
-//! and shared by the tests that only need *a* guest; tests about the lifecycle boot their own.
-//! Every test checks that no QEMU process mentioning its home directory is left.
+//! Guest images:
+//! - the product's: `dbh vm image create` from the Debian-based arm64 test stage served over HTTP
+//!   (`super::image::image_home`), for the shared guest, exec through the CLI and host key pinning;
+//! - a lab-style one: tests/it/vm_fixture/guest.sh builds a small guest in the contract's layout
+//!   (busybox initramfs + dropbear, ext4 disk, pinned keys; UKI + ESP for arm64, kernel + initramfs
+//!   for ppc64le's direct boot), cached in ~/.cache/dbh-tests/vm-<arch>-guest-<hash of the script>/.
+//!   It boots in seconds and has what the lifecycle tests need: a disk variant without sshd, an init
+//!   that ignores the ACPI power button, and ppc64le (no test stage exists for it).
+//!
+//! One product guest is booted once per test run and shared by the tests that only need *a* guest;
+//! tests about the lifecycle boot their own. Every test checks that no QEMU process mentioning its
+//! home directory is left.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,7 +25,7 @@ use dbh::vm::{self, Shutdown, StartOptions, Vm, VmError};
 
 use super::cli::dbh;
 
-const SCRIPT: &str = include_str!("vm_fixture/arm64-guest.sh");
+const SCRIPT: &str = include_str!("vm_fixture/guest.sh");
 
 fn cache_root() -> PathBuf {
     std::env::var_os("DBH_TEST_CACHE")
@@ -26,29 +33,37 @@ fn cache_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/dbh-tests"))
 }
 
-/// The cached guest image directory (built on first use, under a file lock so that parallel test
-/// processes build it once).
+/// The cached arm64 guest image directory.
 fn guest_image() -> PathBuf {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE
-        .get_or_init(|| {
-            use sha2::Digest;
-            let hash = hex::encode(&sha2::Sha256::digest(SCRIPT.as_bytes())[..8]);
-            let dir = cache_root().join(format!("vm-arm64-guest-{hash}"));
-            let image = dir.join("image");
-            std::fs::create_dir_all(&dir).unwrap();
-            let lock = std::fs::File::create(dir.join("lock")).unwrap();
-            lock_file(&lock);
-            if !image.join(".done").exists() {
-                let script = dir.join("arm64-guest.sh");
-                std::fs::write(&script, SCRIPT).unwrap();
-                let status = Command::new("sh").arg(&script).arg(&image).arg(dir.join("work")).status().unwrap();
-                assert!(status.success(), "building the arm64 test guest failed");
-                std::fs::write(image.join(".done"), "").unwrap();
-            }
-            image
-        })
-        .clone()
+    IMAGE.get_or_init(|| build_guest("arm64")).clone()
+}
+
+/// Builds (once, under a file lock so that parallel test processes build it once) the guest of a
+/// Debian architecture.
+fn build_guest(debian_arch: &str) -> PathBuf {
+    use sha2::Digest;
+    let hash = hex::encode(&sha2::Sha256::digest(SCRIPT.as_bytes())[..8]);
+    let dir = cache_root().join(format!("vm-{debian_arch}-guest-{hash}"));
+    let image = dir.join("image");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock = std::fs::File::create(dir.join("lock")).unwrap();
+    lock_file(&lock);
+    if !image.join(".done").exists() {
+        let script = dir.join("guest.sh");
+        std::fs::write(&script, SCRIPT).unwrap();
+        let status = Command::new("sh")
+            .arg(&script)
+            .arg(debian_arch)
+            .arg(&image)
+            .arg(dir.join("work"))
+            .stdin(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "building the {debian_arch} test guest failed");
+        std::fs::write(image.join(".done"), "").unwrap();
+    }
+    image
 }
 
 fn lock_file(f: &std::fs::File) {
@@ -57,8 +72,40 @@ fn lock_file(f: &std::fs::File) {
     assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
 }
 
-/// A fresh $DBH_HOME whose images/arm64 links to the cached image; `disk` picks the disk variant,
-/// `host_key` replaces the pinned host key.
+/// A fresh $DBH_HOME whose images/arm64 links to the image made by `dbh vm image create` (falls
+/// back to the lab-style guest where no test stage can be built); `host_key` replaces the pinned key.
+fn product_home(host_key: Option<&str>) -> tempfile::TempDir {
+    let Some(made) = super::image::image_home("arm64") else {
+        eprintln!("no arm64 test stage here; using the lab-style guest");
+        return home_with("disk.qcow2", host_key);
+    };
+    let image = made.join("images/arm64");
+    let home = tempfile::Builder::new().prefix("dbh-vm-").tempdir().unwrap();
+    let dir = home.path().join("images/arm64");
+    std::fs::create_dir_all(dir.join("ssh")).unwrap();
+    for entry in std::fs::read_dir(&image).unwrap().flatten() {
+        let name = entry.file_name();
+        if name != "run" && name != "ssh" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(&name)).unwrap();
+        }
+    }
+    for f in ["id_ed25519", "id_ed25519.pub", "host_ed25519_key.pub"] {
+        std::os::unix::fs::symlink(image.join("ssh").join(f), dir.join("ssh").join(f)).unwrap();
+    }
+    if let Some(key) = host_key {
+        std::fs::remove_file(dir.join("ssh/host_ed25519_key.pub")).unwrap();
+        std::fs::write(dir.join("ssh/host_ed25519_key.pub"), key).unwrap();
+    }
+    home
+}
+
+/// The pinned host key of the image under `home`.
+fn pinned_key(home: &Path) -> String {
+    std::fs::read_to_string(std::fs::canonicalize(home.join("images/arm64/ssh/host_ed25519_key.pub")).unwrap()).unwrap()
+}
+
+/// A fresh $DBH_HOME whose images/arm64 links to the cached lab-style image; `disk` picks the disk
+/// variant, `host_key` replaces the pinned host key.
 fn home_with(disk: &str, host_key: Option<&str>) -> tempfile::TempDir {
     let image = guest_image();
     let home = tempfile::Builder::new().prefix("dbh-vm-").tempdir().unwrap();
@@ -115,7 +162,7 @@ fn shared() -> &'static Shared {
     static SHARED: OnceLock<Shared> = OnceLock::new();
     SHARED.get_or_init(|| {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let home = home_with("disk.qcow2", None);
+        let home = product_home(None);
         let h = Home::new(home.path());
         let vm = rt
             .block_on(rt.spawn(async move { Vm::start(&h, &arm64(), &StartOptions::default(), &Silent).await }))
@@ -127,7 +174,7 @@ fn shared() -> &'static Shared {
 
 #[test]
 fn exec_prints_uname_of_a_throw_away_guest_and_leaves_no_qemu() {
-    let home = home_with("disk.qcow2", None);
+    let home = product_home(None);
     let out = dbh()
         .arg("--home")
         .arg(home.path())
@@ -229,15 +276,14 @@ fn a_guest_without_sshd_times_out_naming_the_wait_and_the_console() {
 #[test]
 fn a_guest_whose_host_key_differs_from_the_pinned_one_is_refused() {
     let other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl other\n";
-    let home = home_with("disk.qcow2", Some(other));
+    let home = product_home(Some(other));
     let h = Home::new(home.path());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let err = rt.block_on(Vm::start(&h, &arm64(), &StartOptions::default(), &Silent)).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("has host key SHA256:"), "{text}");
     assert!(text.contains("but the image pins SHA256:"), "{text}");
-    let pinned = std::fs::read_to_string(guest_image().join("ssh/host_ed25519_key.pub")).unwrap();
-    let real = ssh_key_fingerprint(&pinned);
+    let real = ssh_key_fingerprint(&pinned_key(product_home(None).path()));
     assert!(text.contains(&real), "the error should name the guest's real key {real}: {text}");
     assert_no_qemu(home.path());
 }
@@ -371,4 +417,79 @@ fn guest_runs(home: &Path, needle: &str) -> bool {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).contains(needle)
+}
+
+#[test]
+fn ppc64le_boots_its_kernel_directly_and_answers() {
+    let image = build_guest("ppc64el");
+    let home = tempfile::Builder::new().prefix("dbh-vm-").tempdir().unwrap();
+    let dir = home.path().join("images/ppc64le");
+    std::fs::create_dir_all(dir.join("ssh")).unwrap();
+    for f in ["disk.qcow2", "vmlinuz", "initrd.img", "cmdline", "ssh/id_ed25519", "ssh/host_ed25519_key.pub"] {
+        std::os::unix::fs::symlink(image.join(f), dir.join(f)).unwrap();
+    }
+    let out = dbh()
+        .arg("--home")
+        .arg(home.path())
+        .args(["vm", "exec", "--target", "ppc64le", "--", "uname", "-m"])
+        .env("XDG_CONFIG_HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ppc64le\n");
+    let console = std::fs::read_to_string(dir.join("run/console.log")).unwrap();
+    assert!(console.contains("dbh-guest: initramfs up on ppc64le"), "{console}");
+    assert!(console.contains("root=LABEL=dbh-root"), "the direct-boot command line reaches the kernel: {console}");
+    assert_no_qemu(home.path());
+}
+
+#[test]
+fn vm_ssh_opens_a_shell_with_the_pinned_key() {
+    let s = shared();
+    let mut child = dbh()
+        .arg("--home")
+        .arg(s.home.path())
+        .args(["vm", "ssh", "--target", "arm64"])
+        .env("XDG_CONFIG_HOME", s.home.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"uname -m; exit 5\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "aarch64\n", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(5));
+    let known_hosts = std::fs::read_to_string(s.home.path().join("images/arm64/run/known_hosts")).unwrap();
+    let pinned = pinned_key(s.home.path());
+    assert!(known_hosts.contains(pinned.split_whitespace().nth(1).unwrap()), "{known_hosts}");
+}
+
+#[test]
+fn boot_progress_is_reported_as_events() {
+    let home = home_with("disk.qcow2", None);
+    let h = Home::new(home.path());
+    let events = dbh::events::Collector::default();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let vm = Vm::start(&h, &arm64(), &StartOptions::default(), &events).await.unwrap();
+        vm.stop(Shutdown::Quit, &events).await.unwrap();
+    });
+    use dbh::events::{Event, Unit};
+    let events = events.events.lock().unwrap().clone();
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Start { task, unit: Unit::Spinner, .. } if task == "vm-boot-arm64")),
+        "{events:?}"
+    );
+    assert!(
+        // Which console lines are sampled depends on timing; that some are is the point.
+        events.iter().any(|e| matches!(e, Event::Progress { message: Some(m), .. } if !m.trim().is_empty())),
+        "console lines are shown while booting: {events:?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Finish { message, .. } if message.contains("arm64 guest up in"))),
+        "{events:?}"
+    );
+    assert_no_qemu(home.path());
 }

@@ -1,21 +1,28 @@
 #!/bin/sh
-# Builds a minimal arm64 guest in the layout of VM-CONTRACT.md ($DBH_HOME/images/<target>/), the lab's
-# way (shared/lab/vm-boot.md §1, §3): Debian bookworm arm64 .debs, a busybox initramfs running
-# dropbear, a UKI made with aarch64-linux-gnu-objcopy, a FAT ESP made with mtools, an ext4 disk
-# labelled dbh-root. The guest stays in its initramfs (the runner only needs sshd, a console and
+# Builds a minimal guest in the layout of VM-CONTRACT.md ($DBH_HOME/images/<target>/), the lab's
+# way (shared/lab/vm-boot.md §1-3): Debian bookworm .debs of the guest's architecture, a busybox
+# initramfs running dropbear, an ext4 disk labelled dbh-root; for arm64 a UKI made with
+# aarch64-linux-gnu-objcopy on a FAT ESP made with mtools, for ppc64el (no UEFI on pseries) the
+# kernel, initramfs and command line for direct boot. bookworm-security's ppc64el index is stale
+# on the mirror here (vm-boot.md §0), so ppc64el uses the kernel ABI of the bookworm point release. The guest stays in its initramfs (the runner only needs sshd, a console and
 # the disk); if the disk holds a file `/nossh` it never starts sshd (for the boot-timeout test).
 # A stand-in until `dbh vm image create` exists; the runner tests do not depend on how it is made.
 #
-# usage: arm64-guest.sh OUTDIR WORKDIR      (OUTDIR gets disk.qcow2 esp.img uki.efi ssh/ image.toml
-#                                            disk-nossh.qcow2)
+# usage: guest.sh ARCH OUTDIR WORKDIR   ARCH: arm64 | ppc64el (Debian names)
+#   OUTDIR gets disk.qcow2, disk-nossh.qcow2, ssh/, image.toml and esp.img + uki.efi (arm64) or
+#   vmlinuz + initrd.img + cmdline (ppc64el)
 set -eu
-OUT=$(realpath -m "$1"); WORK=$(realpath -m "$2")
+ARCH=$1; OUT=$(realpath -m "$2"); WORK=$(realpath -m "$3")
+case $ARCH in
+  arm64) KVER=6.1.0-56-cloud-arm64; CONSOLE=ttyAMA0; TARGET=arm64; EXTRA=systemd-boot-efi/bookworm ;;
+  ppc64el) KVER=6.1.0-50-powerpc64le; CONSOLE=hvc0; TARGET=ppc64le; EXTRA= ;;
+  *) echo "unknown ARCH $ARCH" >&2; exit 1 ;;
+esac
 mkdir -p "$OUT/ssh" "$WORK/debs" "$WORK/apt/lists/partial" "$WORK/apt/cache/archives/partial"
-KVER=6.1.0-56-cloud-arm64
-o="-oAPT::Architecture=arm64 -oAPT::Architectures=arm64 -oDir::State::Lists=$WORK/apt/lists -oDir::Cache=$WORK/apt/cache"
+o="-oAPT::Architecture=$ARCH -oAPT::Architectures=$ARCH -oDir::State::Lists=$WORK/apt/lists -oDir::Cache=$WORK/apt/cache"
 if [ ! -e "$WORK/debs/.done" ]; then
-  apt-get $o update >/dev/null 2>&1 || echo "warning: some apt indexes failed" >&2
-  (cd "$WORK/debs" && apt-get $o download linux-image-$KVER systemd-boot-efi/bookworm busybox-static \
+  apt-get $o update >/dev/null 2>&1 || echo "warning: some apt indexes failed (a stale mirror index is ignored)" >&2
+  (cd "$WORK/debs" && apt-get $o download linux-image-$KVER $EXTRA busybox-static \
      dropbear-bin libc6 zlib1g libcrypt1 libtomcrypt1 libtommath1 libgmp10 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2)
   touch "$WORK/debs/.done"
 fi
@@ -25,6 +32,7 @@ for d in "$WORK"/debs/*.deb; do dpkg -x "$d" "$X"; done
 # Keys: the client pair and the pinned host key (contract: ssh/id_ed25519{,.pub}, ssh/host_ed25519_key.pub).
 rm -f "$OUT"/ssh/*
 ssh-keygen -q -t ed25519 -N '' -C dbh-client -f "$OUT/ssh/id_ed25519"
+rm -f "$WORK/host_ed25519_key" "$WORK/host_ed25519_key.pub"
 ssh-keygen -q -t ed25519 -N '' -C dbh-guest -f "$WORK/host_ed25519_key"
 cp "$WORK/host_ed25519_key.pub" "$OUT/ssh/host_ed25519_key.pub"
 
@@ -42,6 +50,7 @@ cp "$X/usr/sbin/dropbear" usr/sbin/; cp "$X/usr/lib/dropbear/dropbearconvert" us
 for d in lib usr/lib; do
   find "$X/$d" -maxdepth 2 -name '*.so*' | while read -r f; do r=${f#"$X"/}; mkdir -p "$(dirname "$r")"; cp -a "$f" "$r"; done
 done
+[ -e "$X/lib64" ] && cp -a "$X/lib64" . || true
 cp "$OUT/ssh/id_ed25519.pub" root/.ssh/authorized_keys
 cp "$WORK/host_ed25519_key" etc/ssh/ssh_host_ed25519_key
 chmod 700 root root/.ssh; chmod 600 root/.ssh/authorized_keys etc/ssh/ssh_host_ed25519_key
@@ -69,8 +78,11 @@ chmod +x init
 find . | sort | cpio -o -H newc --quiet -R 0:0 | gzip -1 > "$WORK/initrd.img"
 cd "$WORK"
 
+printf '%s' "root=LABEL=dbh-root rw console=$CONSOLE panic=-1" > cmdline
+if [ "$ARCH" = ppc64el ]; then
+  cp "$X/boot/vmlinux-$KVER" "$OUT/vmlinuz"; cp initrd.img "$OUT/initrd.img"; cp cmdline "$OUT/cmdline"
+else
 # UKI (systemd 252 objcopy recipe, section VMAs from the stub's SizeOfImage and the kernel size)
-printf '%s' "root=LABEL=dbh-root rw console=ttyAMA0 panic=-1" > cmdline
 printf 'ID=dbh-test\nNAME="dbh test guest"\n' > osrel
 STUB="$X/usr/lib/systemd/boot/efi/linuxaa64.efi.stub"; KERNEL="$X/boot/vmlinuz-$KVER"
 align() { echo $(( ($1 + 0xFFFFF) / 0x100000 * 0x100000 )); }
@@ -89,6 +101,7 @@ rm -f "$OUT/esp.img"
 mkfs.vfat -C "$OUT/esp.img" $(( $(stat -c%s "$OUT/uki.efi") / 1024 + 8192 )) >/dev/null
 mmd -i "$OUT/esp.img" ::/EFI ::/EFI/BOOT
 mcopy -i "$OUT/esp.img" "$OUT/uki.efi" ::/EFI/BOOT/BOOTAA64.EFI
+fi
 
 # disks: ext4 LABEL=dbh-root; the -nossh variant carries /nossh
 for v in ssh nossh; do
@@ -98,14 +111,14 @@ done
 qemu-img convert -f raw -O qcow2 disk-ssh.ext4 "$OUT/disk.qcow2"
 qemu-img convert -f raw -O qcow2 disk-nossh.ext4 "$OUT/disk-nossh.qcow2"
 cat > "$OUT/image.toml" <<EOT
-target = "arm64"
+target = "$TARGET"
 created = $(date +%s)
 kernel = "$KVER"
 init = "busybox"
 guest_pkgdir = "/var/cache/binpkgs"
 portage = "/usr/bin/emerge"
 [stage]
-path = "tests/it/vm_fixture/arm64-guest.sh"
+path = "tests/it/vm_fixture/guest.sh $ARCH"
 EOT
 rm -rf "$X" "$I" root-ssh root-nossh disk-ssh.ext4 disk-nossh.ext4
 echo "guest image in $OUT"
