@@ -332,8 +332,8 @@ fn initramfs_variants_busybox_and_stage_tools() {
 
 /// Boots the image made by `image create` through the VM runner and checks the architecture and
 /// Portage inside: arm64 through the CLI (`dbh vm exec`, a throw-away guest), others through the
-/// library with TCG forced (on these hosts the runner's KVM probe passes but `-cpu host` guests
-/// abort on MSR 0x10a, a runner issue reported separately).
+/// runner's library with TCG forced, so the result does not depend on the host's KVM (nested KVM
+/// on CI machines has aborted `-cpu host` guests) and riscv64 can use firmware from the test cache.
 fn boots_and_runs_portage(target: &str, machine: &str) {
     let mut t = dbh::target::Targets::builtin().get(target).unwrap().clone();
     let Some(home) = image_home(target) else { return };
