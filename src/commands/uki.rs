@@ -1,6 +1,7 @@
-//! `dbh uki build`: assemble a UKI from a systemd-stub, a kernel, an initramfs (given, or generated
-//! from `--modules` and the host's tools are never used: the initramfs needs a target root, so a
-//! generated one takes its tools from the root that holds `--modules`) and a command line.
+//! `dbh uki build`: assemble a UKI from a systemd-stub, a kernel, an initramfs and a command line.
+//! Without `--initrd` but with `--modules ROOT/lib/modules/<version>`, the initramfs is generated
+//! from ROOT (its busybox or shell/kmod/util-linux, and those modules): its tools must run on the
+//! target's CPU, so they never come from the host.
 
 use std::path::Path;
 

@@ -146,8 +146,16 @@ fn append_once(path: &Path, marker: &str, text: &str) -> Result<(), ImageError> 
     write(path, &new, 0o644)
 }
 
+/// What `/sbin/init` runs: busybox or systemd by where the link points, else OpenRC when the stage
+/// has it (sysvinit + OpenRC, or openrc-init), else systemd when present, else busybox init.
 pub fn detect_init(root: &Path) -> InitSystem {
-    if exists_in(root, "/sbin/openrc") || exists_in(root, "/usr/sbin/openrc") {
+    let init = resolve(root, "/sbin/init", true);
+    let name = init.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if init.exists() && name.contains("busybox") {
+        InitSystem::Busybox
+    } else if init.exists() && name == "systemd" {
+        InitSystem::Systemd
+    } else if exists_in(root, "/sbin/openrc") || exists_in(root, "/usr/sbin/openrc") {
         InitSystem::Openrc
     } else if exists_in(root, "/lib/systemd/systemd") || exists_in(root, "/usr/lib/systemd/systemd") {
         InitSystem::Systemd
@@ -461,6 +469,11 @@ mod tests {
         std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
         std::os::unix::fs::symlink("usr/sbin", r.join("sbin")).unwrap();
         assert_eq!(detect_init(r), InitSystem::Busybox);
+        // systemd being installed does not matter while /sbin/init is busybox (Debian test stages).
+        write(&at(r, "/usr/lib/systemd/systemd"), "", 0o755).unwrap();
+        std::os::unix::fs::symlink("../bin/busybox", r.join("usr/sbin/init")).unwrap();
+        assert_eq!(detect_init(r), InitSystem::Busybox);
+        std::fs::remove_file(r.join("usr/sbin/init")).unwrap();
         busybox_init(r).unwrap();
         assert!(std::fs::read_to_string(at(r, "/etc/inittab")).unwrap().contains("::sysinit:/etc/init.d/dbh-rc start"));
         let rc = std::fs::read_to_string(at(r, "/etc/init.d/dbh-rc")).unwrap();

@@ -493,6 +493,46 @@ mod tests {
     }
 
     #[test]
+    fn detached_asc_next_to_an_unsigned_digests_verifies() {
+        use sequoia_openpgp::serialize::stream::{Armorer, Message, Signer};
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, _) = signed("unused");
+        let policy = sequoia_openpgp::policy::StandardPolicy::new();
+        let keypair = cert
+            .keys()
+            .unencrypted_secret()
+            .with_policy(&policy, None)
+            .supported()
+            .for_signing()
+            .next()
+            .unwrap()
+            .key()
+            .clone()
+            .into_keypair()
+            .unwrap();
+        let mut sig = Vec::new();
+        {
+            let message = Armorer::new(Message::new(&mut sig))
+                .kind(sequoia_openpgp::armor::Kind::Signature)
+                .build()
+                .unwrap();
+            let mut signer = Signer::new(message, keypair).unwrap().detached().build().unwrap();
+            signer.write_all(DIGESTS.as_bytes()).unwrap();
+            signer.finalize().unwrap();
+        }
+        let digests = dir.path().join("s.DIGESTS");
+        let asc = dir.path().join("s.DIGESTS.asc");
+        std::fs::write(&digests, DIGESTS).unwrap();
+        std::fs::write(&asc, &sig).unwrap();
+        let ring = keyring(dir.path(), &cert);
+        assert_eq!(digests_text(&digests, "s.DIGESTS", Some(&asc), Some(&ring)).unwrap(), DIGESTS);
+        std::fs::write(&digests, DIGESTS.replace("shab", "shac")).unwrap();
+        let err = digests_text(&digests, "s.DIGESTS", Some(&asc), Some(&ring)).unwrap_err();
+        assert!(matches!(err, StageError::BadSignature { .. }), "{err}");
+    }
+
+    #[test]
     fn file_names_of_urls_and_paths() {
         assert_eq!(file_name("http://h/a/b/stage3.tar.xz?x=1"), "stage3.tar.xz");
         assert_eq!(file_name("/tmp/s.tar.xz"), "s.tar.xz");

@@ -598,7 +598,14 @@ impl ModuleIndex {
         if self.modules.contains_key(&name) {
             return Some(name);
         }
-        self.aliases.get(&name).filter(|m| self.modules.contains_key(*m)).cloned()
+        if let Some(m) = self.aliases.get(&name).filter(|m| self.modules.contains_key(*m)) {
+            return Some(m.clone());
+        }
+        // Without modules.alias (no depmod), a crypto softdep like ext4's `pre: crc32c` names an
+        // algorithm whose generic implementation is `<name>_generic` (the kernel's own naming).
+        // ext4 asks for `crypto-crc32c` (request_module's name for the algorithm).
+        let algorithm = name.strip_prefix("crypto_").unwrap_or(&name);
+        [algorithm.to_owned(), format!("{algorithm}_generic")].into_iter().find(|m| self.modules.contains_key(m))
     }
 }
 
@@ -834,6 +841,24 @@ mod tests {
         assert_eq!(canon, "usr/bin/kmod");
         assert_eq!(links, [("bin".into(), "usr/bin".into()), ("usr/bin/insmod".into(), "/bin/kmod".into())]);
         assert!(resolve_in_root(r, "/bin/nothing").unwrap().is_none());
+    }
+
+    #[test]
+    fn crypto_softdeps_find_the_generic_module_without_depmod() {
+        let index = ModuleIndex {
+            dir: PathBuf::from("/m"),
+            modules: [("crc32c_generic", "crypto/crc32c_generic.ko.xz"), ("ext4", "fs/ext4/ext4.ko.xz")]
+                .into_iter()
+                .map(|(n, p)| (n.to_owned(), ModuleInfo { path: PathBuf::from(p), depends: vec![], softdeps_pre: vec![] }))
+                .collect(),
+            aliases: HashMap::new(),
+            builtin: BTreeSet::new(),
+            has_builtin_list: true,
+        };
+        assert_eq!(index.lookup("crypto-crc32c").as_deref(), Some("crc32c_generic"));
+        assert_eq!(index.lookup("crc32c").as_deref(), Some("crc32c_generic"));
+        assert_eq!(index.lookup("ext4").as_deref(), Some("ext4"));
+        assert_eq!(index.lookup("nope"), None);
     }
 
     #[test]

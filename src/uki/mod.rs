@@ -125,7 +125,10 @@ pub fn assemble(parts: &UkiParts) -> Result<Vec<u8>, UkiError> {
         sections.push(pe::NewSection { name: ".uname".into(), data: uname.clone().into_bytes(), virtual_size: None });
     }
     sections.push(pe::NewSection { name: ".linux".into(), data: parts.kernel.clone(), virtual_size: None });
-    sections.push(pe::NewSection { name: ".initrd".into(), data: parts.initrd.clone(), virtual_size: None });
+    // ukify leaves out what is empty; an empty .initrd would only confuse the stub.
+    if !parts.initrd.is_empty() {
+        sections.push(pe::NewSection { name: ".initrd".into(), data: parts.initrd.clone(), virtual_size: None });
+    }
     Ok(pe::add_sections(&stub, &parts.stub, &sections)?)
 }
 
