@@ -57,3 +57,35 @@ fn config_show_names_origins() {
     assert!(text.contains("# from: command line (--home)"), "{text}");
     assert!(text.contains("# from: environment (DBH_SERVE_PUBLIC_URL)\nserve.public_url = \"http://binhost.example:8080/\""), "{text}");
 }
+
+/// `--help` of every command group is part of the user interface: changes show up in review.
+#[test]
+fn help_texts_snapshot() {
+    for args in [
+        &["--help"][..],
+        &["binhost", "--help"],
+        &["binhost", "add", "--help"],
+        &["serve", "--help"],
+        &["vm", "--help"],
+        &["vm", "image", "create", "--help"],
+        &["uki", "build", "--help"],
+    ] {
+        let out = dbh().args(args).env("COLUMNS", "100").output().unwrap();
+        assert!(out.status.success());
+        let name = format!("help_{}", args[..args.len() - 1].join("_"));
+        insta::assert_snapshot!(name, String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+/// Error output: the message names the thing, the hint says the fix.
+#[test]
+fn error_output_snapshot() {
+    let (code, _, stderr) = run(&["binhost", "conf", "--target", "sparc", "--url", "http://h/"]);
+    assert_eq!(code, 1);
+    insta::assert_snapshot!("error_unknown_target", stderr);
+    let home = tempfile::tempdir().unwrap();
+    let out = dbh().arg("--home").arg(home.path()).args(["key", "export"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&*home.path().to_string_lossy(), "$DBH_HOME");
+    insta::assert_snapshot!("error_no_key", stderr);
+}
