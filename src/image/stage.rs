@@ -427,15 +427,9 @@ mod tests {
         assert_eq!(strip_clearsign(signed), "# SHA512 HASH\nabc  f.tar.xz\n-dash\n");
     }
 
-    /// A fresh signing certificate and a clear-signed `text`, as Gentoo's release tooling writes.
-    fn signed(text: &str) -> (sequoia_openpgp::Cert, Vec<u8>) {
-        use sequoia_openpgp::cert::CertBuilder;
-        use sequoia_openpgp::serialize::stream::{Message, Signer};
-        use std::io::Write;
-        let (cert, _) = CertBuilder::general_purpose(Some("release <release@example.org>")).generate().unwrap();
+    fn signing_keypair(cert: &sequoia_openpgp::Cert) -> sequoia_openpgp::crypto::KeyPair {
         let policy = sequoia_openpgp::policy::StandardPolicy::new();
-        let keypair = cert
-            .keys()
+        cert.keys()
             .unencrypted_secret()
             .with_policy(&policy, None)
             .supported()
@@ -445,7 +439,16 @@ mod tests {
             .key()
             .clone()
             .into_keypair()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A fresh signing certificate and a clear-signed `text`, as Gentoo's release tooling writes.
+    fn signed(text: &str) -> (sequoia_openpgp::Cert, Vec<u8>) {
+        use sequoia_openpgp::cert::CertBuilder;
+        use sequoia_openpgp::serialize::stream::{Message, Signer};
+        use std::io::Write;
+        let (cert, _) = CertBuilder::general_purpose(Some("release <release@example.org>")).generate().unwrap();
+        let keypair = signing_keypair(&cert);
         let mut sink = Vec::new();
         let mut signer = Signer::new(Message::new(&mut sink), keypair).unwrap().cleartext().build().unwrap();
         signer.write_all(text.as_bytes()).unwrap();
@@ -498,19 +501,7 @@ mod tests {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let (cert, _) = signed("unused");
-        let policy = sequoia_openpgp::policy::StandardPolicy::new();
-        let keypair = cert
-            .keys()
-            .unencrypted_secret()
-            .with_policy(&policy, None)
-            .supported()
-            .for_signing()
-            .next()
-            .unwrap()
-            .key()
-            .clone()
-            .into_keypair()
-            .unwrap();
+        let keypair = signing_keypair(&cert);
         let mut sig = Vec::new();
         {
             let message = Armorer::new(Message::new(&mut sig))
