@@ -32,6 +32,8 @@ pub const GUEST_PKGDIR: &str = "/var/cache/binpkgs";
 pub struct VmOptions {
     pub keep_vm: bool,
     pub boot_deadline: Option<Duration>,
+    /// Pass every line of emerge's output on as a note (`-v`).
+    pub echo_output: bool,
 }
 
 /// One binary package file in the guest's PKGDIR.
@@ -260,7 +262,7 @@ pub async fn build(
 
     let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, ..Default::default() };
     let vm = Vm::start(home, target, &start, reporter).await?;
-    let result = in_guest(vm.guest(), target, req, &repos, &config, (&profile_repo, &profile_path), seed.as_deref(), &log_dir, reporter).await;
+    let result = in_guest(vm.guest(), target, req, &repos, &config, (&profile_repo, &profile_path), seed.as_deref(), &log_dir, opts.echo_output, reporter).await;
     if opts.keep_vm {
         reporter.event(Event::Note { message: format!("the {} guest keeps running (--keep-vm); stop it with `dbh vm stop --target {}`", target.name, target.name) });
         vm.release().await;
@@ -291,6 +293,7 @@ async fn in_guest(
     (profile_repo, profile_path): (&str, &str),
     seed: Option<&[u8]>,
     log_dir: &Path,
+    echo: bool,
     reporter: &dyn Reporter,
 ) -> Result<GuestResult, Error> {
     let task = format!("build:{}", target.name);
@@ -361,6 +364,9 @@ async fn in_guest(
     let status = guest
         .exec(&command, |_, line| {
             let _ = writeln!(log, "{line}");
+            if echo {
+                reporter.event(Event::Note { message: line.to_owned() });
+            }
             tail.push(line.to_owned());
             if tail.len() > 30 {
                 tail.remove(0);

@@ -190,7 +190,11 @@ pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distc
         atoms: common.atoms.clone(),
         emerge_args: common.emerge_args.clone(),
     };
-    let opts = build::vm::VmOptions { keep_vm, boot_deadline: start_options(ctx, keep_vm).boot_deadline };
+    let opts = build::vm::VmOptions {
+        keep_vm,
+        boot_deadline: start_options(ctx, keep_vm).boot_deadline,
+        echo_output: ctx.verbose > 0,
+    };
     let mut outcome = None;
     block_on(async {
         let home = ctx.settings.home();
