@@ -34,6 +34,8 @@ pub enum Error {
     Vm(#[from] crate::vm::VmError),
     #[error(transparent)]
     Guest(#[from] crate::guest::GuestError),
+    #[error(transparent)]
+    Build(#[from] crate::build::BuildError),
     /// A command of the contract whose implementation has not landed yet.
     #[error("`dbh {command}` is not implemented in this version of dbh")]
     NotImplemented { command: &'static str },
@@ -58,6 +60,7 @@ impl Error {
             Error::Image(e) => e.hint(),
             Error::Vm(e) => e.hint(),
             Error::Guest(e) => e.hint(),
+            Error::Build(e) => e.hint(),
             Error::NotImplemented { .. } => {
                 Some("see README.md for the commands that work in this version".into())
             }

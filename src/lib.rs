@@ -18,6 +18,7 @@
 
 pub mod binhost;
 pub mod binpkg;
+pub mod build;
 pub mod cli;
 pub mod commands;
 pub mod error;

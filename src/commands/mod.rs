@@ -22,6 +22,8 @@ pub struct Context {
     pub settings: Settings,
     pub reporter: Terminal,
     pub quiet: bool,
+    /// `-v` count.
+    pub verbose: u8,
 }
 
 pub fn run(cli: Cli) -> Result<(), Error> {
@@ -46,6 +48,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         settings: Settings::load(values)?,
         reporter: Terminal::new(cli.global.quiet),
         quiet: cli.global.quiet,
+        verbose: cli.global.verbose,
     };
     match cli.command {
         Command::Targets { json } => targets::run(&ctx, json),

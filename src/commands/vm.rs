@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::{Context, out};
 use crate::Error;
-use crate::cli::{ImageCommand, ImageCreateArgs, VmCommand};
+use crate::build;
+use crate::cli::{BuildCommon, ImageCommand, ImageCreateArgs, VmCommand};
 use crate::image::{self, CreateOptions};
 use crate::events::{Event, Reporter as _};
 use crate::target::Targets;
@@ -14,7 +15,7 @@ use crate::vm::{self, Shutdown, StartOptions, Status, Vm};
 pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
     match cmd {
         VmCommand::Image(ImageCommand::Create(args)) => image_create(ctx, args),
-        VmCommand::Build(_) => Err(Error::NotImplemented { command: "vm build" }),
+        VmCommand::Build(args) => vm_build(ctx, &args.common, args.keep_vm, args.distcc),
         VmCommand::Start(t) => start(ctx, &t.target),
         VmCommand::Stop(t) => block_on(async {
             let home = ctx.settings.home();
@@ -172,6 +173,57 @@ fn block_on_code<F: std::future::Future<Output = Result<u32, Error>>>(fut: F) ->
         Ok(())
     })?;
     Ok(code)
+}
+
+/// `dbh vm build` (and `dbh build --backend vm|auto`): a thin shell over [`crate::build::vm`].
+pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool) -> Result<(), Error> {
+    if distcc {
+        return Err(Error::NotImplemented { command: "vm build --distcc" });
+    }
+    let targets = Targets::load()?;
+    let target = targets.get(&common.target)?;
+    let jobs = common.jobs.or_else(|| ctx.settings.int("build.jobs").map(|j| j.clamp(1, 1024) as u32)).unwrap_or(1);
+    let req = build::Request {
+        repos: common.repos.clone(),
+        profile: common.profile.clone(),
+        jobs,
+        atoms: common.atoms.clone(),
+        emerge_args: common.emerge_args.clone(),
+    };
+    let opts = build::vm::VmOptions {
+        keep_vm,
+        boot_deadline: start_options(ctx, keep_vm).boot_deadline,
+        echo_output: ctx.verbose > 0,
+    };
+    let mut outcome = None;
+    block_on(async {
+        let home = ctx.settings.home();
+        outcome = Some(with_signals(build::vm::build(&home, target, &req, &opts, &ctx.reporter)).await??);
+        Ok(())
+    })?;
+    let outcome = outcome.expect("set by the build");
+    let mut text = String::new();
+    for a in &outcome.published {
+        text.push_str(&format!("published {} (BUILD_ID {}) as {}\n", a.cpv, a.build_id, a.path));
+    }
+    text.push_str(&format!(
+        "{}: {} binpkg(s) transferred, {} published, {} failed; logs in {}\n",
+        target.name,
+        outcome.transferred,
+        outcome.published.len(),
+        outcome.failed.len(),
+        outcome.log_dir.display()
+    ));
+    out(&text)?;
+    if !outcome.failed.is_empty() {
+        let list: Vec<String> = outcome
+            .failed
+            .iter()
+            .map(|f| format!("{} (log: {})", f.cpv, f.log.as_deref().map_or_else(|| "none".into(), |p| p.display().to_string())))
+            .collect();
+        return Err(Error::Failed(format!("{} package(s) failed to build: {}", list.len(), list.join(", "))));
+    }
+    Ok(())
 }
 
 fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {

@@ -10,3 +10,4 @@ mod portage;
 mod publish;
 mod serve;
 mod vm;
+mod vm_build;

@@ -74,7 +74,7 @@ fn lock_file(f: &std::fs::File) {
 
 /// A fresh $DBH_HOME whose images/arm64 links to the image made by `dbh vm image create` (falls
 /// back to the lab-style guest where no test stage can be built); `host_key` replaces the pinned key.
-fn product_home(host_key: Option<&str>) -> tempfile::TempDir {
+pub(crate) fn product_home(host_key: Option<&str>) -> tempfile::TempDir {
     let Some(made) = super::image::image_home("arm64") else {
         eprintln!("no arm64 test stage here; using the lab-style guest");
         return home_with("disk.qcow2", host_key);
@@ -137,7 +137,7 @@ fn qemu_processes(home: &Path) -> Vec<u32> {
     found
 }
 
-fn assert_no_qemu(home: &Path) {
+pub(crate) fn assert_no_qemu(home: &Path) {
     // A SIGKILLed QEMU may take a moment to be reaped.
     let until = Instant::now() + Duration::from_secs(5);
     while !qemu_processes(home).is_empty() && Instant::now() < until {
