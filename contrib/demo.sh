@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# dbh's main job on built-in defaults, end to end on this machine:
-#   1. build binary packages of the test repository (tests/fixtures/repo) with real Portage,
-#   2. sign them and publish them into the target's binhost (`dbh binhost add`),
-#   3. serve every target's binhost (`dbh serve`, http://127.0.0.1:8080/<target>/),
-#   4. prove it with a real Portage client (verify-signature on) installing from it,
-#   5. keep serving until Ctrl-C (set DBH_DEMO_EXIT=1 to stop after step 4).
+# dbh's main job on built-in defaults, end to end on this machine, for an arm64 target:
+#   1. a stage tarball: here the Debian-based test stage (tests/guest/mkstage.sh, cached); in
+#      production a Gentoo stage3 URL plus a dist-kernel (README.md, "Guest images from a real
+#      Gentoo stage3"),
+#   2. `dbh vm image create` from it over HTTP (download, DIGESTS check, disk, UKI, ESP, SSH keys),
+#   3. `dbh vm build`: boot the arm64 guest under QEMU, emerge --buildpkg the test repository's
+#      dbh-test/greeter (and the C program it needs, compiled by the guest's gcc), pull the new
+#      binpkgs, sign them on the host and publish them into the arm64 binhost,
+#   4. `dbh serve` every target's binhost at http://127.0.0.1:8080/<target>/,
+#   5. prove it with a real Portage client (verify-signature on) installing the arm64 packages,
+#   6. keep serving until Ctrl-C (set DBH_DEMO_EXIT=1 to stop after step 5).
 # Needs `bash tests/setup-host.sh` and `cargo build --release` first (README's first command does both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 top=$PWD
 dbh=${DBH:-$top/target/release/dbh}
-target=${DBH_DEMO_TARGET:-amd64}
+target=${DBH_DEMO_TARGET:-arm64}
 listen=${DBH_DEMO_LISTEN:-127.0.0.1:8080}
 venv=${DBH_TEST_PORTAGE_VENV:-$HOME/.cache/dbh-tests/venv-portage-3.0.83}
 work=$(mktemp -d "${TMPDIR:-/tmp}/dbh-demo.XXXXXX")
+stage_pid=
 # Portage verifies signatures as `nobody`: the client's keyring must be reachable by it.
 chmod 755 "$work"
 serve_pid=
-cleanup() { [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null; rm -rf "$work"; }
+cleanup() {
+	[ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null
+	[ -n "$stage_pid" ] && kill "$stage_pid" 2>/dev/null
+	rm -rf "$work"
+}
 trap cleanup EXIT
 
 say() { printf '\n==> %s\n' "$*" >&2; }
@@ -52,13 +62,22 @@ pt() { # pt PREFIX PROGRAM ARGS...
 		PORTAGE_OVERRIDE_EPREFIX="$p" PORTAGE_CONFIGROOT="$p" "$venv/bin/$1" "${@:2}"
 }
 
-say "building dbh-test/greeter and its dependency dbh-test/hello with real Portage (emerge --buildpkg)"
-prefix "$work/bld" "$target"
-pt "$work/bld" emerge --buildpkg --quiet-build=y dbh-test/greeter
-
-say "signing and publishing them into the $target binhost"
+home=$("$dbh" config show | sed -n 's/^home = "\(.*\)"$/\1/p')
+if [ ! -f "$home/images/$target/disk.qcow2" ]; then
+	say "making the $target test stage from Debian packages (cached) and serving it over HTTP"
+	stage_dir=$(bash tests/guest/mkstage.sh "$target" | tail -n 1)
+	stage_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+	(cd "$stage_dir" && exec python3 -m http.server --bind 127.0.0.1 "$stage_port" >/dev/null 2>&1) &
+	stage_pid=$!
+	for _ in $(seq 50); do curl -fsS -o /dev/null "http://127.0.0.1:$stage_port/" 2>/dev/null && break; sleep 0.1; done
+	say "dbh vm image create --target $target (download, DIGESTS, disk, UKI, ESP, pinned SSH keys)"
+	"$dbh" vm image create --target "$target" --stage "http://127.0.0.1:$stage_port/stage3-$target-dbhtest.tar.xz"
+	kill "$stage_pid"; stage_pid=
+fi
 "$dbh" key export >/dev/null 2>&1 || "$dbh" key generate
-"$dbh" binhost add --target "$target" "$work"/bld/var/cache/binpkgs/dbh-test/*/*.gpkg.tar
+
+say "dbh vm build --target $target dbh-test/greeter (QEMU guest, emerge --buildpkg, pull, sign, publish)"
+"$dbh" vm build --target "$target" --repo "$top/tests/fixtures/repo" --profile "dbh-test:dbh/$target" dbh-test/greeter
 
 say "serving every target's binhost on http://$listen/"
 "$dbh" serve --listen "$listen" &
@@ -75,7 +94,9 @@ echo "$fpr:6:" | gpg --homedir "$work/client/etc/portage/gnupg" --batch --import
 gpg --homedir "$work/client/etc/portage/gnupg" --batch --check-trustdb
 chmod -R go+rX "$work/client/etc/portage/gnupg"
 pt "$work/client" emerge --getbinpkgonly dbh-test/greeter
-"$work/client/usr/bin/greeter"
+# The client runs on this host, so it cannot run arm64 programs: show what it installed instead.
+machine=$(od -An -tu2 -j18 -N2 "$work/client/usr/bin/hello" | tr -d ' ')
+echo "installed $work/client/usr/bin/hello: ELF e_machine $machine (183 = AArch64)"
 
 say "the binhost is at http://$listen/$target/ — on a Gentoo client: curl http://$listen/$target/binrepos.conf > /etc/portage/binrepos.conf/dbh.conf"
 if [ "${DBH_DEMO_EXIT:-0}" = 1 ]; then exit 0; fi
