@@ -1,7 +1,7 @@
 #!/bin/bash
 # Fetches an `Architecture: all` package from Debian trixie without installing it and unpacks it
 # under ${DBH_TEST_CACHE:-~/.cache/dbh-tests}/trixie-all/PKG/; prints that directory on its last
-# line. Used for qemu-efi-riscv64 (edk2 for riscv64 guests: not in bookworm). Exit 77 with the
+# line. Used for qemu-efi-riscv64 (edk2 for riscv64 guests: not in bookworm) and systemd-ukify. Exit 77 with the
 # reason on stderr when it cannot be fetched here.
 set -euo pipefail
 PKG=${1:?usage: fetch-trixie-all.sh PACKAGE}
