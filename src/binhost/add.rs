@@ -211,7 +211,10 @@ pub fn add(
 
 /// Reads and verifies one input; checks that it is a package for `target`.
 fn check_input(src: &Path, target: &Target) -> Result<Input, BinhostError> {
-    let meta = fs_err::metadata(src)?;
+    let meta = std::fs::metadata(src).map_err(|e| BinhostError::Invalid {
+        path: src.to_owned(),
+        reason: if e.kind() == std::io::ErrorKind::NotFound { "no such file".into() } else { e.to_string() },
+    })?;
     if !meta.is_file() {
         return Err(BinhostError::Invalid { path: src.to_owned(), reason: "not a regular file".into() });
     }
