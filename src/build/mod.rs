@@ -64,6 +64,8 @@ pub enum BuildError {
     GuestIndex { target: String, reason: String },
     #[error("emerge in the {target} guest did not start (exit status {status}): {tail}")]
     EmergeFailed { target: String, status: u32, tail: String },
+    #[error("nothing to build for {target}: no atom given and {world} lists none")]
+    NothingToBuild { target: String, world: PathBuf },
 }
 
 impl Hint for BuildError {
@@ -73,6 +75,9 @@ impl Hint for BuildError {
             BuildError::BadRepo { .. } => {
                 Some("an ebuild repository has its name in profiles/repo_name (or metadata/layout.conf repo-name)".into())
             }
+            BuildError::NothingToBuild { target, .. } => Some(format!(
+                "name atoms on the command line, or list them (one per line) in the world file; see `dbh config show --target {target}`"
+            )),
             BuildError::BadProfile { .. } => Some("name it as `eselect profile list` does, e.g. gentoo:default/linux/arm64/23.0".into()),
             _ => None,
         }
@@ -115,6 +120,44 @@ pub fn split_profile(profile: &str) -> Result<(String, String), BuildError> {
     }
 }
 
+/// The revision `path` is at, for REPO_REVISIONS: its git commit (`<commit>-dirty` when files under
+/// `path` differ from it, with a note), `None` when it is not in a git checkout or git is missing.
+pub fn repo_revision(path: &Path, reporter: &dyn crate::events::Reporter) -> Option<String> {
+    let git = |args: &[&str]| crate::process::Cmd::new("git").arg("-C").arg(path).args(args).output().ok();
+    let head = git(&["rev-parse", "--verify", "HEAD"])?.stdout_str().trim().to_owned();
+    if head.is_empty() {
+        return None;
+    }
+    let status = git(&["status", "--porcelain", "--", "."])?.stdout_str();
+    if status.trim().is_empty() {
+        return Some(head);
+    }
+    reporter.event(crate::events::Event::Note {
+        message: format!(
+            "warning: {} has changes not committed to {head}; its revision is recorded as {head}-dirty",
+            path.display()
+        ),
+    });
+    Some(format!("{head}-dirty"))
+}
+
+/// Merges `revisions` (repository name → revision) into the index header's `REPO_REVISIONS`, a
+/// JSON object written as Portage's `json.dumps(..., sort_keys=True)` does; other repositories'
+/// entries stay. An unreadable old value is replaced.
+pub fn merge_repo_revisions(header: &mut std::collections::BTreeMap<String, String>, revisions: &std::collections::BTreeMap<String, String>) {
+    if revisions.is_empty() {
+        return;
+    }
+    let mut all: std::collections::BTreeMap<String, String> = header
+        .get("REPO_REVISIONS")
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default();
+    all.extend(revisions.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let json = |s: &str| serde_json::to_string(s).expect("a string serializes");
+    let body: Vec<String> = all.iter().map(|(k, v)| format!("{}: {}", json(k), json(v))).collect();
+    header.insert("REPO_REVISIONS".into(), format!("{{{}}}", body.join(", ")));
+}
+
 /// Default files of `$DBH_HOME/targets/<target>/portage/`, written on first use.
 const DEFAULT_MAKE_CONF: &str = "\
 # dbh: added to the builder's /etc/portage/make.conf before every build of this target.
@@ -124,6 +167,21 @@ ACCEPT_LICENSE=\"*\"
 ";
 const DEFAULT_PACKAGE_USE: &str = "# dbh: synced to the builder's /etc/portage/package.use/dbh\n";
 const DEFAULT_ACCEPT_KEYWORDS: &str = "# dbh: synced to the builder's /etc/portage/package.accept_keywords/dbh\n";
+const DEFAULT_WORLD: &str = "\
+# dbh: what `dbh vm build --target T` builds when no atom is given, one atom or @set per line.
+# Synced to the builder as the set @dbh-world (/etc/portage/sets/dbh-world).
+";
+const DEFAULT_REPOS_CONF: &str = "\
+# dbh: synced to the builder's /etc/portage/repos.conf/50-dbh-host.conf before every build.
+# Repositories the builder has or syncs itself (--repo ones are added after this and win), e.g.
+# [guru]
+# location = /var/db/repos/guru
+# sync-type = git
+# sync-uri = https://github.com/gentoo-mirror/guru.git
+";
+
+/// The files of `$DBH_HOME/targets/<target>/portage/`, in the order `dbh config show` prints them.
+pub const CONFIG_FILES: &[&str] = &["make.conf", "package.use", "package.accept_keywords", "world", "repos.conf"];
 
 /// The host's per-target Portage configuration; created with defaults on first use.
 #[derive(Debug, Clone)]
@@ -131,6 +189,10 @@ pub struct PortageConfig {
     pub make_conf: String,
     pub package_use: String,
     pub package_accept_keywords: String,
+    /// Atoms and @sets, one per line: the build's default when no atom is given.
+    pub world: String,
+    /// repos.conf sections added to the builder's own (besides `--repo` ones).
+    pub repos_conf: String,
 }
 
 impl PortageConfig {
@@ -164,7 +226,19 @@ impl PortageConfig {
             make_conf: read("make.conf", DEFAULT_MAKE_CONF)?,
             package_use: read("package.use", DEFAULT_PACKAGE_USE)?,
             package_accept_keywords: read("package.accept_keywords", DEFAULT_ACCEPT_KEYWORDS)?,
+            world: read("world", DEFAULT_WORLD)?,
+            repos_conf: read("repos.conf", DEFAULT_REPOS_CONF)?,
         })
+    }
+
+    /// The atoms of the `world` file (comments and blank lines dropped).
+    pub fn world_atoms(&self) -> Vec<String> {
+        self.world
+            .lines()
+            .map(|l| l.split_once('#').map_or(l, |(a, _)| a).trim())
+            .filter(|l| !l.is_empty())
+            .flat_map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect()
     }
 }
 
@@ -196,5 +270,59 @@ mod tests {
         let dir = PortageConfig::dir(&home, "arm64");
         std::fs::write(dir.join("make.conf"), "X=1\n").unwrap();
         assert_eq!(PortageConfig::load_or_create(&home, "arm64").unwrap().make_conf, "X=1\n");
+        for f in CONFIG_FILES {
+            assert!(dir.join(f).is_file(), "{f} is written on first use");
+        }
+        assert!(c.world_atoms().is_empty(), "the default world builds nothing");
+        assert!(c.repos_conf.lines().all(|l| l.starts_with('#')), "{}", c.repos_conf);
+    }
+
+    #[test]
+    fn repo_revisions_merge_like_portage_writes_them() {
+        let mut header = std::collections::BTreeMap::new();
+        let revs = |pairs: &[(&str, &str)]| pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        merge_repo_revisions(&mut header, &revs(&[("gentoo", "abc")]));
+        assert_eq!(header["REPO_REVISIONS"], r#"{"gentoo": "abc"}"#);
+        merge_repo_revisions(&mut header, &revs(&[("dbh-test", "d\"1"), ("gentoo", "def")]));
+        assert_eq!(header["REPO_REVISIONS"], r#"{"dbh-test": "d\"1", "gentoo": "def"}"#);
+        merge_repo_revisions(&mut header, &revs(&[]));
+        assert_eq!(header["REPO_REVISIONS"], r#"{"dbh-test": "d\"1", "gentoo": "def"}"#);
+    }
+
+    #[test]
+    fn repo_revision_is_the_git_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let silent = crate::events::Silent;
+        assert_eq!(repo_revision(dir.path(), &silent), None, "not a git checkout");
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(dir.path().join("a"), "1").unwrap();
+        git(&["add", "a"]);
+        git(&["commit", "-q", "-m", "a"]);
+        let head = repo_revision(dir.path(), &silent).unwrap();
+        assert_eq!(head.len(), 40, "{head}");
+        std::fs::write(dir.path().join("a"), "2").unwrap();
+        assert_eq!(repo_revision(dir.path(), &silent).unwrap(), format!("{head}-dirty"));
+    }
+
+    #[test]
+    fn world_atoms_skip_comments() {
+        let home = tempfile::tempdir().unwrap();
+        let home = Home::new(home.path());
+        let dir = PortageConfig::dir(&home, "arm64");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("world"), "# mine\ndbh-test/hello\n\n  @dbh-extra # a set\n").unwrap();
+        let c = PortageConfig::load_or_create(&home, "arm64").unwrap();
+        assert_eq!(c.world_atoms(), ["dbh-test/hello", "@dbh-extra"]);
     }
 }

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{BuildError, FailedPackage, Outcome, PortageConfig, Request};
 use crate::Error;
@@ -51,11 +51,35 @@ pub enum EmergeLine {
     Emerging { n: u64, m: u64, cpv: String, binary: bool },
     /// `>>> Completed (N of M) cat/pf::repo`.
     Completed { n: u64, m: u64, cpv: String },
+    /// The current package entered a phase, named for the progress bar (`>>> Compiling source in
+    /// …` → "compiling", `>>> Installing (N of M) …` → "merging").
+    Phase(&'static str),
 }
+
+/// emerge's phase lines (after `>>> `) and how the bar names them; first match wins.
+const PHASES: &[(&str, &str)] = &[
+    ("Unpacking source", "unpacking"),
+    ("Preparing source", "preparing"),
+    ("Configuring source", "configuring"),
+    ("Compiling source", "compiling"),
+    ("Test phase", "testing"),
+    ("Install ", "installing into the image"),
+    ("Completed installing", "checking the image"),
+    ("Creating binpkg", "creating the binpkg"),
+    ("Extracting info", "extracting the binpkg"),
+];
 
 /// Parses one line of emerge's output.
 pub fn parse_line(line: &str) -> Option<EmergeLine> {
     let rest = line.trim_start().strip_prefix(">>> ")?;
+    if let Some(counted) = parse_counted(rest) {
+        return Some(counted);
+    }
+    PHASES.iter().find(|(prefix, _)| rest.starts_with(prefix)).map(|(_, name)| EmergeLine::Phase(name))
+}
+
+/// `KIND (N of M) cat/pf::repo`.
+fn parse_counted(rest: &str) -> Option<EmergeLine> {
     let (kind, rest) = rest.split_once('(')?;
     let (count, rest) = rest.split_once(')')?;
     let (n, m) = count.split_once(" of ")?;
@@ -69,6 +93,7 @@ pub fn parse_line(line: &str) -> Option<EmergeLine> {
         "Emerging" => Some(EmergeLine::Emerging { n, m, cpv, binary: false }),
         "Emerging binary" => Some(EmergeLine::Emerging { n, m, cpv, binary: true }),
         "Completed" => Some(EmergeLine::Completed { n, m, cpv }),
+        "Installing" => Some(EmergeLine::Phase("merging")),
         _ => None,
     }
 }
@@ -249,36 +274,104 @@ pub async fn build(
     let signer = keys.signer()?;
     let profile = req.profile.clone().unwrap_or_else(|| target.profile.clone());
     let (profile_repo, profile_path) = super::split_profile(&profile)?;
+    let config = PortageConfig::load_or_create(home, &target.name)?;
+    let mut req = req.clone();
+    if req.atoms.is_empty() {
+        if config.world_atoms().is_empty() {
+            let world = PortageConfig::dir(home, &target.name).join("world");
+            return Err(BuildError::NothingToBuild { target: target.name.clone(), world }.into());
+        }
+        req.atoms = vec![format!("@{WORLD_SET}")];
+    }
+    let req = &req;
+    let mut timings = Timings::default();
     let mut repos = Vec::new();
+    let mut revisions = BTreeMap::new();
     for path in &req.repos {
         let name = super::repo_name(path)?;
+        if let Some(rev) = super::repo_revision(path, reporter) {
+            revisions.insert(name.clone(), rev);
+        }
         repos.push((name, tar_dir(path)?));
     }
-    let config = PortageConfig::load_or_create(home, &target.name)?;
     let binhost_dir = home.binhost(&target.name);
     let seed = tar_binhost(&binhost_dir)?;
     let log_dir = home.logs(&target.name).join(timestamp());
     std::fs::create_dir_all(&log_dir).map_err(|source| BuildError::Io { doing: "create", path: log_dir.clone(), source })?;
+    timings.lap("prepare");
 
     let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, ..Default::default() };
     let vm = Vm::start(home, target, &start, reporter).await?;
-    let result = in_guest(vm.guest(), target, req, &repos, &config, (&profile_repo, &profile_path), seed.as_deref(), &log_dir, opts.echo_output, reporter).await;
+    timings.lap("boot");
+    let inputs = GuestInputs { repos: &repos, revisions: &revisions, config: &config, profile: (&profile_repo, &profile_path), seed: seed.as_deref() };
+    let result = in_guest(vm.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, reporter).await;
     if opts.keep_vm {
         reporter.event(Event::Note { message: format!("the {} guest keeps running (--keep-vm); stop it with `dbh vm stop --target {}`", target.name, target.name) });
         vm.release().await;
     } else {
         vm.stop(Shutdown::Quit, reporter).await?;
     }
+    timings.lap("stop");
     let (downloads, failed, _tmp) = result?;
 
+    // The revisions go into the header with the packages they built, in the same atomic step.
     let published = if downloads.is_empty() {
         Vec::new()
     } else {
-        binhost::add::add(&binhost_dir, target, &downloads, Some(&signer), reporter)?
+        let edit = |h: &mut BTreeMap<String, String>| super::merge_repo_revisions(h, &revisions);
+        binhost::add::add_with_header(&binhost_dir, target, &downloads, Some(&signer), &edit, reporter)?
     };
+    timings.lap("publish");
     let transferred = downloads.len() as u64;
     reporter.event(Event::Count { name: "binpkg.transferred".into(), value: transferred });
+    timings.report(&target.name, reporter);
     Ok(Outcome { published, failed, log_dir, transferred })
+}
+
+/// The user set the host's `world` file becomes in the guest (`/etc/portage/sets/dbh-world`).
+pub const WORLD_SET: &str = "dbh-world";
+
+/// Wall-clock time per step of a build, reported as `build.<step>_ms` counts (and one line at
+/// `-v`), so that benchmarks can split dbh's own overhead from emerge's time.
+#[derive(Debug)]
+struct Timings {
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings { last: Instant::now(), steps: Vec::new() }
+    }
+}
+
+impl Timings {
+    fn lap(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+
+    fn report(&self, target: &str, reporter: &dyn Reporter) {
+        let mut line = format!("{target}: timings:");
+        for (step, d) in &self.steps {
+            reporter.event(Event::Count { name: format!("build.{step}_ms"), value: d.as_millis() as u64 });
+            line.push_str(&format!(" {step} {:.1}s", d.as_secs_f64()));
+        }
+        tracing::info!("{line}");
+    }
+}
+
+/// What goes into the guest before emerge runs.
+struct GuestInputs<'a> {
+    /// Repository name and its tar stream.
+    repos: &'a [(String, Vec<u8>)],
+    revisions: &'a BTreeMap<String, String>,
+    config: &'a PortageConfig,
+    /// The profile's repository and path in it.
+    profile: (&'a str, &'a str),
+    /// The binhost's binpkgs for `--usepkg`.
+    seed: Option<&'a [u8]>,
 }
 
 type GuestResult = (Vec<PathBuf>, Vec<FailedPackage>, tempfile::TempDir);
@@ -288,24 +381,33 @@ async fn in_guest(
     guest: &Guest,
     target: &Target,
     req: &Request,
-    repos: &[(String, Vec<u8>)],
-    config: &PortageConfig,
-    (profile_repo, profile_path): (&str, &str),
-    seed: Option<&[u8]>,
+    inputs: &GuestInputs<'_>,
     log_dir: &Path,
     echo: bool,
+    timings: &mut Timings,
     reporter: &dyn Reporter,
 ) -> Result<GuestResult, Error> {
+    let GuestInputs { repos, revisions, config, profile: (profile_repo, profile_path), seed } = *inputs;
     let task = format!("build:{}", target.name);
-    reporter.event(Event::Note { message: format!("{}: syncing repositories and configuration", target.name) });
+    let sync = format!("sync:{}", target.name);
+    reporter.event(Event::Start {
+        task: sync.clone(),
+        label: format!("{}: syncing repositories, configuration and binary packages", target.name),
+        total: None,
+        unit: Unit::Spinner,
+    });
     let mut conf = format!("# written by dbh before each build\n[DEFAULT]\nmain-repo = {profile_repo}\n");
     for (name, data) in repos {
         let dest = format!("/var/db/repos/{name}");
         untar(guest, data, &dest, true).await?;
         conf.push_str(&format!("\n[{name}]\nlocation = {dest}\n"));
     }
-    guest.exec_ok("mkdir -p /etc/portage/repos.conf /etc/portage/package.use /etc/portage/package.accept_keywords").await?;
+    guest.exec_ok("mkdir -p /etc/portage/repos.conf /etc/portage/package.use /etc/portage/package.accept_keywords /etc/portage/sets").await?;
+    // The host's repos.conf first, the --repo ones after it (Portage reads the directory in name
+    // order, later sections win).
+    guest.upload_bytes(config.repos_conf.as_bytes(), "/etc/portage/repos.conf/50-dbh-host.conf", 0o644).await?;
     guest.upload_bytes(conf.as_bytes(), "/etc/portage/repos.conf/zz-dbh.conf", 0o644).await?;
+    guest.upload_bytes(config.world.as_bytes(), &format!("/etc/portage/sets/{WORLD_SET}"), 0o644).await?;
     let repo_loc = repos
         .iter()
         .find(|(n, _)| n == profile_repo)
@@ -346,6 +448,8 @@ async fn in_guest(
         untar(guest, seed, GUEST_PKGDIR, false).await?;
     }
     let before = list_pkgdir(guest).await?;
+    reporter.event(Event::Finish { task: sync, message: format!("{}: guest ready for emerge", target.name) });
+    timings.lap("sync");
 
     // emerge, followed line by line.
     let mut args: Vec<String> =
@@ -356,7 +460,11 @@ async fn in_guest(
     let log_path = log_dir.join("emerge.log");
     let mut log = std::fs::File::create(&log_path).map_err(|source| BuildError::Io { doing: "create", path: log_path.clone(), source })?;
     let _ = writeln!(log, "# {command}");
+    for (name, rev) in revisions {
+        let _ = writeln!(log, "# repository {name} at {rev}");
+    }
     let mut started: Vec<String> = Vec::new();
+    let mut current: Option<(u64, String)> = None;
     let mut completed: BTreeSet<String> = BTreeSet::new();
     let mut total_announced = None;
     let mut tail: Vec<String> = Vec::new();
@@ -379,17 +487,25 @@ async fn in_guest(
                     }
                     let what = if binary { "installing binary" } else { "building" };
                     reporter.event(Event::Progress { task: task.clone(), position: n - 1, message: Some(format!("{what} {cpv}")) });
+                    current = Some((n, cpv.clone()));
                     started.push(cpv);
                 }
                 Some(EmergeLine::Completed { n, cpv, .. }) => {
                     reporter.event(Event::Progress { task: task.clone(), position: n, message: Some(format!("completed {cpv}")) });
+                    current = None;
                     completed.insert(cpv);
+                }
+                Some(EmergeLine::Phase(phase)) => {
+                    if let Some((n, cpv)) = &current {
+                        reporter.event(Event::Progress { task: task.clone(), position: n - 1, message: Some(format!("{cpv}: {phase}")) });
+                    }
                 }
                 None => {}
             }
         })
         .await?;
     drop(log);
+    timings.lap("emerge");
     if total_announced.is_some() {
         reporter.event(Event::Finish { task: task.clone(), message: format!("emerge exited with status {status}") });
     }
@@ -452,6 +568,7 @@ async fn in_guest(
         }
         reporter.event(Event::Finish { task: pull, message: format!("pulled {} binary package(s)", fresh.len()) });
     }
+    timings.lap("pull");
     Ok((downloads, failed, tmp))
 }
 
@@ -476,6 +593,48 @@ mod tests {
         assert_eq!(parse_line(">>> Emerging (1 of 2) to /"), None);
         assert_eq!(parse_line(" * Emerging (1 of 2) x/y"), None);
         assert_eq!(parse_line(">>> Jobs: 1 of 2 complete"), None);
+    }
+
+    /// emerge's output as captured from the arm64 test guest building greeter and hello.
+    #[test]
+    fn a_real_emerge_run_gives_packages_and_phases_in_order() {
+        let log = include_str!("../../tests/fixtures/emerge/build-hello-greeter.log");
+        let mut seen = Vec::new();
+        let mut current = String::new();
+        for line in log.lines() {
+            match parse_line(line) {
+                Some(EmergeLine::Emerging { n, m, cpv, binary }) => {
+                    assert!(!binary);
+                    seen.push(format!("{n}/{m} {cpv}"));
+                    current = cpv;
+                }
+                Some(EmergeLine::Phase(p)) => seen.push(format!("{current}: {p}")),
+                Some(EmergeLine::Completed { n, cpv, .. }) => seen.push(format!("done {n} {cpv}")),
+                None => {}
+            }
+        }
+        let h = "dbh-test/hello-1.0";
+        let g = "dbh-test/greeter-1.0";
+        let expected = [
+            format!("1/2 {h}"),
+            format!("{h}: unpacking"),
+            format!("{h}: preparing"),
+            format!("{h}: configuring"),
+            format!("{h}: compiling"),
+            format!("{h}: testing"),
+            format!("{h}: installing into the image"),
+            format!("{h}: checking the image"),
+            format!("{h}: creating the binpkg"),
+            format!("{h}: merging"),
+            format!("done 1 {h}"),
+            format!("2/2 {g}"),
+            format!("{g}: installing into the image"),
+            format!("{g}: checking the image"),
+            format!("{g}: creating the binpkg"),
+            format!("{g}: merging"),
+            format!("done 2 {g}"),
+        ];
+        assert_eq!(seen, expected);
     }
 
     #[test]
