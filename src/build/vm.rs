@@ -66,7 +66,7 @@ const PHASES: &[(&str, &str)] = &[
     ("Install ", "installing into the image"),
     ("Completed installing", "checking the image"),
     ("Creating binpkg", "creating the binpkg"),
-    ("Extracting info", "extracting the binpkg"),
+    ("Extracting ", "extracting the binpkg"),
 ];
 
 /// Parses one line of emerge's output.
@@ -635,6 +635,29 @@ mod tests {
             format!("done 2 {g}"),
         ];
         assert_eq!(seen, expected);
+    }
+
+    /// The same packages installed from the seeded binhost (`@dbh-world`, nothing to build).
+    #[test]
+    fn a_real_binary_emerge_run_is_followed_too() {
+        let log = include_str!("../../tests/fixtures/emerge/binary-hello-greeter.log");
+        let seen: Vec<EmergeLine> = log.lines().filter_map(parse_line).collect();
+        let cpv = |s: &str| s.to_owned();
+        assert_eq!(
+            seen,
+            [
+                EmergeLine::Emerging { n: 1, m: 2, cpv: cpv("dbh-test/hello-1.0"), binary: true },
+                EmergeLine::Phase("extracting the binpkg"),
+                EmergeLine::Phase("extracting the binpkg"),
+                EmergeLine::Phase("merging"),
+                EmergeLine::Completed { n: 1, m: 2, cpv: cpv("dbh-test/hello-1.0") },
+                EmergeLine::Emerging { n: 2, m: 2, cpv: cpv("dbh-test/greeter-1.0"), binary: true },
+                EmergeLine::Phase("extracting the binpkg"),
+                EmergeLine::Phase("extracting the binpkg"),
+                EmergeLine::Phase("merging"),
+                EmergeLine::Completed { n: 2, m: 2, cpv: cpv("dbh-test/greeter-1.0") },
+            ]
+        );
     }
 
     #[test]
