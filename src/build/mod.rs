@@ -1,6 +1,8 @@
-//! Building binary packages for a target: the backends (only [`vm`] so far) and what they share —
+//! Building binary packages for a target: the backends (only [`vm`] so far), the host's cross
+//! [`toolchain`], and what they share —
 //! the build request, the per-target Portage configuration on the host, the outcome.
 
+pub mod toolchain;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
@@ -62,6 +64,8 @@ pub enum BuildError {
     Mismatch { target: String, path: String, reason: String },
     #[error("cannot read the {target} guest's Packages index: {reason}")]
     GuestIndex { target: String, reason: String },
+    #[error(transparent)]
+    Toolchain(#[from] toolchain::ToolchainError),
     #[error("emerge in the {target} guest did not start (exit status {status}): {tail}")]
     EmergeFailed { target: String, status: u32, tail: String },
     #[error("nothing to build for {target}: no atom given and {world} lists none")]
@@ -78,6 +82,7 @@ impl Hint for BuildError {
             BuildError::NothingToBuild { target, .. } => Some(format!(
                 "name atoms on the command line, or list them (one per line) in the world file; see `dbh config show --target {target}`"
             )),
+            BuildError::Toolchain(e) => e.hint(),
             BuildError::BadProfile { .. } => Some("name it as `eselect profile list` does, e.g. gentoo:default/linux/arm64/23.0".into()),
             _ => None,
         }
