@@ -83,7 +83,40 @@ pub fn ext4(root: &Path, out: &Path, seed: &[u8], sde: u64) -> Result<u64, Rootf
         .env("SOURCE_DATE_EPOCH", sde.to_string())
         .install_hint("e2fsprogs (Debian) or sys-fs/e2fsprogs (Gentoo), version 1.43 or newer for -d")
         .output()?;
+    pin_inode_times(root, out, sde)?;
     Ok(size)
+}
+
+/// `mkfs.ext4 -d` copies each file's atime and ctime from the host (reading it moved the atime)
+/// and stamps crtime with the clock; all three
+/// are set to `sde` with debugfs (`sif PATH ctime|crtime @SECONDS`), so the image depends only
+/// on the tree. Names debugfs cannot quote (a `"` or newline) keep their times.
+fn pin_inode_times(root: &Path, image: &Path, sde: u64) -> Result<(), RootfsError> {
+    let mut script = String::new();
+    let mut paths = vec!["/".to_owned(), "/lost+found".to_owned()];
+    for rel in super::pack::sorted_entries(root)? {
+        let p = format!("/{}", rel.display());
+        if !p.contains(['"', '\n']) {
+            paths.push(p);
+        }
+    }
+    for p in paths {
+        for field in ["atime", "ctime", "crtime"] {
+            script.push_str(&format!("sif \"{p}\" {field} @{sde}\n"));
+        }
+    }
+    let file = image.with_extension("debugfs");
+    fs_err::write(&file, script).map_err(io("write", &file))?;
+    Cmd::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&file)
+        .arg(image)
+        .env("E2FSPROGS_FAKE_TIME", sde.to_string())
+        .install_hint("e2fsprogs (Debian) or sys-fs/e2fsprogs (Gentoo)")
+        .output()?;
+    fs_err::remove_file(&file).map_err(io("remove", &file))?;
+    Ok(())
 }
 
 /// The FAT ESP holding the UKI as the removable-media boot path.
