@@ -5,7 +5,8 @@
 //!   DIGESTS verify, the signatures verify with the exported key; `--dry-run` writes nothing;
 //! - OCI: the layout checks against the image-spec (every digest, size, media type), its layer is
 //!   the very tar of the tar.zst, two builds are identical, `skopeo inspect` reads it;
-//!   squashfs: identical twice;
+//!   tar.xz, squashfs, ext4 .img and .qcow2: identical twice, the ext4 clean under e2fsck;
+//! - the binhost served over HTTP by `dbh serve` gives the very same tar.zst as the directory;
 //! - a missing binpkg: a clear error naming the fix, nothing left in the output directory;
 //! - `--bootable --out r.qcow2`: boots under QEMU (TCG) through the UKI on its ESP, the initramfs
 //!   mounts the ext4 root and runs `/usr/bin/hello` from it as init.
@@ -208,6 +209,14 @@ fn tarball_holds_the_arm64_root_is_reproducible_and_signed() {
     let digests = std::fs::read(dir.join("r.tar.zst.DIGESTS")).unwrap();
     verifier.verify_detached(&digests, &std::fs::read(dir.join("r.tar.zst.DIGESTS.asc")).unwrap()).unwrap();
     verifier.verify_detached(&std::fs::read(&one).unwrap(), &std::fs::read(dir.join("r.tar.zst.asc")).unwrap()).unwrap();
+    // The same binhost over HTTP (`dbh serve`, fetched and verified by Portage): the same bytes.
+    let srv = super::serve::Serve::start(home, None, &[], &[]);
+    let via_http = tmp.path().join("http/r.tar.zst");
+    let url = format!("http://{}/arm64", srv.addr);
+    ok(home, &via_http, &["--binhost", &url], &["dbh-test/hello"]);
+    drop(srv);
+    assert!(std::fs::read(&one).unwrap() == std::fs::read(&via_http).unwrap(), "a build from the served binhost differs");
+
     let mut tampered = digests.clone();
     tampered[20] ^= 1;
     assert!(verifier.verify_detached(&tampered, &std::fs::read(dir.join("r.tar.zst.DIGESTS.asc")).unwrap()).is_err());
@@ -286,6 +295,23 @@ fn oci_layout_follows_the_spec_and_squashfs_is_reproducible() {
     } else {
         eprintln!("skopeo not installed: skipping `skopeo inspect` (tests/setup-host.sh installs it)");
     }
+
+    // tar.xz and ext4 (bare .img, and qcow2 of it): identical twice as well.
+    for name in ["r.tar.xz", "r.qcow2"] {
+        let a = tmp.path().join("a").join(name);
+        let b = tmp.path().join("b").join(name);
+        ok(home, &a, &[], atoms);
+        std::thread::sleep(Duration::from_secs(1));
+        ok(home, &b, &[], atoms);
+        assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(), "two {name} builds differ");
+    }
+    let raw = tmp.path().join("a/r.img");
+    ok(home, &raw, &[], atoms);
+    let o = Command::new("debugfs").arg("-R").arg("stat /usr/bin/hello").arg(&raw).output().unwrap();
+    let stat = String::from_utf8_lossy(&o.stdout);
+    assert!(stat.contains("User:     0   Group:     0"), "{stat}");
+    let fsck = Command::new("e2fsck").arg("-fn").arg(&raw).output().unwrap();
+    assert!(fsck.status.success(), "e2fsck: {}", combined(&fsck));
 
     if Command::new("mksquashfs").arg("-version").stdout(Stdio::null()).status().is_ok() {
         let s1 = tmp.path().join("a/r.squashfs");
