@@ -87,7 +87,7 @@ pub enum Binhost {
 
 impl Binhost {
     pub fn parse(text: &str) -> Binhost {
-        if text.starts_with("http://") || text.starts_with("https://") || text.starts_with("file://") {
+        if text.starts_with("http://") || text.starts_with("https://") {
             Binhost::Url(text.trim_end_matches('/').to_owned())
         } else {
             Binhost::Dir(std::path::absolute(text).unwrap_or_else(|_| PathBuf::from(text)))

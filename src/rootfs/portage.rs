@@ -256,12 +256,18 @@ EMERGE_WARNING_DELAY="0"
         let mut lines = Vec::new();
         let mut warnings = Vec::new();
         let cmd = self.command(root, &[]).args(&self.atoms);
+        let mut current = String::new();
         let result = cmd.run_lines(|stream, line| {
+            if let Some(cpv) = emerging_line(line) {
+                current = cpv;
+            }
             if let Some((n, cpv)) = progress_line(line) {
                 self.reporter.event(Event::Progress { task: task.clone(), position: n, message: Some(cpv) });
             }
-            if line.contains("FAILED postinst") || line.contains("FAILED preinst") || line.contains("FAILED prerm") {
-                warnings.push(line.trim_start_matches(['!', ' ']).to_owned());
+            // Portage keeps going after a failed pkg_postinst (vartree.py: "It's stupid to bail
+            // out here"); the package is installed but its script's work is missing.
+            if let Some(code) = line.split("FAILED postinst: ").nth(1) {
+                warnings.push(format!("{current}: pkg_postinst failed (status {}); its work is missing from the root", code.trim()));
             }
             if stream == Stream::Stderr || !line.is_empty() {
                 lines.push(line.to_owned());
@@ -277,7 +283,7 @@ EMERGE_WARNING_DELAY="0"
         }
         self.reporter.event(Event::Finish { task, message: format!("{total} package(s) installed") });
         for w in &warnings {
-            self.reporter.event(Event::Note { message: format!("warning: {w} (package script run on the host)") });
+            self.reporter.event(Event::Note { message: format!("warning: {w} (package scripts run on this host)") });
         }
         Ok(warnings)
     }
@@ -334,6 +340,13 @@ pub fn planned(text: &str) -> Vec<String> {
         .filter_map(|l| l.split_once(']').and_then(|(_, rest)| rest.split_whitespace().next()))
         .map(str::to_owned)
         .collect()
+}
+
+/// `>>> Emerging binary (1 of 2) dbh-test/hello-1.0::dbh-test for /root/` → `dbh-test/hello-1.0`.
+fn emerging_line(line: &str) -> Option<String> {
+    let rest = line.strip_prefix(">>> Emerging binary (")?;
+    let (_, rest) = rest.split_once(") ")?;
+    Some(rest.split_whitespace().next()?.split("::").next()?.to_owned())
 }
 
 /// `>>> Completed (1 of 2) dbh-test/hello-1.0::dbh-test to /root/` → (1, `dbh-test/hello-1.0`).
@@ -428,6 +441,7 @@ mod tests {
             Some((2, "dbh-test/greeter-1.0".into()))
         );
         assert_eq!(progress_line(">>> Emerging binary (1 of 2) x/y-1::r for /r/"), None);
+        assert_eq!(emerging_line(">>> Emerging binary (1 of 2) x/y-1::r for /r/").as_deref(), Some("x/y-1"));
     }
 
     #[test]
