@@ -8,6 +8,7 @@
 //!   tar.xz, squashfs, ext4 .img and .qcow2: identical twice, the ext4 clean under e2fsck;
 //! - the binhost served over HTTP by `dbh serve` gives the very same tar.zst as the directory;
 //! - a missing binpkg: a clear error naming the fix, nothing left in the output directory;
+//! - a pkg_postinst that only works on the target CPU: installed, and a warning names it;
 //! - `--bootable --out r.qcow2`: boots under QEMU (TCG) through the UKI on its ESP, the initramfs
 //!   mounts the ext4 root and runs `/usr/bin/hello` from it as init.
 
@@ -24,8 +25,10 @@ use super::cli::dbh;
 use super::portage::{cache_dir, combined, copy_tree, fixture_repo, portage};
 use super::vm::product_home;
 
+/// What the images hold; the fixture binhost also has `dbh-test/postinst`.
 const ATOMS: &[&str] = &["dbh-test/greeter", "dbh-test/runtime"];
-const RECIPE: &str = "dbh vm build --target arm64 --profile dbh-test:dbh/arm64 dbh-test/greeter dbh-test/runtime";
+const BUILT: &[&str] = &["dbh-test/greeter", "dbh-test/runtime", "dbh-test/postinst"];
+const RECIPE: &str = "dbh vm build --target arm64 --profile dbh-test:dbh/arm64 dbh-test/greeter dbh-test/runtime dbh-test/postinst";
 
 fn clean_dbh(home: &Path) -> Command {
     let mut cmd = dbh();
@@ -83,7 +86,7 @@ fn binhost_fixture() -> Option<PathBuf> {
             let repo = fixture_repo();
             let out = clean_dbh(home.path())
                 .args(["vm", "build", "--target", "arm64", "--repo", repo.to_str().unwrap(), "--profile", "dbh-test:dbh/arm64"])
-                .args(ATOMS)
+                .args(BUILT)
                 .output()
                 .unwrap();
             assert!(out.status.success(), "building the rootfs test binhost failed:\n{}", combined(&out));
@@ -340,6 +343,24 @@ fn a_missing_binpkg_names_the_fix_and_leaves_nothing() {
     assert!(text.contains("hint: build it first: dbh build --target arm64 dbh-test/broken"), "{text}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "nothing may be left behind: {left:?}");
+}
+
+#[test]
+fn a_failing_pkg_postinst_is_a_warning_and_the_package_is_installed() {
+    let Some(home) = home() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("r.tar.zst");
+    let o = rootfs(home.path(), &out, &[], &["dbh-test/postinst"]);
+    let text = combined(&o);
+    assert!(o.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("warning: dbh-test/postinst-1.0: pkg_postinst failed (status 1); its work is missing from the root"),
+        "{text}"
+    );
+    let entries = tar_entries(&zstd::decode_all(&std::fs::read(&out).unwrap()[..]).unwrap());
+    assert!(entries.contains_key("usr/share/dbh-test/postinst.txt"));
+    assert!(entries.contains_key("var/db/pkg/dbh-test/postinst-1.0/CONTENTS"));
 }
 
 /// Kills QEMU's process group when dropped.
