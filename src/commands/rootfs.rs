@@ -27,6 +27,12 @@ fn format_of(f: RootfsFormat) -> Format {
     }
 }
 
+/// `YYYYMMDD-HHMMSS` (UTC), like the build logs' directories.
+fn timestamp() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    crate::rootfs::pack::rfc3339(now).replace(['-', ':'], "").replace('T', "-").trim_end_matches('Z').to_owned()
+}
+
 fn build(ctx: &Context, args: RootfsBuildArgs) -> Result<(), Error> {
     let targets = Targets::load()?;
     let target = targets.get(&args.target)?;
@@ -62,6 +68,7 @@ fn build(ctx: &Context, args: RootfsBuildArgs) -> Result<(), Error> {
         keys: KeyStore::new(home.keys()),
         source_date_epoch: sde,
         make_conf,
+        log_dir: home.logs(&target.name).join(timestamp()),
     };
     if args.dry_run {
         let list = rootfs::dry_run(target, &req, &ctx.reporter)?;

@@ -129,6 +129,8 @@ pub struct Request {
     pub source_date_epoch: Option<u64>,
     /// Extra `make.conf` lines (the target's `$DBH_HOME/targets/<T>/portage/make.conf`).
     pub make_conf: String,
+    /// Where Portage's output is kept when the install fails (`$DBH_HOME/logs/<T>/<time>/`).
+    pub log_dir: PathBuf,
 }
 
 /// One installed package, from the root's vdb.
@@ -156,6 +158,8 @@ pub struct Outcome {
 pub enum RootfsError {
     #[error("the binhost {binhost} has no binary package for {atom}")]
     MissingBinpkg { atom: String, binhost: String, target: String },
+    #[error("cannot fetch the package index of the binhost {url}: {reason}")]
+    BinhostUnreachable { url: String, reason: String },
     #[error("cannot tell the output format of {out} from its name")]
     UnknownFormat { out: PathBuf },
     #[error("--bootable needs a disk output (.img or .qcow2), not {format}")]
@@ -193,6 +197,9 @@ impl Hint for RootfsError {
             RootfsError::MissingBinpkg { atom, target, .. } => {
                 Some(format!("build it first: dbh build --target {target} {atom}"))
             }
+            RootfsError::BinhostUnreachable { .. } => {
+                Some("check the URL (a target's binhost, e.g. http://HOST:8080/arm64) and that `dbh serve` runs there".into())
+            }
             RootfsError::UnknownFormat { .. } => Some(
                 "name it .tar.zst, .tar.xz, .squashfs, .img, .qcow2 or .oci, or pass --format".into(),
             ),
@@ -224,8 +231,23 @@ pub(crate) fn io<'a>(doing: &'static str, path: &'a Path) -> impl FnOnce(std::io
     move |source| RootfsError::Io { doing, path: path.to_owned(), source }
 }
 
+/// The work directory goes away with a failed build; the log its error points at is kept.
+fn keep_log(err: RootfsError, log_dir: &Path) -> RootfsError {
+    match err {
+        RootfsError::Emerge { what, log, tail } => {
+            let kept = log_dir.join("rootfs-emerge.log");
+            let log = match fs_err::create_dir_all(log_dir).and_then(|()| fs_err::copy(&log, &kept)) {
+                Ok(_) => kept,
+                Err(_) => log,
+            };
+            RootfsError::Emerge { what, log, tail }
+        }
+        other => other,
+    }
+}
+
 /// Checks the request before anything is written.
-fn check(target: &Target, req: &Request) -> Result<(), RootfsError> {
+fn check(req: &Request) -> Result<(), RootfsError> {
     if req.boot.is_some() && !req.format.is_disk() {
         return Err(RootfsError::BootableNeedsDisk { format: req.format.name() });
     }
@@ -234,14 +256,13 @@ fn check(target: &Target, req: &Request) -> Result<(), RootfsError> {
     {
         return Err(RootfsError::NoBinhost { dir: dir.clone() });
     }
-    let _ = target;
     Ok(())
 }
 
 /// `--dry-run`: the packages `emerge --pretend` would install, in order (`cat/pf-BUILD_ID` as
 /// Portage prints them). Writes nothing but a temporary config root.
 pub fn dry_run(target: &Target, req: &Request, reporter: &dyn Reporter) -> Result<Vec<String>, RootfsError> {
-    check(target, req)?;
+    check(req)?;
     let work = tempfile::Builder::new().prefix("dbh-rootfs-").tempdir().map_err(io("create", &std::env::temp_dir()))?;
     let client = portage::Client::new(target, req, work.path(), reporter)?;
     client.pretend()
@@ -250,7 +271,7 @@ pub fn dry_run(target: &Target, req: &Request, reporter: &dyn Reporter) -> Resul
 /// Installs, packs, writes DIGESTS, package list and signatures. The output (and every file beside
 /// it) appears only when all of it succeeded; a failure leaves nothing at `req.out`.
 pub fn build(target: &Target, req: &Request, reporter: &dyn Reporter) -> Result<Outcome, RootfsError> {
-    check(target, req)?;
+    check(req)?;
     let out_dir = req.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs_err::create_dir_all(out_dir).map_err(io("create", out_dir))?;
     // Work beside the output: the final renames stay on one filesystem, and an interrupted run
@@ -264,7 +285,7 @@ pub fn build(target: &Target, req: &Request, reporter: &dyn Reporter) -> Result<
 
     let client = portage::Client::new(target, req, work.path(), reporter)?;
     let planned = client.pretend()?;
-    let warnings = client.install(&root, planned.len() as u64)?;
+    let warnings = client.install(&root, planned.len() as u64).map_err(|e| keep_log(e, &req.log_dir))?;
     portage::drop_runtime_state(&root)?;
 
     let packages = portage::installed(&root)?;

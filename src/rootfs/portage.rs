@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Binhost, Installed, Request, RootfsError, io};
 use crate::events::{Event, Reporter, Unit};
-use crate::process::{Cmd, Stream};
+use crate::process::Cmd;
 use crate::target::Target;
 
 /// A Portage client for one build.
@@ -231,6 +231,9 @@ EMERGE_WARNING_DELAY="0"
         let result = cmd.run_lines(|_, line| lines.push(line.to_owned()));
         let text = lines.join("\n");
         append_log(&self.log, &cmd.display(), &text)?;
+        if let Some(reason) = unreachable_binhost(&text) {
+            return Err(RootfsError::BinhostUnreachable { url: self.binhost_name(), reason });
+        }
         if let Some(atom) = missing_binpkg(&text) {
             return Err(RootfsError::MissingBinpkg { atom, binhost: self.binhost_name(), target: self.target.name.clone() });
         }
@@ -257,28 +260,37 @@ EMERGE_WARNING_DELAY="0"
         let mut warnings = Vec::new();
         let cmd = self.command(root, &[]).args(&self.atoms);
         let mut current = String::new();
-        let result = cmd.run_lines(|stream, line| {
+        let mut completed = 0;
+        let result = cmd.run_lines(|_, line| {
             if let Some(cpv) = emerging_line(line) {
                 current = cpv;
             }
             if let Some((n, cpv)) = progress_line(line) {
+                completed = completed.max(n);
                 self.reporter.event(Event::Progress { task: task.clone(), position: n, message: Some(cpv) });
             }
             // Portage keeps going after a failed pkg_postinst (vartree.py: "It's stupid to bail
             // out here"); the package is installed but its script's work is missing.
             if let Some(code) = line.split("FAILED postinst: ").nth(1) {
-                warnings.push(format!("{current}: pkg_postinst failed (status {}); its work is missing from the root", code.trim()));
+                // Portage says it twice: when it happens and in the closing summary.
+                let w = format!("{current}: pkg_postinst failed (status {}); its work is missing from the root", code.trim());
+                if !warnings.contains(&w) {
+                    warnings.push(w);
+                }
             }
-            if stream == Stream::Stderr || !line.is_empty() {
-                lines.push(line.to_owned());
-            }
+            lines.push(line.to_owned());
         });
         let text = lines.join("\n");
         append_log(&self.log, &cmd.display(), &text)?;
         if let Some(atom) = missing_binpkg(&text) {
             return Err(RootfsError::MissingBinpkg { atom, binhost: self.binhost_name(), target: self.target.name.clone() });
         }
-        if let Err(e) = result {
+        // emerge exits 1 after a failed pkg_postinst although it installed the package; when
+        // every planned package completed and those were the only failures, the root is whole.
+        let only_postinst = !warnings.is_empty() && completed == total;
+        if let Err(e) = result
+            && !only_postinst
+        {
             return Err(RootfsError::Emerge { what: e.to_string(), log: self.log.clone(), tail: tail(&text, 20) });
         }
         self.reporter.event(Event::Finish { task, message: format!("{total} package(s) installed") });
@@ -322,6 +334,14 @@ fn append_log(log: &Path, command: &str, text: &str) -> Result<(), RootfsError> 
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The reason after `!!! [name] Error fetching binhost package info from 'URL'` (bintree.py).
+pub fn unreachable_binhost(text: &str) -> Option<String> {
+    let mut lines = text.lines().skip_while(|l| !l.contains("Error fetching binhost package info"));
+    lines.next()?;
+    let reason = lines.next().unwrap_or_default();
+    Some(reason.split_once("] ").map_or(reason, |(_, r)| r).trim().to_owned())
 }
 
 /// The atom of `emerge: there are no binary packages to satisfy "ATOM"` (a requested atom or a
@@ -432,6 +452,9 @@ mod tests {
         let miss = "\nemerge: there are no binary packages to satisfy \"dbh-test/broken\" for /r/.\n";
         assert_eq!(missing_binpkg(miss).as_deref(), Some("dbh-test/broken"));
         assert_eq!(missing_binpkg(text), None);
+        let down = "\n\n!!! [dbh] Error fetching binhost package info from 'http://h/x'\n!!! [dbh] <urlopen error [Errno 111] Connection refused>\n";
+        assert_eq!(unreachable_binhost(down).as_deref(), Some("<urlopen error [Errno 111] Connection refused>"));
+        assert_eq!(unreachable_binhost(text), None);
     }
 
     #[test]

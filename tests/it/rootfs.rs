@@ -343,6 +343,15 @@ fn a_missing_binpkg_names_the_fix_and_leaves_nothing() {
     assert!(text.contains("hint: build it first: dbh build --target arm64 dbh-test/broken"), "{text}");
     let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "nothing may be left behind: {left:?}");
+
+    // A binhost URL nobody answers is not mistaken for a missing package.
+    let port = super::publish::free_port();
+    let url = format!("http://127.0.0.1:{port}/arm64");
+    let o = rootfs(home.path(), &out, &["--binhost", &url], &["dbh-test/hello"]);
+    let text = combined(&o);
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("cannot fetch the package index of the binhost {url}")), "{text}");
+    assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none(), "nothing may be left behind");
 }
 
 #[test]
