@@ -72,12 +72,9 @@ fn binhost_fixture() -> Option<PathBuf> {
     DIR.get_or_init(|| {
         let dir = cache_dir().join(format!("rootfs-arm64-binhost-{}", fixture_hash()));
         std::fs::create_dir_all(&dir).unwrap();
+        // Parallel test processes build it once.
         let lock = std::fs::File::create(dir.join("lock")).unwrap();
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: flock on an open descriptor; parallel test processes build it once.
-            assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
-        }
+        super::vm::lock_file(&lock);
         if !dir.join(".done").exists() {
             super::image::image_home("arm64")?;
             let home = product_home(None);
