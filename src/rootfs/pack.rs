@@ -174,21 +174,13 @@ pub fn oci_platform(target: &Target) -> (String, Option<&'static str>) {
     }
 }
 
-/// `1970-01-01T00:00:00Z` for seconds since the epoch.
+/// `1970-01-01T00:00:00Z` for seconds since the epoch (via the HTTP date, which is UTC too).
 pub fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let http = httpdate::fmt_http_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+    // "Tue, 24 Nov 2026 21:18:57 GMT"
+    let parts: Vec<&str> = http.split_whitespace().collect();
+    let month = "JanFebMarAprMayJunJulAugSepOctNovDec".find(parts[2]).map_or(0, |i| i / 3 + 1);
+    format!("{}-{month:02}-{}T{}Z", parts[3], parts[1], parts[4])
 }
 
 pub const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
