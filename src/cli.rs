@@ -307,13 +307,16 @@ pub enum RootfsFormat {
 
 #[derive(Debug, Args)]
 pub struct RootfsBuildArgs {
+    /// The target whose packages are installed (see `dbh targets`)
     #[arg(long, short)]
     pub target: String,
     /// Binhost URL or directory [default: the target's own binhost]
     #[arg(long)]
     pub binhost: Option<String>,
+    /// An ebuild repository the profile comes from (named by its profiles/repo_name)
     #[arg(long = "repo", value_name = "PATH")]
     pub repos: Vec<PathBuf>,
+    /// The Portage profile [default: the target's]
     #[arg(long, value_name = "REPO:PATH")]
     pub profile: Option<String>,
     /// Output file (the format follows its extension unless --format is given)
@@ -345,6 +348,7 @@ pub struct RootfsBuildArgs {
     /// Print the packages that would be installed, and stop
     #[arg(long)]
     pub dry_run: bool,
+    /// Packages and sets to install, with their runtime dependencies
     #[arg(required = true, value_name = "ATOM")]
     pub atoms: Vec<String>,
 }
