@@ -9,6 +9,8 @@
 //! - the binhost served over HTTP by `dbh serve` gives the very same tar.zst as the directory;
 //! - a missing binpkg: a clear error naming the fix, nothing left in the output directory;
 //! - a pkg_postinst that only works on the target CPU: installed, and a warning names it;
+//! - the library call reports progress as `rootfs.install` events over the packages, and a
+//!   fixed SOURCE_DATE_EPOCH is every file's time;
 //! - `--bootable --out r.qcow2`: boots under QEMU (TCG) through the UKI on its ESP, the initramfs
 //!   mounts the ext4 root and runs `/usr/bin/hello` from it as init.
 
@@ -443,4 +445,45 @@ fn bootable_qcow2_boots_and_runs_hello_from_its_root() {
     };
     assert!(text.contains("dbh-initramfs: switching to"), "{text}");
     drop(qemu);
+}
+
+#[test]
+fn progress_leaves_the_core_as_events_over_packages() {
+    use dbh::events::{Collector, Event};
+    let Some(home) = home() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let target = dbh::target::Targets::builtin().get("arm64").unwrap().clone();
+    let req = dbh::rootfs::Request {
+        binhost: dbh::rootfs::Binhost::Dir(home.path().join("binhost/arm64")),
+        repos: vec![fixture_repo()],
+        profile: Some("dbh-test:dbh/arm64".into()),
+        out: tmp.path().join("r.tar.xz"),
+        format: dbh::rootfs::Format::TarXz,
+        boot: None,
+        atoms: vec!["dbh-test/greeter".into()],
+        emerge: portage().venv.join("bin/emerge"),
+        keys: dbh::sign::KeyStore::new(home.path().join("keys")),
+        source_date_epoch: Some(1_000_000_000),
+        make_conf: String::new(),
+        log_dir: tmp.path().join("logs"),
+    };
+    let events = Collector::default();
+    let outcome = dbh::rootfs::build(&target, &req, &events).unwrap();
+    assert_eq!(outcome.source_date_epoch, 1_000_000_000);
+    let cpvs: Vec<_> = outcome.packages.iter().map(|p| p.cpv.as_str()).collect();
+    assert_eq!(cpvs, ["dbh-test/greeter-1.0", "dbh-test/hello-1.0"]);
+    let events = events.events.lock().unwrap();
+    let install: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Start { task, .. } | Event::Progress { task, .. } | Event::Finish { task, .. } if task == "rootfs.install"))
+        .collect();
+    assert!(matches!(install[0], Event::Start { total: Some(2), .. }), "{install:?}");
+    let positions: Vec<u64> = install.iter().filter_map(|e| if let Event::Progress { position, .. } = e { Some(*position) } else { None }).collect();
+    assert_eq!(positions, [1, 2], "{install:?}");
+    assert!(matches!(install.last().unwrap(), Event::Finish { .. }), "{install:?}");
+    // A fixed SOURCE_DATE_EPOCH is every file's time.
+    let xz = std::fs::read(&req.out).unwrap();
+    let mut tar = Vec::new();
+    xz2::read::XzDecoder::new(&xz[..]).read_to_end(&mut tar).unwrap();
+    assert!(tar_entries(&tar).values().all(|(_, _, mtime, _)| *mtime == 1_000_000_000));
 }
