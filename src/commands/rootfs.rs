@@ -49,7 +49,7 @@ fn build(ctx: &Context, args: RootfsBuildArgs) -> Result<(), Error> {
         Some(s) => Some(s),
         None => std::env::var("SOURCE_DATE_EPOCH").ok().and_then(|v| v.trim().parse().ok()),
     };
-    let make_conf = crate::build::PortageConfig::load_or_create(&home, &target.name)?.make_conf;
+    let config = crate::build::PortageConfig::load_or_create(&home, &target.name)?;
     let req = rootfs::Request {
         binhost,
         repos: args.repos.clone(),
@@ -67,7 +67,9 @@ fn build(ctx: &Context, args: RootfsBuildArgs) -> Result<(), Error> {
         emerge: PathBuf::from(ctx.settings.str("portage.emerge").unwrap_or("emerge")),
         keys: KeyStore::new(home.keys()),
         source_date_epoch: sde,
-        make_conf,
+        make_conf: config.make_conf,
+        package_use: config.package_use,
+        package_accept_keywords: config.package_accept_keywords,
         log_dir: home.logs(&target.name).join(timestamp()),
     };
     if args.dry_run {

@@ -129,6 +129,10 @@ pub struct Request {
     pub source_date_epoch: Option<u64>,
     /// Extra `make.conf` lines (the target's `$DBH_HOME/targets/<T>/portage/make.conf`).
     pub make_conf: String,
+    /// `package.use` and `package.accept_keywords` lines (the same directory's), so that what
+    /// the builds were allowed to use is allowed here too.
+    pub package_use: String,
+    pub package_accept_keywords: String,
     /// Where Portage's output is kept when the install fails (`$DBH_HOME/logs/<T>/<time>/`).
     pub log_dir: PathBuf,
 }

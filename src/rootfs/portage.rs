@@ -174,6 +174,8 @@ EMERGE_WARNING_DELAY="0"
             features = features.join(" "),
         );
         write(&portage.join("make.conf"), &make_conf)?;
+        write(&portage.join("package.use"), &req.package_use)?;
+        write(&portage.join("package.accept_keywords"), &req.package_accept_keywords)?;
         Ok(Client {
             log: work.join("emerge.log"),
             cfg,

@@ -465,6 +465,8 @@ fn progress_leaves_the_core_as_events_over_packages() {
         keys: dbh::sign::KeyStore::new(home.path().join("keys")),
         source_date_epoch: Some(1_000_000_000),
         make_conf: String::new(),
+        package_use: String::new(),
+        package_accept_keywords: String::new(),
         log_dir: tmp.path().join("logs"),
     };
     let events = Collector::default();
