@@ -446,6 +446,7 @@ pub fn installed(root: &Path) -> Result<Vec<Installed>, RootfsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rootfs::Binhost;
 
     #[test]
     fn pretend_output_is_parsed() {
@@ -467,6 +468,44 @@ mod tests {
         );
         assert_eq!(progress_line(">>> Emerging binary (1 of 2) x/y-1::r for /r/"), None);
         assert_eq!(emerging_line(">>> Emerging binary (1 of 2) x/y-1::r for /r/").as_deref(), Some("x/y-1"));
+    }
+
+    /// The emerge command line and the throw-away make.conf, as a reviewer sees them.
+    #[test]
+    fn emerge_command_and_make_conf_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let venv = dir.path().join("venv");
+        std::fs::create_dir_all(venv.join("bin")).unwrap();
+        std::fs::create_dir_all(venv.join("share/portage/config")).unwrap();
+        std::fs::write(venv.join("share/portage/config/make.globals"), "").unwrap();
+        std::fs::write(venv.join("bin/emerge"), "").unwrap();
+        let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repo");
+        let target = crate::target::Targets::builtin().get("arm64").unwrap().clone();
+        let req = Request {
+            binhost: Binhost::Dir(dir.path().join("binhost")),
+            repos: vec![repo.clone()],
+            profile: Some("dbh-test:dbh/arm64".into()),
+            out: dir.path().join("r.tar.zst"),
+            format: super::super::Format::TarZst,
+            boot: None,
+            atoms: vec!["dbh-test/greeter".into()],
+            emerge: venv.join("bin/emerge"),
+            keys: crate::sign::KeyStore::new(dir.path().join("keys")),
+            source_date_epoch: None,
+            make_conf: "# the target's make.conf\n".into(),
+            package_use: String::new(),
+            package_accept_keywords: String::new(),
+            log_dir: dir.path().join("logs"),
+        };
+        let work = dir.path().join("work");
+        let client = Client::new(&target, &req, &work, &crate::events::Silent).unwrap();
+        let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
+        let clean = |t: String| {
+            t.replace(&*dir.path().to_string_lossy(), "$TMP").replace(&*repo.to_string_lossy(), "$REPO").replace(&path, "$PATH")
+        };
+        let cmd = client.command(&dir.path().join("root"), &[]).args(&client.atoms);
+        insta::assert_snapshot!("emerge_install", clean(cmd.display()));
+        insta::assert_snapshot!("make_conf", clean(std::fs::read_to_string(work.join("cfg/etc/portage/make.conf")).unwrap()));
     }
 
     #[test]
