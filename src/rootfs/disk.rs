@@ -124,6 +124,10 @@ fn esp(uki_path: &Path, efi_arch: &str, out: &Path, seed: &[u8], sde: u64) -> Re
     let len = fs_err::metadata(uki_path).map_err(io("stat", uki_path))?.len();
     let kib = (len / 1024 + 8192).div_ceil(1024) * 1024;
     let volid = hex::encode(&uuid_from(seed, "esp-volid")[..4]);
+    // `mcopy -m` keeps the file's time in its FAT entry: the clamped one, not the build's.
+    let t = nix::sys::time::TimeSpec::new(sde as i64, 0);
+    nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, uki_path, &t, &t, nix::sys::stat::UtimensatFlags::FollowSymlink)
+        .map_err(|e| RootfsError::Io { doing: "set the times of", path: uki_path.to_owned(), source: e.into() })?;
     let sde = sde.to_string();
     Cmd::new("mkfs.vfat")
         .args(["-i", &volid, "-n", "ESP", "--invariant", "-C"])

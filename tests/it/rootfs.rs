@@ -11,7 +11,7 @@
 //! - a pkg_postinst that only works on the target CPU: installed, and a warning names it;
 //! - the library call reports progress as `rootfs.install` events over the packages, and a
 //!   fixed SOURCE_DATE_EPOCH is every file's time;
-//! - `--bootable --out r.qcow2`: boots under QEMU (TCG) through the UKI on its ESP, the initramfs
+//! - `--bootable --out r.qcow2`: identical twice; boots under QEMU (TCG) through the UKI on its ESP, the initramfs
 //!   mounts the ext4 root and runs `/usr/bin/hello` from it as init.
 
 use std::collections::BTreeMap;
@@ -390,20 +390,21 @@ fn bootable_qcow2_boots_and_runs_hello_from_its_root() {
     let kernel = stage.path().join(format!("boot/vmlinuz-{version}"));
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("r.qcow2");
-    ok(
-        home.path(),
-        &disk,
-        &[
-            "--bootable",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--modules",
-            modules.to_str().unwrap(),
-            "--cmdline",
-            "root=LABEL=dbh-root rw console=ttyAMA0,115200 panic=-1 init=/usr/bin/hello",
-        ],
-        &["dbh-test/hello", "dbh-test/runtime"],
-    );
+    let args = [
+        "--bootable",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--modules",
+        modules.to_str().unwrap(),
+        "--cmdline",
+        "root=LABEL=dbh-root rw console=ttyAMA0,115200 panic=-1 init=/usr/bin/hello",
+    ];
+    ok(home.path(), &disk, &args, &["dbh-test/hello", "dbh-test/runtime"]);
+    // The bootable disk (GPT, FAT ESP with the UKI, ext4) is reproducible too.
+    let again = tmp.path().join("again/r.qcow2");
+    std::thread::sleep(Duration::from_secs(1));
+    ok(home.path(), &again, &args, &["dbh-test/hello", "dbh-test/runtime"]);
+    assert!(std::fs::read(&disk).unwrap() == std::fs::read(&again).unwrap(), "two bootable builds differ");
 
     let target = dbh::target::Targets::builtin().get("arm64").unwrap().clone();
     let fw = dbh::vm::firmware::find(&target).unwrap();
