@@ -164,6 +164,8 @@ pub enum RootfsError {
     MissingBinpkg { atom: String, binhost: String, target: String },
     #[error("cannot fetch the package index of the binhost {url}: {reason}")]
     BinhostUnreachable { url: String, reason: String },
+    #[error("dbh rootfs build must run as root: the root's files keep their owners and modes")]
+    NotRoot,
     #[error("cannot tell the output format of {out} from its name")]
     UnknownFormat { out: PathBuf },
     #[error("--bootable needs a disk output (.img or .qcow2), not {format}")]
@@ -204,6 +206,7 @@ impl Hint for RootfsError {
             RootfsError::BinhostUnreachable { .. } => {
                 Some("check the URL (a target's binhost, e.g. http://HOST:8080/arm64) and that `dbh serve` runs there".into())
             }
+            RootfsError::NotRoot => Some("run it as root (e.g. with sudo); --dry-run works as any user".into()),
             RootfsError::UnknownFormat { .. } => Some(
                 "name it .tar.zst, .tar.xz, .squashfs, .img, .qcow2 or .oci, or pass --format".into(),
             ),
@@ -276,6 +279,9 @@ pub fn dry_run(target: &Target, req: &Request, reporter: &dyn Reporter) -> Resul
 /// it) appears only when all of it succeeded; a failure leaves nothing at `req.out`.
 pub fn build(target: &Target, req: &Request, reporter: &dyn Reporter) -> Result<Outcome, RootfsError> {
     check(req)?;
+    if !nix::unistd::geteuid().is_root() {
+        return Err(RootfsError::NotRoot);
+    }
     let out_dir = req.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs_err::create_dir_all(out_dir).map_err(io("create", out_dir))?;
     // Work beside the output: the final renames stay on one filesystem, and an interrupted run
