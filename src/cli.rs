@@ -315,13 +315,16 @@ pub enum RootfsFormat {
 
 #[derive(Debug, Args)]
 pub struct RootfsBuildArgs {
+    /// The target whose packages are installed (see `dbh targets`)
     #[arg(long, short)]
     pub target: String,
     /// Binhost URL or directory [default: the target's own binhost]
     #[arg(long)]
     pub binhost: Option<String>,
+    /// An ebuild repository the profile comes from (named by its profiles/repo_name)
     #[arg(long = "repo", value_name = "PATH")]
     pub repos: Vec<PathBuf>,
+    /// The Portage profile [default: the target's]
     #[arg(long, value_name = "REPO:PATH")]
     pub profile: Option<String>,
     /// Output file (the format follows its extension unless --format is given)
@@ -332,9 +335,28 @@ pub struct RootfsBuildArgs {
     /// Add an ESP with a UKI (.qcow2/.img)
     #[arg(long)]
     pub bootable: bool,
+    /// --bootable: the kernel [default: the newest in the root's /boot]
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// --bootable: a ready initramfs [default: generated from --modules' root or the rootfs]
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// --bootable: ROOT/lib/modules/<version> for a generated initramfs
+    #[arg(long, value_name = "DIR")]
+    pub modules: Option<PathBuf>,
+    /// --bootable: the kernel command line [default: root=LABEL=dbh-root console=<target console>]
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// --bootable: the systemd-stub [default: found for the target's EFI arch]
+    #[arg(long, value_name = "PATH")]
+    pub stub: Option<PathBuf>,
+    /// Timestamp for every file [default: $SOURCE_DATE_EPOCH, else the newest BUILD_TIME installed]
+    #[arg(long, value_name = "SECONDS")]
+    pub source_date_epoch: Option<u64>,
     /// Print the packages that would be installed, and stop
     #[arg(long)]
     pub dry_run: bool,
+    /// Packages and sets to install, with their runtime dependencies
     #[arg(required = true, value_name = "ATOM")]
     pub atoms: Vec<String>,
 }

@@ -36,6 +36,8 @@ pub enum Error {
     Guest(#[from] crate::guest::GuestError),
     #[error(transparent)]
     Build(#[from] crate::build::BuildError),
+    #[error(transparent)]
+    Rootfs(#[from] crate::rootfs::RootfsError),
     /// A command of the contract whose implementation has not landed yet.
     #[error("`dbh {command}` is not implemented in this version of dbh")]
     NotImplemented { command: &'static str },
@@ -61,6 +63,7 @@ impl Error {
             Error::Vm(e) => e.hint(),
             Error::Guest(e) => e.hint(),
             Error::Build(e) => e.hint(),
+            Error::Rootfs(e) => e.hint(),
             Error::NotImplemented { .. } => {
                 Some("see README.md for the commands that work in this version".into())
             }

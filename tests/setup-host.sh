@@ -13,7 +13,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 packages=(
 	qemu-system-arm qemu-system-x86 qemu-system-misc qemu-system-ppc qemu-utils
 	qemu-efi-aarch64 ovmf
-	mtools dosfstools e2fsprogs cpio zstd xz-utils bzip2
+	mtools dosfstools e2fsprogs cpio zstd xz-utils bzip2 squashfs-tools skopeo
 	gnupg wget curl socat pax-utils git
 	nettle-dev libclang-dev clang pkg-config
 	gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu

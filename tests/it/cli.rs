@@ -69,6 +69,7 @@ fn help_texts_snapshot() {
         &["vm", "--help"],
         &["vm", "image", "create", "--help"],
         &["uki", "build", "--help"],
+        &["rootfs", "build", "--help"],
     ] {
         let out = dbh().args(args).env("COLUMNS", "100").output().unwrap();
         assert!(out.status.success());

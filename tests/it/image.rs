@@ -282,7 +282,7 @@ fn digests_mismatch_or_missing_entry_is_refused() {
 }
 
 /// Unpacks the stage into a temp dir (as `image create` does) for initramfs tests.
-fn unpacked_stage(target: &str) -> Option<(tempfile::TempDir, PathBuf)> {
+pub(crate) fn unpacked_stage(target: &str) -> Option<(tempfile::TempDir, PathBuf)> {
     let stage = test_stage(target)?;
     let dir = tempfile::tempdir().unwrap();
     dbh::image::unpack(&stage, dir.path(), &dbh::events::Silent).unwrap();

@@ -8,6 +8,7 @@ mod cli;
 mod image;
 mod portage;
 mod publish;
+mod rootfs;
 mod serve;
 mod vm;
 mod vm_build;

@@ -66,7 +66,7 @@ fn build_guest(debian_arch: &str) -> PathBuf {
     image
 }
 
-fn lock_file(f: &std::fs::File) {
+pub(crate) fn lock_file(f: &std::fs::File) {
     use std::os::fd::AsRawFd;
     // SAFETY: flock on an open descriptor.
     assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
