@@ -93,6 +93,7 @@ const KEYS: &[KeyDef] = &[
     KeyDef { name: "distcc.hosts", kind: Kind::List, doc: "extra distcc hosts for builds" },
     KeyDef { name: "vm.boot_timeout", kind: Kind::Int, doc: "seconds a guest may take to answer SSH [default: 300 under TCG, 120 under KVM]" },
     KeyDef { name: "vm.powerdown_timeout", kind: Kind::Int, doc: "seconds `dbh vm stop` waits for an ACPI power-off before quitting QEMU [default: 20]" },
+    KeyDef { name: "portage.bin", kind: Kind::Str, doc: "directory holding the host's `emerge` for cross builds, e.g. a venv's bin/ [default: found on PATH]" },
     KeyDef { name: "key.uid", kind: Kind::Str, doc: "user id of a newly generated signing key" },
 ];
 

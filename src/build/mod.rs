@@ -1,14 +1,27 @@
-//! Building binary packages for a target: the backends (only [`vm`] so far), the host's cross
-//! [`toolchain`], and what they share —
-//! the build request, the per-target Portage configuration on the host, the outcome.
+//! Building binary packages for a target: the backends ([`vm`]: a throw-away guest; [`cross`]:
+//! Portage on the host with a cross compiler; [`chroot`]: the target's stage under qemu-user), the
+//! host's cross [`toolchain`], the [`choice`] between backends, and what they share — the build
+//! request, the per-target Portage configuration on the host, following emerge's output, checking
+//! a builder's PKGDIR against its index, publishing, the outcome.
 
+pub mod choice;
+pub mod chroot;
+pub mod cross;
 pub mod toolchain;
 pub mod vm;
 
+use std::collections::{BTreeSet, VecDeque};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::Error;
+use crate::binhost::index::Index;
 use crate::error::Hint;
+use crate::events::{Event, Reporter, Unit};
 use crate::settings::Home;
+use crate::sign::{KeyStore, Signer};
+use crate::target::Target;
 
 /// What to build, independent of the backend.
 #[derive(Debug, Clone, Default)]
@@ -68,6 +81,16 @@ pub enum BuildError {
     Toolchain(#[from] toolchain::ToolchainError),
     #[error("emerge in the {target} guest did not start (exit status {status}): {tail}")]
     EmergeFailed { target: String, status: u32, tail: String },
+    #[error("emerge for {target} ({backend} backend) did not start (exit status {status}): {tail}")]
+    HostEmergeFailed { backend: &'static str, target: String, status: i32, tail: String },
+    #[error("{} package(s) failed to build for {target} with the {backend} backend: {}", .packages.len(), .packages.join(", "))]
+    BackendFailed { backend: &'static str, target: String, packages: Vec<String>, log_dir: PathBuf },
+    #[error("the {path} staging PKGDIR's {file} does not match its Packages index: {reason}")]
+    StagedMismatch { path: PathBuf, file: String, reason: String },
+    #[error("cannot read the Packages index of the staging PKGDIR {path}: {reason}")]
+    StagedIndex { path: PathBuf, reason: String },
+    #[error("no `emerge` found{}", .looked.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_else(|| " on PATH".into()))]
+    NoEmerge { looked: Option<PathBuf> },
 }
 
 impl Hint for BuildError {
@@ -79,6 +102,21 @@ impl Hint for BuildError {
             }
             BuildError::Toolchain(e) => e.hint(),
             BuildError::BadProfile { .. } => Some("name it as `eselect profile list` does, e.g. gentoo:default/linux/arm64/23.0".into()),
+            BuildError::HostEmergeFailed { target, .. } => Some(format!(
+                "see the log above; a package that does not build this way may build in a guest: `dbh build --backend vm --target {target} ATOM`"
+            )),
+            BuildError::BackendFailed { backend, target, packages, log_dir } => Some(format!(
+                "logs are in {}; packages that {} can be built in a guest: `dbh build --backend vm --target {target} {}`",
+                log_dir.display(),
+                if *backend == "cross" { "do not cross-compile" } else { "fail this way" },
+                packages.iter().map(|c| format!("={c}")).collect::<Vec<_>>().join(" ")
+            )),
+            BuildError::NoEmerge { .. } => Some(
+                "on Gentoo, Portage is installed; elsewhere install it from PyPI into a venv \
+                 (`python3 -m venv ~/.local/portage && ~/.local/portage/bin/pip install portage`) and point dbh at it \
+                 with DBH_PORTAGE_BIN=~/.local/portage/bin (setting `portage.bin`)"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -173,6 +211,239 @@ impl PortageConfig {
     }
 }
 
+/// UTC `YYYYMMDD-HHMMSS` for log directory names.
+pub fn timestamp() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// The lines emerge prints that dbh follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmergeLine {
+    /// `>>> Emerging (N of M) cat/pf::repo` (also `Emerging binary`): the build of `cpv` started.
+    Emerging { n: u64, m: u64, cpv: String, binary: bool },
+    /// `>>> Completed (N of M) cat/pf::repo`.
+    Completed { n: u64, m: u64, cpv: String },
+}
+
+/// Parses one line of emerge's output.
+pub fn parse_line(line: &str) -> Option<EmergeLine> {
+    let rest = line.trim_start().strip_prefix(">>> ")?;
+    let (kind, rest) = rest.split_once('(')?;
+    let (count, rest) = rest.split_once(')')?;
+    let (n, m) = count.split_once(" of ")?;
+    let (n, m) = (n.trim().parse().ok()?, m.trim().parse().ok()?);
+    let cpv = rest.split_whitespace().next()?;
+    let cpv = cpv.split_once("::").map_or(cpv, |(c, _)| c).to_owned();
+    if !cpv.contains('/') {
+        return None;
+    }
+    match kind.trim() {
+        "Emerging" => Some(EmergeLine::Emerging { n, m, cpv, binary: false }),
+        "Emerging binary" => Some(EmergeLine::Emerging { n, m, cpv, binary: true }),
+        "Completed" => Some(EmergeLine::Completed { n, m, cpv }),
+        _ => None,
+    }
+}
+
+/// Follows one emerge run line by line, whichever backend runs it: writes emerge.log, turns
+/// `Emerging`/`Completed` lines into progress events, keeps a tail for errors, and knows which
+/// packages started but never completed (the failed ones).
+pub struct Follower {
+    task: String,
+    label: String,
+    log: Option<std::fs::File>,
+    echo: bool,
+    total: Option<u64>,
+    started: Vec<String>,
+    completed: BTreeSet<String>,
+    tail: VecDeque<String>,
+}
+
+impl Follower {
+    /// Creates `log_path` with `command` as its first line.
+    pub fn new(task: String, label: String, log_path: &Path, command: &str, echo: bool) -> Result<Follower, BuildError> {
+        let mut log = std::fs::File::create(log_path).map_err(io("create", log_path))?;
+        let _ = writeln!(log, "# {command}");
+        Ok(Follower { task, label, log: Some(log), echo, total: None, started: Vec::new(), completed: BTreeSet::new(), tail: VecDeque::new() })
+    }
+
+    pub fn line(&mut self, line: &str, reporter: &dyn Reporter) {
+        if let Some(log) = &mut self.log {
+            let _ = writeln!(log, "{line}");
+        }
+        if self.echo {
+            reporter.event(Event::Note { message: line.to_owned() });
+        }
+        if self.tail.len() == 30 {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.to_owned());
+        match parse_line(line) {
+            Some(EmergeLine::Emerging { n, m, cpv, binary }) => {
+                if self.total != Some(m) {
+                    reporter.event(Event::Start { task: self.task.clone(), label: self.label.clone(), total: Some(m), unit: Unit::Items });
+                    self.total = Some(m);
+                }
+                let what = if binary { "installing binary" } else { "building" };
+                reporter.event(Event::Progress { task: self.task.clone(), position: n - 1, message: Some(format!("{what} {cpv}")) });
+                self.started.push(cpv);
+            }
+            Some(EmergeLine::Completed { n, cpv, .. }) => {
+                reporter.event(Event::Progress { task: self.task.clone(), position: n, message: Some(format!("completed {cpv}")) });
+                self.completed.insert(cpv);
+            }
+            None => {}
+        }
+    }
+
+    /// Closes the log and ends the progress task; returns the packages that started but did not
+    /// complete, and the last lines of output.
+    pub fn finish(mut self, status: i64, reporter: &dyn Reporter) -> (Vec<String>, String) {
+        self.log = None;
+        if self.total.is_some() {
+            reporter.event(Event::Finish { task: self.task.clone(), message: format!("emerge exited with status {status}") });
+        }
+        let unfinished = self.started.iter().filter(|c| !self.completed.contains(*c)).cloned().collect();
+        (unfinished, Vec::from(self.tail).join("\n"))
+    }
+}
+
+/// Whether a builder's binpkg at `path` (relative to its PKGDIR) matches its entry in that
+/// PKGDIR's `Packages`; the reason when not.
+pub fn check_indexed(index: &Index, path: &str, size: u64, md5: &str) -> Result<(), String> {
+    let entry = index.packages.iter().find(|e| e.effective_path() == path).ok_or_else(|| "it has no entry".to_string())?;
+    if entry.size() != Some(size) {
+        return Err(format!("SIZE {:?} in the index, {size} on disk", entry.get("SIZE")));
+    }
+    if let Some(m) = entry.get("MD5")
+        && !m.eq_ignore_ascii_case(md5)
+    {
+        return Err(format!("MD5 {m} in the index, {md5} on disk"));
+    }
+    Ok(())
+}
+
+/// Every binpkg a host-side builder wrote into its (fresh) staging PKGDIR, each checked against
+/// that PKGDIR's `Packages` like the VM backend checks the guest's.
+pub fn staged_binpkgs(pkgdir: &Path) -> Result<Vec<PathBuf>, BuildError> {
+    use md5::Digest as _;
+    let mut files = Vec::new();
+    let mut stack = vec![pkgdir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).map_err(io("read", &dir))?.flatten() {
+            let path = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            } else if !name.starts_with('.') && (name.ends_with(".gpkg.tar") || name.ends_with(".tbz2") || name.ends_with(".xpak")) {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Ok(files);
+    }
+    let index_path = pkgdir.join("Packages");
+    let text = std::fs::read(&index_path).map_err(io("read", &index_path))?;
+    let index = Index::parse(&text).map_err(|e| BuildError::StagedIndex { path: pkgdir.to_owned(), reason: e.to_string() })?;
+    for f in &files {
+        let bytes = std::fs::read(f).map_err(io("read", f))?;
+        let rel = f.strip_prefix(pkgdir).unwrap_or(f).to_string_lossy().into_owned();
+        let md5 = hex::encode(md5::Md5::digest(&bytes));
+        check_indexed(&index, &rel, bytes.len() as u64, &md5)
+            .map_err(|reason| BuildError::StagedMismatch { path: pkgdir.to_owned(), file: rel.clone(), reason })?;
+    }
+    Ok(files)
+}
+
+/// What every backend checks and loads on the host before it starts building.
+pub struct Prepared {
+    pub signer: Signer,
+    pub profile_repo: String,
+    pub profile_path: String,
+    /// `(name, path)` of every `--repo`.
+    pub repos: Vec<(String, PathBuf)>,
+    pub config: PortageConfig,
+    pub binhost_dir: PathBuf,
+    /// `$DBH_HOME/logs/<target>/<timestamp>`, created.
+    pub log_dir: PathBuf,
+}
+
+pub fn prepare(home: &Home, target: &Target, req: &Request) -> Result<Prepared, Error> {
+    let keys = KeyStore::new(home.keys());
+    if !keys.exists() {
+        return Err(BuildError::NoKey { dir: home.keys() }.into());
+    }
+    let signer = keys.signer()?;
+    let profile = req.profile.clone().unwrap_or_else(|| target.profile.clone());
+    let (profile_repo, profile_path) = split_profile(&profile)?;
+    let mut repos = Vec::new();
+    for path in &req.repos {
+        let abs = std::path::absolute(path).map_err(io("resolve", path))?;
+        repos.push((repo_name(&abs)?, abs));
+    }
+    let config = PortageConfig::load_or_create(home, &target.name)?;
+    let log_dir = home.logs(&target.name).join(timestamp());
+    std::fs::create_dir_all(&log_dir).map_err(io("create", &log_dir))?;
+    Ok(Prepared { signer, profile_repo, profile_path, repos, config, binhost_dir: home.binhost(&target.name), log_dir })
+}
+
+impl Prepared {
+    /// Signs and publishes `files` into the target's binhost (atomic, re-indexed) and counts them.
+    pub fn publish(&self, target: &Target, files: &[PathBuf], reporter: &dyn Reporter) -> Result<Vec<crate::binhost::add::Added>, Error> {
+        let published = if files.is_empty() {
+            Vec::new()
+        } else {
+            crate::binhost::add::add(&self.binhost_dir, target, files, Some(&self.signer), reporter)?
+        };
+        reporter.event(Event::Count { name: "binpkg.transferred".into(), value: files.len() as u64 });
+        Ok(published)
+    }
+
+    /// repos.conf naming the profile's repository as main-repo, with every `--repo` at
+    /// `location(name, path)`; `fallback` places the profile's repository when no `--repo` is it.
+    pub fn repos_conf(&self, location: impl Fn(&str, &Path) -> String, fallback: Option<String>) -> String {
+        let mut conf = format!("# written by dbh before each build\n[DEFAULT]\nmain-repo = {}\n", self.profile_repo);
+        for (name, path) in &self.repos {
+            conf.push_str(&format!("\n[{name}]\nlocation = {}\nauto-sync = no\n", location(name, path)));
+        }
+        if let Some(loc) = fallback.filter(|_| !self.repos.iter().any(|(n, _)| *n == self.profile_repo)) {
+            conf.push_str(&format!("\n[{}]\nlocation = {loc}\nauto-sync = no\n", self.profile_repo));
+        }
+        conf
+    }
+}
+
+/// Copies a failed package's build log into the log directory and reports it.
+pub fn failed_package(cpv: &str, build_log: Option<&Path>, log_dir: &Path, reporter: &dyn Reporter) -> FailedPackage {
+    let local = cpv.split_once('/').map(|(cat, pf)| log_dir.join(format!("{cat}:{pf}.log")));
+    let log = match (build_log, local) {
+        (Some(src), Some(dst)) if std::fs::copy(src, &dst).is_ok() => Some(dst),
+        _ => None,
+    };
+    let tail = log.as_deref().map(|p| crate::vm::tail_lines(p, 20)).unwrap_or_default();
+    reporter.event(Event::Note {
+        message: format!(
+            "{cpv} failed to build; log: {}\n{tail}",
+            log.as_deref().map_or_else(|| "(not found)".into(), |p| p.display().to_string())
+        ),
+    });
+    FailedPackage { cpv: cpv.to_owned(), log, tail }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +461,47 @@ mod tests {
         assert_eq!(repo_name(&root).unwrap(), "dbh-test");
         let e = repo_name(&root.join("licenses")).unwrap_err();
         assert!(e.to_string().contains("profiles/repo_name"), "{e}");
+    }
+
+    #[test]
+    fn emerge_progress_lines_are_parsed() {
+        assert_eq!(
+            parse_line(">>> Emerging (1 of 2) dbh-test/hello-1.0::dbh-test"),
+            Some(EmergeLine::Emerging { n: 1, m: 2, cpv: "dbh-test/hello-1.0".into(), binary: false })
+        );
+        assert_eq!(
+            parse_line(">>> Emerging binary (2 of 3) dbh-test/greeter-1.0-r1::dbh-test"),
+            Some(EmergeLine::Emerging { n: 2, m: 3, cpv: "dbh-test/greeter-1.0-r1".into(), binary: true })
+        );
+        assert_eq!(
+            parse_line(">>> Completed (2 of 2) dbh-test/greeter-1.0::dbh-test"),
+            Some(EmergeLine::Completed { n: 2, m: 2, cpv: "dbh-test/greeter-1.0".into() })
+        );
+        assert_eq!(parse_line(">>> Emerging (1 of 2) to /"), None);
+        assert_eq!(parse_line(" * Emerging (1 of 2) x/y"), None);
+        assert_eq!(parse_line(">>> Jobs: 1 of 2 complete"), None);
+    }
+
+    #[test]
+    fn follower_knows_what_did_not_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let events = crate::events::Collector::default();
+        let mut f = Follower::new("t".into(), "emerge".into(), &dir.path().join("emerge.log"), "emerge x", false).unwrap();
+        for l in [">>> Emerging (1 of 2) a/b-1::r", ">>> Completed (1 of 2) a/b-1::r", ">>> Emerging (2 of 2) a/c-1::r", "boom"] {
+            f.line(l, &events);
+        }
+        let (failed, tail) = f.finish(1, &events);
+        assert_eq!(failed, ["a/c-1"]);
+        assert!(tail.ends_with("boom"));
+        let log = std::fs::read_to_string(dir.path().join("emerge.log")).unwrap();
+        assert!(log.starts_with("# emerge x\n>>> Emerging"), "{log}");
+    }
+
+    #[test]
+    fn timestamps_are_utc_civil_dates() {
+        let t = timestamp();
+        assert_eq!(t.len(), 15, "{t}");
+        assert!(t.starts_with("20"), "{t}");
     }
 
     #[test]

@@ -9,18 +9,17 @@
 //! is one synchronous `binhost::add` call at the end, which is atomic, so an interrupted build
 //! publishes nothing half-done.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use super::{BuildError, FailedPackage, Outcome, PortageConfig, Request};
+pub use super::{EmergeLine, parse_line};
+use super::{BuildError, FailedPackage, Follower, Outcome, PortageConfig, Request};
 use crate::Error;
-use crate::binhost::{self, index::Index};
+use crate::binhost::index::Index;
 use crate::events::{Event, Reporter, Unit};
 use crate::guest::{Guest, shell_join, shell_quote};
 use crate::settings::Home;
-use crate::sign::KeyStore;
 use crate::target::Target;
 use crate::vm::{Shutdown, StartOptions, Vm};
 
@@ -42,35 +41,6 @@ pub struct Listed {
     pub path: String,
     pub size: u64,
     pub md5: String,
-}
-
-/// The lines emerge prints that dbh follows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EmergeLine {
-    /// `>>> Emerging (N of M) cat/pf::repo` (also `Emerging binary`): the build of `cpv` started.
-    Emerging { n: u64, m: u64, cpv: String, binary: bool },
-    /// `>>> Completed (N of M) cat/pf::repo`.
-    Completed { n: u64, m: u64, cpv: String },
-}
-
-/// Parses one line of emerge's output.
-pub fn parse_line(line: &str) -> Option<EmergeLine> {
-    let rest = line.trim_start().strip_prefix(">>> ")?;
-    let (kind, rest) = rest.split_once('(')?;
-    let (count, rest) = rest.split_once(')')?;
-    let (n, m) = count.split_once(" of ")?;
-    let (n, m) = (n.trim().parse().ok()?, m.trim().parse().ok()?);
-    let cpv = rest.split_whitespace().next()?;
-    let cpv = cpv.split_once("::").map_or(cpv, |(c, _)| c).to_owned();
-    if !cpv.contains('/') {
-        return None;
-    }
-    match kind.trim() {
-        "Emerging" => Some(EmergeLine::Emerging { n, m, cpv, binary: false }),
-        "Emerging binary" => Some(EmergeLine::Emerging { n, m, cpv, binary: true }),
-        "Completed" => Some(EmergeLine::Completed { n, m, cpv }),
-        _ => None,
-    }
 }
 
 /// Parses the listing printed by [`LIST_SCRIPT`]: `SIZE MD5 PATH` per line.
@@ -215,23 +185,6 @@ async fn untar(guest: &Guest, data: &[u8], dest: &str, replace: bool) -> Result<
     Ok(())
 }
 
-/// UTC `YYYYMMDD-HHMMSS` for log directory names.
-fn timestamp() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 /// Builds `req.atoms` in a throw-away guest of `target` and publishes what was built.
 /// Returns the outcome also when packages failed (the caller turns `failed` into the exit code).
 pub async fn build(
@@ -242,27 +195,17 @@ pub async fn build(
     reporter: &dyn Reporter,
 ) -> Result<Outcome, Error> {
     // Everything that can be checked on the host is checked before booting.
-    let keys = KeyStore::new(home.keys());
-    if !keys.exists() {
-        return Err(BuildError::NoKey { dir: home.keys() }.into());
-    }
-    let signer = keys.signer()?;
-    let profile = req.profile.clone().unwrap_or_else(|| target.profile.clone());
-    let (profile_repo, profile_path) = super::split_profile(&profile)?;
+    let prep = super::prepare(home, target, req)?;
     let mut repos = Vec::new();
-    for path in &req.repos {
-        let name = super::repo_name(path)?;
-        repos.push((name, tar_dir(path)?));
+    for (name, path) in &prep.repos {
+        repos.push((name.clone(), tar_dir(path)?));
     }
-    let config = PortageConfig::load_or_create(home, &target.name)?;
-    let binhost_dir = home.binhost(&target.name);
-    let seed = tar_binhost(&binhost_dir)?;
-    let log_dir = home.logs(&target.name).join(timestamp());
-    std::fs::create_dir_all(&log_dir).map_err(|source| BuildError::Io { doing: "create", path: log_dir.clone(), source })?;
+    let seed = tar_binhost(&prep.binhost_dir)?;
+    let log_dir = prep.log_dir.clone();
 
     let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, ..Default::default() };
     let vm = Vm::start(home, target, &start, reporter).await?;
-    let result = in_guest(vm.guest(), target, req, &repos, &config, (&profile_repo, &profile_path), seed.as_deref(), &log_dir, opts.echo_output, reporter).await;
+    let result = in_guest(vm.guest(), target, req, &repos, &prep.config, (&prep.profile_repo, &prep.profile_path), seed.as_deref(), &log_dir, opts.echo_output, reporter).await;
     if opts.keep_vm {
         reporter.event(Event::Note { message: format!("the {} guest keeps running (--keep-vm); stop it with `dbh vm stop --target {}`", target.name, target.name) });
         vm.release().await;
@@ -271,13 +214,8 @@ pub async fn build(
     }
     let (downloads, failed, _tmp) = result?;
 
-    let published = if downloads.is_empty() {
-        Vec::new()
-    } else {
-        binhost::add::add(&binhost_dir, target, &downloads, Some(&signer), reporter)?
-    };
+    let published = prep.publish(target, &downloads, reporter)?;
     let transferred = downloads.len() as u64;
-    reporter.event(Event::Count { name: "binpkg.transferred".into(), value: transferred });
     Ok(Outcome { published, failed, log_dir, transferred })
 }
 
@@ -353,67 +291,22 @@ async fn in_guest(
     args.extend(req.atoms.iter().cloned());
     args.extend(req.emerge_args.iter().cloned());
     let command = format!("{} 2>&1", shell_join(&args));
-    let log_path = log_dir.join("emerge.log");
-    let mut log = std::fs::File::create(&log_path).map_err(|source| BuildError::Io { doing: "create", path: log_path.clone(), source })?;
-    let _ = writeln!(log, "# {command}");
-    let mut started: Vec<String> = Vec::new();
-    let mut completed: BTreeSet<String> = BTreeSet::new();
-    let mut total_announced = None;
-    let mut tail: Vec<String> = Vec::new();
+    let mut follower = Follower::new(task.clone(), format!("emerge on {}", target.name), &log_dir.join("emerge.log"), &command, echo)?;
     reporter.event(Event::Note { message: format!("{}: {}", target.name, shell_join(&args)) });
-    let status = guest
-        .exec(&command, |_, line| {
-            let _ = writeln!(log, "{line}");
-            if echo {
-                reporter.event(Event::Note { message: line.to_owned() });
-            }
-            tail.push(line.to_owned());
-            if tail.len() > 30 {
-                tail.remove(0);
-            }
-            match parse_line(line) {
-                Some(EmergeLine::Emerging { n, m, cpv, binary }) => {
-                    if total_announced != Some(m) {
-                        reporter.event(Event::Start { task: task.clone(), label: format!("emerge on {}", target.name), total: Some(m), unit: Unit::Items });
-                        total_announced = Some(m);
-                    }
-                    let what = if binary { "installing binary" } else { "building" };
-                    reporter.event(Event::Progress { task: task.clone(), position: n - 1, message: Some(format!("{what} {cpv}")) });
-                    started.push(cpv);
-                }
-                Some(EmergeLine::Completed { n, cpv, .. }) => {
-                    reporter.event(Event::Progress { task: task.clone(), position: n, message: Some(format!("completed {cpv}")) });
-                    completed.insert(cpv);
-                }
-                None => {}
-            }
-        })
-        .await?;
-    drop(log);
-    if total_announced.is_some() {
-        reporter.event(Event::Finish { task: task.clone(), message: format!("emerge exited with status {status}") });
-    }
+    let status = guest.exec(&command, |_, line| follower.line(line, reporter)).await?;
+    let (unfinished, tail) = follower.finish(i64::from(status), reporter);
 
     let mut failed = Vec::new();
-    for cpv in started.iter().filter(|c| !completed.contains(*c)) {
+    for cpv in &unfinished {
         let Some((cat, pf)) = cpv.split_once('/') else { continue };
-        let local = log_dir.join(format!("{cat}:{pf}.log"));
+        let fetched = log_dir.join(format!(".{cat}:{pf}.log"));
         let remote = format!("/var/tmp/portage/{cat}/{pf}/temp/build.log");
-        let log = match guest.download(&remote, &local).await {
-            Ok(()) => Some(local),
-            Err(_) => None,
-        };
-        let tail = log.as_deref().map(|p| crate::vm::tail_lines(p, 20)).unwrap_or_default();
-        reporter.event(Event::Note {
-            message: format!(
-                "{cpv} failed to build; log: {}\n{tail}",
-                log.as_deref().map_or_else(|| "(not found in the guest)".into(), |p| p.display().to_string())
-            ),
-        });
-        failed.push(FailedPackage { cpv: cpv.clone(), log, tail });
+        let have = guest.download(&remote, &fetched).await.is_ok();
+        failed.push(super::failed_package(cpv, have.then_some(fetched.as_path()), log_dir, reporter));
+        let _ = std::fs::remove_file(&fetched);
     }
     if status != 0 && failed.is_empty() {
-        return Err(BuildError::EmergeFailed { target: target.name.clone(), status, tail: tail.join("\n") }.into());
+        return Err(BuildError::EmergeFailed { target: target.name.clone(), status, tail }.into());
     }
 
     // Pull back what is new.
@@ -432,19 +325,7 @@ async fn in_guest(
         reporter.event(Event::Start { task: pull.clone(), label: "pulling binary packages".into(), total: Some(fresh.len() as u64), unit: Unit::Items });
         for (i, l) in fresh.iter().enumerate() {
             let mismatch = |reason: String| BuildError::Mismatch { target: target.name.clone(), path: l.path.clone(), reason };
-            let entry = index
-                .packages
-                .iter()
-                .find(|e| e.effective_path() == l.path)
-                .ok_or_else(|| mismatch("it has no entry".into()))?;
-            if entry.size() != Some(l.size) {
-                return Err(mismatch(format!("SIZE {:?} in the index, {} on disk", entry.get("SIZE"), l.size)).into());
-            }
-            if let Some(md5) = entry.get("MD5")
-                && !md5.eq_ignore_ascii_case(&l.md5)
-            {
-                return Err(mismatch(format!("MD5 {md5} in the index, {} on disk", l.md5)).into());
-            }
+            super::check_indexed(&index, &l.path, l.size, &l.md5).map_err(mismatch)?;
             reporter.event(Event::Progress { task: pull.clone(), position: i as u64, message: Some(l.path.clone()) });
             let local = tmp.path().join(l.path.replace('/', "--"));
             guest.download(&format!("{GUEST_PKGDIR}/{}", l.path), &local).await?;
@@ -460,37 +341,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn emerge_progress_lines_are_parsed() {
-        assert_eq!(
-            parse_line(">>> Emerging (1 of 2) dbh-test/hello-1.0::dbh-test"),
-            Some(EmergeLine::Emerging { n: 1, m: 2, cpv: "dbh-test/hello-1.0".into(), binary: false })
-        );
-        assert_eq!(
-            parse_line(">>> Emerging binary (2 of 3) dbh-test/greeter-1.0-r1::dbh-test"),
-            Some(EmergeLine::Emerging { n: 2, m: 3, cpv: "dbh-test/greeter-1.0-r1".into(), binary: true })
-        );
-        assert_eq!(
-            parse_line(">>> Completed (2 of 2) dbh-test/greeter-1.0::dbh-test"),
-            Some(EmergeLine::Completed { n: 2, m: 2, cpv: "dbh-test/greeter-1.0".into() })
-        );
-        assert_eq!(parse_line(">>> Emerging (1 of 2) to /"), None);
-        assert_eq!(parse_line(" * Emerging (1 of 2) x/y"), None);
-        assert_eq!(parse_line(">>> Jobs: 1 of 2 complete"), None);
-    }
-
-    #[test]
     fn only_new_or_changed_files_are_taken() {
         let before = parse_listing("10 aa a/b/b-1-1.gpkg.tar\n20 bb a/c/c-1-1.gpkg.tar\n");
         let after = parse_listing("10 aa a/b/b-1-1.gpkg.tar\n21 bc a/c/c-1-1.gpkg.tar\n5 cc a/d/d-1-1.gpkg.tar\nnoise\n");
         let paths: Vec<String> = new_files(&before, &after).into_iter().map(|l| l.path).collect();
         assert_eq!(paths, ["a/c/c-1-1.gpkg.tar", "a/d/d-1-1.gpkg.tar"]);
         assert!(new_files(&after, &after).is_empty());
-    }
-
-    #[test]
-    fn timestamps_are_utc_civil_dates() {
-        let t = timestamp();
-        assert_eq!(t.len(), 15, "{t}");
-        assert!(t.starts_with("20"), "{t}");
     }
 }
