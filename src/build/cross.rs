@@ -24,10 +24,10 @@
 use std::path::{Path, PathBuf};
 
 use super::toolchain::{self, Toolchain};
-use super::{BuildError, Outcome, Prepared, Request, io};
+use super::{BuildError, Outcome, Prepared, Request, io, symlink, write};
 use crate::Error;
 use crate::events::{Event, Reporter};
-use crate::process::{Cmd, ProcessError, Stream, Termination};
+use crate::process::Cmd;
 use crate::settings::Home;
 use crate::target::Target;
 
@@ -124,23 +124,6 @@ fn user_and_group() -> (String, String) {
     let user = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| "root".into(), |u| u.name);
     let group = nix::unistd::Group::from_gid(gid).ok().flatten().map_or_else(|| "root".into(), |g| g.name);
     (user, group)
-}
-
-fn write(path: &Path, text: &str) -> Result<(), BuildError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    }
-    std::fs::write(path, text).map_err(io("write", path))
-}
-
-fn symlink(to: &Path, link: &Path) -> Result<(), BuildError> {
-    if let Some(dir) = link.parent() {
-        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
-    }
-    if std::fs::symlink_metadata(link).is_ok() {
-        std::fs::remove_file(link).map_err(io("replace", link))?;
-    }
-    std::os::unix::fs::symlink(to, link).map_err(io("create the symlink", link))
 }
 
 /// Where the profile's repository is on the host: a `--repo`, else Gentoo's usual place.
@@ -253,7 +236,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, r
     reporter.event(Event::Note {
         message: format!("{}: cross-compiling with {} (CHOST {}) into {}", target.name, tc.gcc.display(), target.chost, sysroot.display()),
     });
-    let (failed, status, tail) = run_emerge(&cmd, &target.name, &prep.log_dir, opts.echo_output, reporter, |cpv| {
+    let (failed, status, tail) = super::run_emerge(&cmd, &target.name, &prep.log_dir, opts.echo_output, reporter, |cpv| {
         let (cat, pf) = cpv.split_once('/')?;
         Some(tmpdir.join("portage").join(cat).join(pf).join("temp/build.log"))
     })?;
@@ -283,35 +266,6 @@ pub fn chost_shims(tc: &Toolchain, chost: &str, dir: &Path) -> Result<(), BuildE
 
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-}
-
-/// Runs an emerge command on the host, following it; returns the failed packages (with their
-/// logs copied into `log_dir`), the exit status and the output's tail.
-pub(crate) fn run_emerge(
-    cmd: &Cmd,
-    target: &str,
-    log_dir: &Path,
-    echo: bool,
-    reporter: &dyn Reporter,
-    build_log: impl Fn(&str) -> Option<PathBuf>,
-) -> Result<(Vec<super::FailedPackage>, i32, String), Error> {
-    let command = cmd.display();
-    let mut follower = super::Follower::new(format!("build:{target}"), format!("emerge for {target}"), &log_dir.join("emerge.log"), &command, echo)?;
-    reporter.event(Event::Note { message: format!("{target}: {command}") });
-    let status = match cmd.run_lines(|_: Stream, line| follower.line(line, reporter)) {
-        Ok(()) => 0,
-        Err(ProcessError::Failed { termination: Termination::Code(code), .. }) => code,
-        Err(e) => return Err(e.into()),
-    };
-    let (unfinished, tail) = follower.finish(i64::from(status), reporter);
-    let failed = unfinished
-        .iter()
-        .map(|cpv| {
-            let src = build_log(cpv).filter(|p| p.is_file());
-            super::failed_package(cpv, src.as_deref(), log_dir, reporter)
-        })
-        .collect();
-    Ok((failed, status, tail))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use crate::Error;
 use crate::binhost::index::Index;
 use crate::error::Hint;
 use crate::events::{Event, Reporter, Unit};
+use crate::process::Cmd;
 use crate::settings::Home;
 use crate::sign::{KeyStore, Signer};
 use crate::target::Target;
@@ -79,6 +80,8 @@ pub enum BuildError {
     GuestIndex { target: String, reason: String },
     #[error(transparent)]
     Toolchain(#[from] toolchain::ToolchainError),
+    #[error(transparent)]
+    Chroot(#[from] chroot::ChrootError),
     #[error("emerge in the {target} guest did not start (exit status {status}): {tail}")]
     EmergeFailed { target: String, status: u32, tail: String },
     #[error("emerge for {target} ({backend} backend) did not start (exit status {status}): {tail}")]
@@ -101,6 +104,7 @@ impl Hint for BuildError {
                 Some("an ebuild repository has its name in profiles/repo_name (or metadata/layout.conf repo-name)".into())
             }
             BuildError::Toolchain(e) => e.hint(),
+            BuildError::Chroot(e) => e.hint(),
             BuildError::BadProfile { .. } => Some("name it as `eselect profile list` does, e.g. gentoo:default/linux/arm64/23.0".into()),
             BuildError::HostEmergeFailed { target, .. } => Some(format!(
                 "see the log above; a package that does not build this way may build in a guest: `dbh build --backend vm --target {target} ATOM`"
@@ -442,6 +446,52 @@ pub fn failed_package(cpv: &str, build_log: Option<&Path>, log_dir: &Path, repor
         ),
     });
     FailedPackage { cpv: cpv.to_owned(), log, tail }
+}
+
+pub(crate) fn write(path: &Path, text: &str) -> Result<(), BuildError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    }
+    std::fs::write(path, text).map_err(io("write", path))
+}
+
+pub(crate) fn symlink(to: &Path, link: &Path) -> Result<(), BuildError> {
+    if let Some(dir) = link.parent() {
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    }
+    if std::fs::symlink_metadata(link).is_ok() {
+        std::fs::remove_file(link).map_err(io("replace", link))?;
+    }
+    std::os::unix::fs::symlink(to, link).map_err(io("create the symlink", link))
+}
+
+/// Runs an emerge command on the host, following it; returns the failed packages (with their
+/// logs copied into `log_dir`), the exit status and the output's tail.
+pub fn run_emerge(
+    cmd: &Cmd,
+    target: &str,
+    log_dir: &Path,
+    echo: bool,
+    reporter: &dyn Reporter,
+    build_log: impl Fn(&str) -> Option<PathBuf>,
+) -> Result<(Vec<FailedPackage>, i32, String), Error> {
+    let command = cmd.display();
+    let mut follower = Follower::new(format!("build:{target}"), format!("emerge for {target}"), &log_dir.join("emerge.log"), &command, echo)?;
+    reporter.event(Event::Note { message: format!("{target}: {command}") });
+    let status = match cmd.run_lines(|_: crate::process::Stream, line| follower.line(line, reporter)) {
+        Ok(()) => 0,
+        Err(crate::process::ProcessError::Failed { termination: crate::process::Termination::Code(code), .. }) => code,
+        Err(e) => return Err(e.into()),
+    };
+    let (unfinished, tail) = follower.finish(i64::from(status), reporter);
+    let failed = unfinished
+        .iter()
+        .map(|cpv| {
+            let src = build_log(cpv).filter(|p| p.is_file());
+            failed_package(cpv, src.as_deref(), log_dir, reporter)
+        })
+        .collect();
+    Ok((failed, status, tail))
 }
 
 #[cfg(test)]
