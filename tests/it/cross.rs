@@ -90,3 +90,38 @@ fn failed_cross_build_hints_at_the_vm_backend_and_keeps_the_rest() {
     let check = run(home, &["binhost", "check", home.join("binhost/arm64").to_str().unwrap()]);
     assert!(check.status.success(), "{}", combined(&check));
 }
+
+/// `dbh build --backend chroot`: the stage of the arm64 test image, unpacked, runs emerge under
+/// qemu-user (binfmt_misc with the F flag) in bubblewrap; the packages are published and a client
+/// installs them. Where binfmt_misc has no such handler, the test checks the explained refusal.
+#[test]
+fn chroot_build_runs_the_stage_under_qemu_user() {
+    let Some(image) = super::image::image_home("arm64") else { return };
+    let home = cross_home();
+    let home = home.path();
+    // Only what the chroot backend reads of the image: image.toml and the downloaded stage.
+    std::fs::create_dir_all(home.join("images/arm64")).unwrap();
+    std::fs::copy(image.join("images/arm64/image.toml"), home.join("images/arm64/image.toml")).unwrap();
+    let info = dbh::image::ImageInfo::load(&home.join("images/arm64")).unwrap();
+    let cached = dbh::image::stage::cached_path(&info.stage.location, &image.join("cache"));
+    std::fs::create_dir_all(home.join("cache")).unwrap();
+    std::os::unix::fs::symlink(&cached, dbh::image::stage::cached_path(&info.stage.location, &home.join("cache"))).unwrap();
+
+    let out = build(home, &["build", "--backend", "chroot"], &["dbh-test/greeter"]);
+    let text = combined(&out);
+    let targets = dbh::target::Targets::builtin();
+    if let Err(e) = dbh::build::chroot::check_binfmt(targets.get("arm64").unwrap(), Path::new(dbh::build::chroot::BINFMT_DIR)) {
+        eprintln!("NOTE: binfmt_misc cannot run arm64 binaries here ({e}); checking the refusal instead of a build");
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains(&e.to_string()) && text.contains("hint:"), "{text}");
+        assert!(!home.join("binhost/arm64/Packages").exists());
+        return;
+    }
+    assert!(out.status.success(), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/hello-1.0 (BUILD_ID 1)"), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/greeter-1.0 (BUILD_ID 1)"), "{text}");
+    // Built by the stage's own (AArch64) gcc, run through qemu-user.
+    assert_elf_machine(&home.join("chroot/arm64/root/usr/bin/hello"), 183);
+    let (_tmp, client) = install_from_serve(home, "arm64", "dbh-test/greeter");
+    assert_elf_machine(&client.root.join("usr/bin/hello"), 183);
+}
