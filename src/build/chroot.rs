@@ -168,9 +168,10 @@ fn ensure_root(home: &Home, target: &Target, reporter: &dyn Reporter) -> Result<
 /// Returns the outcome also when packages failed.
 pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, reporter: &dyn Reporter) -> Result<Outcome, Error> {
     check_binfmt(target, Path::new(BINFMT_DIR)).map_err(BuildError::from)?;
+    let base = dir(home, &target.name);
+    let _lock = super::lock_dir(&base, &target.name)?;
     let prep = super::prepare(home, target, req)?;
     let root = ensure_root(home, target, reporter)?;
-    let base = dir(home, &target.name);
     let staging = tempfile::Builder::new()
         .prefix("pkgdir-")
         .tempdir_in(&base)
@@ -235,7 +236,8 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, 
         .args(["--setenv", "HOME", "/root", "--setenv", "TERM", "dumb", "--setenv", "NOCOLOR", "true"])
         .args(["--setenv", "PORTAGE_REPOSITORIES"])
         .arg(&repos_conf)
-        .args(["--chdir", "/", "/usr/bin/emerge", "--buildpkg", "--jobs=1", "--keep-going", "--color=n", "--quiet-build=n"])
+        .args(["--chdir", "/", "/usr/bin/emerge"])
+        .args(super::HOST_EMERGE_ARGS)
         .args(&req.atoms)
         .args(&req.emerge_args);
 

@@ -152,10 +152,11 @@ fn build_settings(jobs: u32, pkgdir: &Path, distdir: &Path, tmpdir: &Path) -> St
 /// Cross-builds `req.atoms` for `target` on the host and publishes what was built. Returns the
 /// outcome also when packages failed (the caller turns `failed` into an error with a hint).
 pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, reporter: &dyn Reporter) -> Result<Outcome, Error> {
-    let prep = super::prepare(home, target, req)?;
     let tc = toolchain::find(target).map_err(BuildError::from)?;
     let portage = HostPortage::find(opts.portage_bin.as_deref())?;
     let base = dir(home, &target.name);
+    let _lock = super::lock_dir(&base, &target.name)?;
+    let prep = super::prepare(home, target, req)?;
     let sysroot = base.join("sysroot");
     let tmpdir = sysroot.join("var/tmp");
     for d in [&sysroot, &tmpdir, &base.join("bin")] {
@@ -217,7 +218,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, r
     .unwrap_or_default();
     let home_dir = base.join("home");
     std::fs::create_dir_all(&home_dir).map_err(io("create", &home_dir))?;
-    let mut args: Vec<String> = ["--buildpkg", "--jobs=1", "--keep-going", "--color=n", "--quiet-build=n"].map(String::from).into();
+    let mut args: Vec<String> = super::HOST_EMERGE_ARGS.iter().map(|a| a.to_string()).collect();
     args.extend(req.atoms.iter().cloned());
     args.extend(req.emerge_args.iter().cloned());
     let cmd = cmd

@@ -92,6 +92,8 @@ pub enum BuildError {
     StagedMismatch { path: PathBuf, file: String, reason: String },
     #[error("cannot read the Packages index of the staging PKGDIR {path}: {reason}")]
     StagedIndex { path: PathBuf, reason: String },
+    #[error("another dbh build for {target} is using {dir}")]
+    Busy { target: String, dir: PathBuf },
     #[error("no `emerge` found{}", .looked.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_else(|| " on PATH".into()))]
     NoEmerge { looked: Option<PathBuf> },
 }
@@ -115,6 +117,7 @@ impl Hint for BuildError {
                 if *backend == "cross" { "do not cross-compile" } else { "fail this way" },
                 packages.iter().map(|c| format!("={c}")).collect::<Vec<_>>().join(" ")
             )),
+            BuildError::Busy { .. } => Some("wait for it to finish; builds of one target on the host run one at a time".into()),
             BuildError::NoEmerge { .. } => Some(
                 "on Gentoo, Portage is installed; elsewhere install it from PyPI into a venv \
                  (`python3 -m venv ~/.local/portage && ~/.local/portage/bin/pip install portage`) and point dbh at it \
@@ -448,6 +451,25 @@ pub fn failed_package(cpv: &str, build_log: Option<&Path>, log_dir: &Path, repor
     FailedPackage { cpv: cpv.to_owned(), log, tail }
 }
 
+/// emerge's options for the host-side backends. Their root (sysroot, unpacked stage) keeps what
+/// was built before, so `--update --changed-use` builds a requested package again only when a newer
+/// version or other USE flags call for it — the VM backend gets the same from `--usepkg` and its
+/// seeded PKGDIR; building the same thing twice publishes nothing the second time.
+pub const HOST_EMERGE_ARGS: &[&str] = &["--buildpkg", "--update", "--changed-use", "--jobs=1", "--keep-going", "--color=n", "--quiet-build=n"];
+
+/// An exclusive flock on `<dir>/.lock` for the duration of a host-side build (one sysroot or
+/// chroot cannot take two emerges at once); released when the file is dropped.
+pub(crate) fn lock_dir(dir: &Path, target: &str) -> Result<std::fs::File, BuildError> {
+    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let path = dir.join(".lock");
+    let file = std::fs::File::create(&path).map_err(io("create", &path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(BuildError::Busy { target: target.to_owned(), dir: dir.to_owned() }),
+        Err(std::fs::TryLockError::Error(e)) => Err(BuildError::Io { doing: "lock", path, source: e }),
+    }
+}
+
 pub(crate) fn write(path: &Path, text: &str) -> Result<(), BuildError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
@@ -545,6 +567,16 @@ mod tests {
         assert!(tail.ends_with("boom"));
         let log = std::fs::read_to_string(dir.path().join("emerge.log")).unwrap();
         assert!(log.starts_with("# emerge x\n>>> Emerging"), "{log}");
+    }
+
+    #[test]
+    fn one_host_build_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_dir(dir.path(), "arm64").unwrap();
+        let e = lock_dir(dir.path(), "arm64").unwrap_err();
+        assert!(e.to_string().starts_with("another dbh build for arm64 is using"), "{e}");
+        drop(held);
+        lock_dir(dir.path(), "arm64").unwrap();
     }
 
     #[test]

@@ -64,6 +64,11 @@ fn cross_build_publishes_aarch64_packages_that_a_client_installs() {
     let (_tmp, client) = install_from_serve(home, "arm64", "dbh-test/greeter");
     assert_elf_machine(&client.root.join("usr/bin/hello"), 183);
     assert!(client.root.join("usr/bin/greeter").is_file());
+
+    // Nothing changed: nothing is built or published again.
+    let out = build(home, &["cross", "build"], &["dbh-test/greeter", "dbh-test/hello"]);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(stdout(&out).contains("arm64: 0 binpkg(s) transferred, 0 published"), "{}", combined(&out));
 }
 
 #[test]
