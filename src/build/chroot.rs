@@ -244,17 +244,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, 
     reporter.event(Event::Note {
         message: format!("{}: building in the stage at {} (qemu-user{})", target.name, root.display(), if native(target) { " not needed" } else { "" }),
     });
-    let tmpdir = root.join("var/tmp/portage");
-    let (failed, status, tail) = super::run_emerge(&bwrap, &target.name, &prep.log_dir, opts.echo_output, reporter, |cpv| {
-        let (cat, pf) = cpv.split_once('/')?;
-        Some(tmpdir.join(cat).join(pf).join("temp/build.log"))
-    })?;
-    if status != 0 && failed.is_empty() {
-        return Err(BuildError::HostEmergeFailed { backend: "chroot", target: target.name.clone(), status, tail }.into());
-    }
-    let files = super::staged_binpkgs(staging.path())?;
-    let published = prep.publish(target, &files, reporter)?;
-    Ok(Outcome { published, failed, log_dir: prep.log_dir, transferred: files.len() as u64 })
+    super::emerge_and_publish("chroot", &bwrap, target, prep, staging.path(), &root.join("var/tmp/portage"), opts.echo_output, reporter)
 }
 
 #[cfg(test)]

@@ -237,16 +237,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, r
     reporter.event(Event::Note {
         message: format!("{}: cross-compiling with {} (CHOST {}) into {}", target.name, tc.gcc.display(), target.chost, sysroot.display()),
     });
-    let (failed, status, tail) = super::run_emerge(&cmd, &target.name, &prep.log_dir, opts.echo_output, reporter, |cpv| {
-        let (cat, pf) = cpv.split_once('/')?;
-        Some(tmpdir.join("portage").join(cat).join(pf).join("temp/build.log"))
-    })?;
-    if status != 0 && failed.is_empty() {
-        return Err(BuildError::HostEmergeFailed { backend: "cross", target: target.name.clone(), status, tail }.into());
-    }
-    let files = super::staged_binpkgs(staging.path())?;
-    let published = prep.publish(target, &files, reporter)?;
-    Ok(Outcome { published, failed, log_dir: prep.log_dir, transferred: files.len() as u64 })
+    super::emerge_and_publish("cross", &cmd, target, prep, staging.path(), &tmpdir.join("portage"), opts.echo_output, reporter)
 }
 
 /// `<CHOST>-<tool>` links to a distribution toolchain named by another triplet: Portage's helpers

@@ -487,6 +487,32 @@ pub(crate) fn symlink(to: &Path, link: &Path) -> Result<(), BuildError> {
     std::os::unix::fs::symlink(to, link).map_err(io("create the symlink", link))
 }
 
+/// The end of every host-side build: runs `cmd` (an emerge writing binpkgs into `staging`, its
+/// PORTAGE_TMPDIR/portage seen from the host at `build_dirs`), keeps failed packages' logs, then
+/// checks and publishes what landed in `staging`.
+#[allow(clippy::too_many_arguments)]
+pub fn emerge_and_publish(
+    backend: &'static str,
+    cmd: &Cmd,
+    target: &Target,
+    prep: Prepared,
+    staging: &Path,
+    build_dirs: &Path,
+    echo: bool,
+    reporter: &dyn Reporter,
+) -> Result<Outcome, Error> {
+    let (failed, status, tail) = run_emerge(cmd, &target.name, &prep.log_dir, echo, reporter, |cpv| {
+        let (cat, pf) = cpv.split_once('/')?;
+        Some(build_dirs.join(cat).join(pf).join("temp/build.log"))
+    })?;
+    if status != 0 && failed.is_empty() {
+        return Err(BuildError::HostEmergeFailed { backend, target: target.name.clone(), status, tail }.into());
+    }
+    let files = staged_binpkgs(staging)?;
+    let published = prep.publish(target, &files, reporter)?;
+    Ok(Outcome { published, failed, log_dir: prep.log_dir, transferred: files.len() as u64 })
+}
+
 /// Runs an emerge command on the host, following it; returns the failed packages (with their
 /// logs copied into `log_dir`), the exit status and the output's tail.
 pub fn run_emerge(
