@@ -172,10 +172,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, 
     let _lock = super::lock_dir(&base, &target.name)?;
     let prep = super::prepare(home, target, req)?;
     let root = ensure_root(home, target, reporter)?;
-    let staging = tempfile::Builder::new()
-        .prefix("pkgdir-")
-        .tempdir_in(&base)
-        .map_err(|source| BuildError::Io { doing: "create a staging PKGDIR in", path: base.clone(), source })?;
+    let staging = super::fresh_staging(&base)?;
 
     // Configuration inside the root: the stage's own make.conf (kept aside once), then the host's
     // per-target one, then the build settings, as the VM backend does in its guest.

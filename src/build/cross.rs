@@ -162,10 +162,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, r
     for d in [&sysroot, &tmpdir, &base.join("bin")] {
         std::fs::create_dir_all(d).map_err(io("create", d))?;
     }
-    let staging = tempfile::Builder::new()
-        .prefix("pkgdir-")
-        .tempdir_in(&base)
-        .map_err(|source| BuildError::Io { doing: "create a staging PKGDIR in", path: base.clone(), source })?;
+    let staging = super::fresh_staging(&base)?;
     let distdir = home.cache().join("distfiles");
     std::fs::create_dir_all(&distdir).map_err(io("create", &distdir))?;
 

@@ -470,6 +470,17 @@ pub(crate) fn lock_dir(dir: &Path, target: &str) -> Result<std::fs::File, BuildE
     }
 }
 
+/// A fresh staging PKGDIR `<base>/pkgdir-*` for one host-side build. Call it holding
+/// [`lock_dir`]: staging directories of builds that were killed (no destructor ran) are removed.
+pub(crate) fn fresh_staging(base: &Path) -> Result<tempfile::TempDir, BuildError> {
+    for e in std::fs::read_dir(base).map_err(io("read", base))?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("pkgdir-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    tempfile::Builder::new().prefix("pkgdir-").tempdir_in(base).map_err(io("create a staging PKGDIR in", base))
+}
+
 pub(crate) fn write(path: &Path, text: &str) -> Result<(), BuildError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io("create", dir))?;
