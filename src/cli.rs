@@ -67,8 +67,16 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print every setting with its value and where it came from
-    Show,
+    /// Print every setting with its value and where it came from, then the per-target build
+    /// configuration ($DBH_HOME/targets/T/portage/) of every target that has one
+    Show(ConfigShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigShowArgs {
+    /// Show only this target's build configuration (written with defaults if it has none yet)
+    #[arg(long, short)]
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,8 +248,8 @@ pub struct BuildCommon {
     /// Parallel jobs [default: setting build.jobs]
     #[arg(long, short)]
     pub jobs: Option<u32>,
-    /// Package atoms or @sets
-    #[arg(required = true, value_name = "ATOM")]
+    /// Package atoms or @sets [default: the target's world file, as @dbh-world]
+    #[arg(value_name = "ATOM")]
     pub atoms: Vec<String>,
     /// Extra arguments for emerge, after `--`
     #[arg(last = true, value_name = "EMERGE_ARGS")]

@@ -57,6 +57,22 @@ pub fn add(
     signer: Option<&Signer>,
     reporter: &dyn Reporter,
 ) -> Result<Vec<Added>, BinhostError> {
+    add_with_header(dir, target, files, signer, &|_| {}, reporter)
+}
+
+/// Edits the index header in the same atomic step as the packages go in (e.g. to merge
+/// `REPO_REVISIONS`); runs after dbh has set VERSION/ARCH/CHOST/PROFILE/TIMESTAMP.
+pub type HeaderEdit<'a> = &'a dyn Fn(&mut std::collections::BTreeMap<String, String>);
+
+/// [`add`], with `edit` applied to the new index's header.
+pub fn add_with_header(
+    dir: &Path,
+    target: &Target,
+    files: &[PathBuf],
+    signer: Option<&Signer>,
+    edit: HeaderEdit<'_>,
+    reporter: &dyn Reporter,
+) -> Result<Vec<Added>, BinhostError> {
     let task = format!("add:{}", target.name);
     reporter.event(Event::Start {
         task: task.clone(),
@@ -160,10 +176,15 @@ pub fn add(
     let new_text = if !pending.is_empty() {
         None
     } else {
-        Some(index_text(old_text.as_deref(), &entries, target, ts, &parse)?)
+        Some(index_text(old_text.as_deref(), &entries, target, ts, edit, &parse)?)
     };
     let old_index = match (&new_text, &old_text) {
-        (None, Some(t)) => Some(parse(t)?),
+        (None, Some(t)) => {
+            // The rescan keeps the old header: edit it there.
+            let mut old = parse(t)?;
+            edit(&mut old.header);
+            Some(old)
+        }
         _ => None,
     };
 
@@ -278,6 +299,7 @@ fn index_text(
     entries: &[Entry],
     target: &Target,
     ts: u64,
+    edit: HeaderEdit<'_>,
     parse: &dyn Fn(&str) -> Result<Index, BinhostError>,
 ) -> Result<String, BinhostError> {
     let header_only = |t: &str| t.split_once("\n\n").map(|(h, _)| format!("{h}\n\n"));
@@ -291,6 +313,7 @@ fn index_text(
     };
     scan::fill_header(&mut index, Some(target));
     index.header.insert("TIMESTAMP".into(), ts.to_string());
+    edit(&mut index.header);
     if let Some(text) = old
         && let Some(spliced) = super::index::splice(text, &index.header, entries)
     {

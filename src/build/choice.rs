@@ -71,6 +71,9 @@ pub fn is_cross_safe(target: &Target, atom: &str) -> bool {
 /// Picks the backend for `atoms` given the outcome of looking for the target's cross compiler.
 pub fn choose(target: &Target, atoms: &[String], toolchain: Result<Toolchain, ToolchainError>) -> Choice {
     let vm = |reason: String| Choice { picked: Picked::Vm, reason };
+    if atoms.is_empty() {
+        return vm(format!("no atom given: the {} world file is built in a guest", target.name));
+    }
     let unsafe_atoms: Vec<&str> = atoms.iter().filter(|a| !is_cross_safe(target, a)).map(String::as_str).collect();
     if !unsafe_atoms.is_empty() {
         let listed = if target.cross.safe.is_empty() { "(none)".to_string() } else { target.cross.safe.join(", ") };
@@ -141,5 +144,7 @@ mod tests {
         let c = choose(&t, &["dbh-test/greeter".into()], missing);
         assert_eq!(c.picked, Picked::Vm);
         assert!(c.reason.starts_with("dbh-test/greeter is listed as cross-safe for arm64 but no cross compiler"), "{}", c.reason);
+        let c = choose(&t, &[], Ok(gcc()));
+        assert_eq!((c.picked, c.reason.as_str()), (Picked::Vm, "no atom given: the arm64 world file is built in a guest"));
     }
 }

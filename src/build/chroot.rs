@@ -235,7 +235,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, 
         .arg(&repos_conf)
         .args(["--chdir", "/", "/usr/bin/emerge"])
         .args(super::HOST_EMERGE_ARGS)
-        .args(&req.atoms)
+        .args(prep.atoms(req))
         .args(&req.emerge_args);
 
     reporter.event(Event::Note {

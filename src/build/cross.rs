@@ -216,7 +216,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, r
     let home_dir = base.join("home");
     std::fs::create_dir_all(&home_dir).map_err(io("create", &home_dir))?;
     let mut args: Vec<String> = super::HOST_EMERGE_ARGS.iter().map(|a| a.to_string()).collect();
-    args.extend(req.atoms.iter().cloned());
+    args.extend(prep.atoms(req));
     args.extend(req.emerge_args.iter().cloned());
     let cmd = cmd
         .env("PATH", path)

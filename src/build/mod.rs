@@ -96,6 +96,8 @@ pub enum BuildError {
     Busy { target: String, dir: PathBuf },
     #[error("no `emerge` found{}", .looked.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_else(|| " on PATH".into()))]
     NoEmerge { looked: Option<PathBuf> },
+    #[error("nothing to build for {target}: no atom given and {world} lists none")]
+    NothingToBuild { target: String, world: PathBuf },
 }
 
 impl Hint for BuildError {
@@ -107,6 +109,9 @@ impl Hint for BuildError {
             }
             BuildError::Toolchain(e) => e.hint(),
             BuildError::Chroot(e) => e.hint(),
+            BuildError::NothingToBuild { target, .. } => Some(format!(
+                "name atoms on the command line, or list them (one per line) in the world file; see `dbh config show --target {target}`"
+            )),
             BuildError::BadProfile { .. } => Some("name it as `eselect profile list` does, e.g. gentoo:default/linux/arm64/23.0".into()),
             BuildError::HostEmergeFailed { target, .. } => Some(format!(
                 "see the log above; a package that does not build this way may build in a guest: `dbh build --backend vm --target {target} ATOM`"
@@ -165,6 +170,44 @@ pub fn split_profile(profile: &str) -> Result<(String, String), BuildError> {
     }
 }
 
+/// The revision `path` is at, for REPO_REVISIONS: its git commit (`<commit>-dirty` when files under
+/// `path` differ from it, with a note), `None` when it is not in a git checkout or git is missing.
+pub fn repo_revision(path: &Path, reporter: &dyn crate::events::Reporter) -> Option<String> {
+    let git = |args: &[&str]| crate::process::Cmd::new("git").arg("-C").arg(path).args(args).output().ok();
+    let head = git(&["rev-parse", "--verify", "HEAD"])?.stdout_str().trim().to_owned();
+    if head.is_empty() {
+        return None;
+    }
+    let status = git(&["status", "--porcelain", "--", "."])?.stdout_str();
+    if status.trim().is_empty() {
+        return Some(head);
+    }
+    reporter.event(crate::events::Event::Note {
+        message: format!(
+            "warning: {} has changes not committed to {head}; its revision is recorded as {head}-dirty",
+            path.display()
+        ),
+    });
+    Some(format!("{head}-dirty"))
+}
+
+/// Merges `revisions` (repository name → revision) into the index header's `REPO_REVISIONS`, a
+/// JSON object written as Portage's `json.dumps(..., sort_keys=True)` does; other repositories'
+/// entries stay. An unreadable old value is replaced.
+pub fn merge_repo_revisions(header: &mut std::collections::BTreeMap<String, String>, revisions: &std::collections::BTreeMap<String, String>) {
+    if revisions.is_empty() {
+        return;
+    }
+    let mut all: std::collections::BTreeMap<String, String> = header
+        .get("REPO_REVISIONS")
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default();
+    all.extend(revisions.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let json = |s: &str| serde_json::to_string(s).expect("a string serializes");
+    let body: Vec<String> = all.iter().map(|(k, v)| format!("{}: {}", json(k), json(v))).collect();
+    header.insert("REPO_REVISIONS".into(), format!("{{{}}}", body.join(", ")));
+}
+
 /// Default files of `$DBH_HOME/targets/<target>/portage/`, written on first use.
 const DEFAULT_MAKE_CONF: &str = "\
 # dbh: added to the builder's /etc/portage/make.conf before every build of this target.
@@ -174,6 +217,21 @@ ACCEPT_LICENSE=\"*\"
 ";
 const DEFAULT_PACKAGE_USE: &str = "# dbh: synced to the builder's /etc/portage/package.use/dbh\n";
 const DEFAULT_ACCEPT_KEYWORDS: &str = "# dbh: synced to the builder's /etc/portage/package.accept_keywords/dbh\n";
+const DEFAULT_WORLD: &str = "\
+# dbh: what `dbh vm build --target T` builds when no atom is given, one atom or @set per line.
+# Synced to the builder as the set @dbh-world (/etc/portage/sets/dbh-world).
+";
+const DEFAULT_REPOS_CONF: &str = "\
+# dbh: synced to the builder's /etc/portage/repos.conf/50-dbh-host.conf before every build.
+# Repositories the builder has or syncs itself (--repo ones are added after this and win), e.g.
+# [guru]
+# location = /var/db/repos/guru
+# sync-type = git
+# sync-uri = https://github.com/gentoo-mirror/guru.git
+";
+
+/// The files of `$DBH_HOME/targets/<target>/portage/`, in the order `dbh config show` prints them.
+pub const CONFIG_FILES: &[&str] = &["make.conf", "package.use", "package.accept_keywords", "world", "repos.conf"];
 
 /// The host's per-target Portage configuration; created with defaults on first use.
 #[derive(Debug, Clone)]
@@ -181,6 +239,10 @@ pub struct PortageConfig {
     pub make_conf: String,
     pub package_use: String,
     pub package_accept_keywords: String,
+    /// Atoms and @sets, one per line: the build's default when no atom is given.
+    pub world: String,
+    /// repos.conf sections added to the builder's own (besides `--repo` ones).
+    pub repos_conf: String,
 }
 
 impl PortageConfig {
@@ -214,7 +276,19 @@ impl PortageConfig {
             make_conf: read("make.conf", DEFAULT_MAKE_CONF)?,
             package_use: read("package.use", DEFAULT_PACKAGE_USE)?,
             package_accept_keywords: read("package.accept_keywords", DEFAULT_ACCEPT_KEYWORDS)?,
+            world: read("world", DEFAULT_WORLD)?,
+            repos_conf: read("repos.conf", DEFAULT_REPOS_CONF)?,
         })
+    }
+
+    /// The atoms of the `world` file (comments and blank lines dropped).
+    pub fn world_atoms(&self) -> Vec<String> {
+        self.world
+            .lines()
+            .map(|l| l.split_once('#').map_or(l, |(a, _)| a).trim())
+            .filter(|l| !l.is_empty())
+            .flat_map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .collect()
     }
 }
 
@@ -242,11 +316,35 @@ pub enum EmergeLine {
     Emerging { n: u64, m: u64, cpv: String, binary: bool },
     /// `>>> Completed (N of M) cat/pf::repo`.
     Completed { n: u64, m: u64, cpv: String },
+    /// The current package entered a phase, named for the progress bar (`>>> Compiling source in
+    /// …` → "compiling", `>>> Installing (N of M) …` → "merging").
+    Phase(&'static str),
 }
+
+/// emerge's phase lines (after `>>> `) and how the bar names them; first match wins.
+const PHASES: &[(&str, &str)] = &[
+    ("Unpacking source", "unpacking"),
+    ("Preparing source", "preparing"),
+    ("Configuring source", "configuring"),
+    ("Compiling source", "compiling"),
+    ("Test phase", "testing"),
+    ("Install ", "installing into the image"),
+    ("Completed installing", "checking the image"),
+    ("Creating binpkg", "creating the binpkg"),
+    ("Extracting ", "extracting the binpkg"),
+];
 
 /// Parses one line of emerge's output.
 pub fn parse_line(line: &str) -> Option<EmergeLine> {
     let rest = line.trim_start().strip_prefix(">>> ")?;
+    if let Some(counted) = parse_counted(rest) {
+        return Some(counted);
+    }
+    PHASES.iter().find(|(prefix, _)| rest.starts_with(prefix)).map(|(_, name)| EmergeLine::Phase(name))
+}
+
+/// `KIND (N of M) cat/pf::repo`.
+fn parse_counted(rest: &str) -> Option<EmergeLine> {
     let (kind, rest) = rest.split_once('(')?;
     let (count, rest) = rest.split_once(')')?;
     let (n, m) = count.split_once(" of ")?;
@@ -260,6 +358,7 @@ pub fn parse_line(line: &str) -> Option<EmergeLine> {
         "Emerging" => Some(EmergeLine::Emerging { n, m, cpv, binary: false }),
         "Emerging binary" => Some(EmergeLine::Emerging { n, m, cpv, binary: true }),
         "Completed" => Some(EmergeLine::Completed { n, m, cpv }),
+        "Installing" => Some(EmergeLine::Phase("merging")),
         _ => None,
     }
 }
@@ -273,6 +372,8 @@ pub struct Follower {
     log: Option<std::fs::File>,
     echo: bool,
     total: Option<u64>,
+    /// The package being built now (its position), for phase messages.
+    current: Option<(u64, String)>,
     started: Vec<String>,
     completed: BTreeSet<String>,
     tail: VecDeque<String>,
@@ -283,7 +384,14 @@ impl Follower {
     pub fn new(task: String, label: String, log_path: &Path, command: &str, echo: bool) -> Result<Follower, BuildError> {
         let mut log = std::fs::File::create(log_path).map_err(io("create", log_path))?;
         let _ = writeln!(log, "# {command}");
-        Ok(Follower { task, label, log: Some(log), echo, total: None, started: Vec::new(), completed: BTreeSet::new(), tail: VecDeque::new() })
+        Ok(Follower { task, label, log: Some(log), echo, total: None, current: None, started: Vec::new(), completed: BTreeSet::new(), tail: VecDeque::new() })
+    }
+
+    /// A line for emerge.log only (e.g. which revision each repository is at).
+    pub fn log_only(&mut self, line: &str) {
+        if let Some(log) = &mut self.log {
+            let _ = writeln!(log, "{line}");
+        }
     }
 
     pub fn line(&mut self, line: &str, reporter: &dyn Reporter) {
@@ -305,11 +413,18 @@ impl Follower {
                 }
                 let what = if binary { "installing binary" } else { "building" };
                 reporter.event(Event::Progress { task: self.task.clone(), position: n - 1, message: Some(format!("{what} {cpv}")) });
+                self.current = Some((n, cpv.clone()));
                 self.started.push(cpv);
             }
             Some(EmergeLine::Completed { n, cpv, .. }) => {
                 reporter.event(Event::Progress { task: self.task.clone(), position: n, message: Some(format!("completed {cpv}")) });
+                self.current = None;
                 self.completed.insert(cpv);
+            }
+            Some(EmergeLine::Phase(phase)) => {
+                if let Some((n, cpv)) = &self.current {
+                    reporter.event(Event::Progress { task: self.task.clone(), position: n - 1, message: Some(format!("{cpv}: {phase}")) });
+                }
             }
             None => {}
         }
@@ -403,12 +518,21 @@ pub fn prepare(home: &Home, target: &Target, req: &Request) -> Result<Prepared, 
         repos.push((repo_name(&abs)?, abs));
     }
     let config = PortageConfig::load_or_create(home, &target.name)?;
+    if req.atoms.is_empty() && config.world_atoms().is_empty() {
+        let world = PortageConfig::dir(home, &target.name).join("world");
+        return Err(BuildError::NothingToBuild { target: target.name.clone(), world }.into());
+    }
     let log_dir = home.logs(&target.name).join(timestamp());
     std::fs::create_dir_all(&log_dir).map_err(io("create", &log_dir))?;
     Ok(Prepared { signer, profile_repo, profile_path, repos, config, binhost_dir: home.binhost(&target.name), log_dir })
 }
 
 impl Prepared {
+    /// What emerge is asked for: the request's atoms, else the atoms of the target's world file.
+    pub fn atoms(&self, req: &Request) -> Vec<String> {
+        if req.atoms.is_empty() { self.config.world_atoms() } else { req.atoms.clone() }
+    }
+
     /// Signs and publishes `files` into the target's binhost (atomic, re-indexed) and counts them.
     pub fn publish(&self, target: &Target, files: &[PathBuf], reporter: &dyn Reporter) -> Result<Vec<crate::binhost::add::Added>, Error> {
         let published = if files.is_empty() {
@@ -591,6 +715,71 @@ mod tests {
         assert_eq!(parse_line(">>> Jobs: 1 of 2 complete"), None);
     }
 
+    /// emerge's output as captured from the arm64 test guest building greeter and hello.
+    #[test]
+    fn a_real_emerge_run_gives_packages_and_phases_in_order() {
+        let log = include_str!("../../tests/fixtures/emerge/build-hello-greeter.log");
+        let mut seen = Vec::new();
+        let mut current = String::new();
+        for line in log.lines() {
+            match parse_line(line) {
+                Some(EmergeLine::Emerging { n, m, cpv, binary }) => {
+                    assert!(!binary);
+                    seen.push(format!("{n}/{m} {cpv}"));
+                    current = cpv;
+                }
+                Some(EmergeLine::Phase(p)) => seen.push(format!("{current}: {p}")),
+                Some(EmergeLine::Completed { n, cpv, .. }) => seen.push(format!("done {n} {cpv}")),
+                None => {}
+            }
+        }
+        let h = "dbh-test/hello-1.0";
+        let g = "dbh-test/greeter-1.0";
+        let expected = [
+            format!("1/2 {h}"),
+            format!("{h}: unpacking"),
+            format!("{h}: preparing"),
+            format!("{h}: configuring"),
+            format!("{h}: compiling"),
+            format!("{h}: testing"),
+            format!("{h}: installing into the image"),
+            format!("{h}: checking the image"),
+            format!("{h}: creating the binpkg"),
+            format!("{h}: merging"),
+            format!("done 1 {h}"),
+            format!("2/2 {g}"),
+            format!("{g}: installing into the image"),
+            format!("{g}: checking the image"),
+            format!("{g}: creating the binpkg"),
+            format!("{g}: merging"),
+            format!("done 2 {g}"),
+        ];
+        assert_eq!(seen, expected);
+    }
+
+    /// The same packages installed from the seeded binhost (`@dbh-world`, nothing to build).
+    #[test]
+    fn a_real_binary_emerge_run_is_followed_too() {
+        let log = include_str!("../../tests/fixtures/emerge/binary-hello-greeter.log");
+        let seen: Vec<EmergeLine> = log.lines().filter_map(parse_line).collect();
+        let cpv = |s: &str| s.to_owned();
+        assert_eq!(
+            seen,
+            [
+                EmergeLine::Emerging { n: 1, m: 2, cpv: cpv("dbh-test/hello-1.0"), binary: true },
+                EmergeLine::Phase("extracting the binpkg"),
+                EmergeLine::Phase("extracting the binpkg"),
+                EmergeLine::Phase("merging"),
+                EmergeLine::Completed { n: 1, m: 2, cpv: cpv("dbh-test/hello-1.0") },
+                EmergeLine::Emerging { n: 2, m: 2, cpv: cpv("dbh-test/greeter-1.0"), binary: true },
+                EmergeLine::Phase("extracting the binpkg"),
+                EmergeLine::Phase("extracting the binpkg"),
+                EmergeLine::Phase("merging"),
+                EmergeLine::Completed { n: 2, m: 2, cpv: cpv("dbh-test/greeter-1.0") },
+            ]
+        );
+    }
+
     #[test]
     fn follower_knows_what_did_not_complete() {
         let dir = tempfile::tempdir().unwrap();
@@ -632,5 +821,59 @@ mod tests {
         let dir = PortageConfig::dir(&home, "arm64");
         std::fs::write(dir.join("make.conf"), "X=1\n").unwrap();
         assert_eq!(PortageConfig::load_or_create(&home, "arm64").unwrap().make_conf, "X=1\n");
+        for f in CONFIG_FILES {
+            assert!(dir.join(f).is_file(), "{f} is written on first use");
+        }
+        assert!(c.world_atoms().is_empty(), "the default world builds nothing");
+        assert!(c.repos_conf.lines().all(|l| l.starts_with('#')), "{}", c.repos_conf);
+    }
+
+    #[test]
+    fn repo_revisions_merge_like_portage_writes_them() {
+        let mut header = std::collections::BTreeMap::new();
+        let revs = |pairs: &[(&str, &str)]| pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        merge_repo_revisions(&mut header, &revs(&[("gentoo", "abc")]));
+        assert_eq!(header["REPO_REVISIONS"], r#"{"gentoo": "abc"}"#);
+        merge_repo_revisions(&mut header, &revs(&[("dbh-test", "d\"1"), ("gentoo", "def")]));
+        assert_eq!(header["REPO_REVISIONS"], r#"{"dbh-test": "d\"1", "gentoo": "def"}"#);
+        merge_repo_revisions(&mut header, &revs(&[]));
+        assert_eq!(header["REPO_REVISIONS"], r#"{"dbh-test": "d\"1", "gentoo": "def"}"#);
+    }
+
+    #[test]
+    fn repo_revision_is_the_git_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let silent = crate::events::Silent;
+        assert_eq!(repo_revision(dir.path(), &silent), None, "not a git checkout");
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        std::fs::write(dir.path().join("a"), "1").unwrap();
+        git(&["add", "a"]);
+        git(&["commit", "-q", "-m", "a"]);
+        let head = repo_revision(dir.path(), &silent).unwrap();
+        assert_eq!(head.len(), 40, "{head}");
+        std::fs::write(dir.path().join("a"), "2").unwrap();
+        assert_eq!(repo_revision(dir.path(), &silent).unwrap(), format!("{head}-dirty"));
+    }
+
+    #[test]
+    fn world_atoms_skip_comments() {
+        let home = tempfile::tempdir().unwrap();
+        let home = Home::new(home.path());
+        let dir = PortageConfig::dir(&home, "arm64");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("world"), "# mine\ndbh-test/hello\n\n  @dbh-extra # a set\n").unwrap();
+        let c = PortageConfig::load_or_create(&home, "arm64").unwrap();
+        assert_eq!(c.world_atoms(), ["dbh-test/hello", "@dbh-extra"]);
     }
 }

@@ -11,12 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use super::{EmergeLine, parse_line};
 use super::{BuildError, FailedPackage, Follower, Outcome, PortageConfig, Request};
 use crate::Error;
-use crate::binhost::index::Index;
+use crate::binhost::{self, index::Index};
 use crate::events::{Event, Reporter, Unit};
 use crate::guest::{Guest, shell_join, shell_quote};
 use crate::settings::Home;
@@ -43,7 +43,7 @@ pub struct Listed {
     pub md5: String,
 }
 
-/// Parses the listing printed by [`LIST_SCRIPT`]: `SIZE MD5 PATH` per line.
+/// Parses a listing of `SIZE MD5 PATH` lines.
 pub fn parse_listing(text: &str) -> BTreeMap<String, Listed> {
     text.lines()
         .filter_map(|l| {
@@ -56,34 +56,47 @@ pub fn parse_listing(text: &str) -> BTreeMap<String, Listed> {
         .collect()
 }
 
+/// Parses what [`list_command`] prints: `SIZE PATH` lines, a `--` line, then md5sum's
+/// `MD5  ./PATH` lines; a file missing from either half is left out.
+pub fn parse_find_listing(text: &str) -> BTreeMap<String, Listed> {
+    let (sizes, sums) = text.split_once("\n--\n").unwrap_or((text, ""));
+    let md5s: BTreeMap<&str, &str> = sums
+        .lines()
+        .filter_map(|l| {
+            let (md5, path) = l.split_once("  ")?;
+            Some((path.strip_prefix("./").unwrap_or(path), md5))
+        })
+        .collect();
+    sizes
+        .lines()
+        .filter_map(|l| {
+            let (size, path) = l.split_once(' ')?;
+            let md5 = md5s.get(path)?;
+            Some((path.to_owned(), Listed { path: path.to_owned(), size: size.parse().ok()?, md5: (*md5).to_owned() }))
+        })
+        .collect()
+}
+
 /// The binpkgs of `after` that are not in `before` with the same size and MD5.
 pub fn new_files(before: &BTreeMap<String, Listed>, after: &BTreeMap<String, Listed>) -> Vec<Listed> {
     after.values().filter(|l| before.get(&l.path) != Some(l)).cloned().collect()
 }
 
-const LIST_SCRIPT: &str = r#"
-import hashlib, os, sys
-root = sys.argv[1]
-for d, _, files in os.walk(root):
-    for f in sorted(files):
-        if f.endswith((".gpkg.tar", ".tbz2", ".xpak")) and not f.startswith("."):
-            p = os.path.join(d, f)
-            h = hashlib.md5()
-            with open(p, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            print(os.path.getsize(p), h.hexdigest(), os.path.relpath(p, root))
-"#;
-
-async fn list_pkgdir(guest: &Guest) -> Result<BTreeMap<String, Listed>, Error> {
-    let cmd = format!("python3 -c {} {}", shell_quote(LIST_SCRIPT), GUEST_PKGDIR);
-    let out = guest.exec_ok(&cmd).await?;
-    Ok(parse_listing(&out.stdout_str()))
+/// Lists the guest PKGDIR's binpkgs with sizes and MD5s. find + md5sum rather than a Python
+/// script: a python3 start costs about a second in a TCG guest, and this runs twice per build.
+fn list_command() -> String {
+    let q = shell_quote(GUEST_PKGDIR);
+    let select = r"-type f \( -name '*.gpkg.tar' -o -name '*.tbz2' -o -name '*.xpak' \) ! -name '.*'";
+    format!("[ -d {q} ] || exit 0; cd {q} && find . {select} -printf '%s %P\\n' && echo -- && find . {select} -exec md5sum {{}} +")
 }
 
-/// A tar stream of `dir` (for `tar -x` in the guest), skipping VCS metadata.
-fn tar_dir(dir: &Path) -> Result<Vec<u8>, BuildError> {
-    let mut b = tar::Builder::new(Vec::new());
+async fn list_pkgdir(guest: &Guest) -> Result<BTreeMap<String, Listed>, Error> {
+    let out = guest.exec_ok(&list_command()).await?;
+    Ok(parse_find_listing(&out.stdout_str()))
+}
+
+/// Appends the tree `dir` under `prefix`, skipping VCS metadata.
+fn append_tree(b: &mut tar::Builder<Vec<u8>>, dir: &Path, prefix: &Path) -> Result<(), BuildError> {
     b.follow_symlinks(false);
     b.mode(tar::HeaderMode::Deterministic);
     let mut stack = vec![PathBuf::new()];
@@ -101,13 +114,26 @@ fn tar_dir(dir: &Path) -> Result<Vec<u8>, BuildError> {
             }
             let rel = rel.join(&name);
             let path = e.path();
-            b.append_path_with_name(&path, &rel).map_err(|source| BuildError::Io { doing: "pack", path: path.clone(), source })?;
+            b.append_path_with_name(&path, prefix.join(&rel))
+                .map_err(|source| BuildError::Io { doing: "pack", path: path.clone(), source })?;
             if e.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(rel);
             }
         }
     }
-    b.into_inner().map_err(|source| BuildError::Io { doing: "pack", path: dir.to_owned(), source })
+    Ok(())
+}
+
+/// Appends a root-owned 0644 file `path` holding `data`.
+fn append_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) -> Result<(), BuildError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+    h.set_entry_type(tar::EntryType::Regular);
+    b.append_data(&mut h, path, data).map_err(|source| BuildError::Io { doing: "pack", path: path.into(), source })
 }
 
 /// A tar of the binhost's binary packages for the guest's PKGDIR, so that `--usepkg` reuses them.
@@ -116,10 +142,11 @@ fn tar_dir(dir: &Path) -> Result<Vec<u8>, BuildError> {
 /// signed GPKG (Portage runs gpg whenever a Manifest is signed, binpkg-ignore-signature or not),
 /// and these copies only ever serve installs inside the throw-away guest. No `Packages` goes in:
 /// its SIZE/MD5 describe the signed files; the guest's Portage indexes what it finds.
-fn tar_binhost(dir: &Path) -> Result<Option<Vec<u8>>, Error> {
+fn append_binhost(b: &mut tar::Builder<Vec<u8>>, dir: &Path, prefix: &Path) -> Result<(), Error> {
     if !dir.join("Packages").is_file() {
-        return Ok(None);
+        return Ok(());
     }
+    b.mode(tar::HeaderMode::Complete);
     let tmp = tempfile::Builder::new()
         .prefix("dbh-seed-")
         .tempdir()
@@ -127,7 +154,6 @@ fn tar_binhost(dir: &Path) -> Result<Option<Vec<u8>>, Error> {
     fn pack(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
         move |source| BuildError::Io { doing: "pack", path: path.to_owned(), source }
     }
-    let mut b = tar::Builder::new(Vec::new());
     let mut stack = vec![PathBuf::new()];
     let mut n = 0;
     while let Some(rel) = stack.pop() {
@@ -151,19 +177,67 @@ fn tar_binhost(dir: &Path) -> Result<Option<Vec<u8>>, Error> {
                 std::fs::create_dir(&copy_dir).map_err(|source| BuildError::Io { doing: "create", path: copy_dir.clone(), source })?;
                 let copy = copy_dir.join(&name);
                 crate::binpkg::rewrite_gpkg(&e.path(), &copy, &crate::binpkg::Rewrite { build_id: None, signer: None })?;
-                b.append_path_with_name(&copy, &rel).map_err(pack(&e.path()))?;
+                b.append_path_with_name(&copy, prefix.join(&rel)).map_err(pack(&e.path()))?;
             } else if s.ends_with(".tbz2") || s.ends_with(".xpak") {
-                b.append_path_with_name(e.path(), &rel).map_err(pack(&e.path()))?;
+                b.append_path_with_name(e.path(), prefix.join(&rel)).map_err(pack(&e.path()))?;
             }
         }
     }
-    Ok(Some(b.into_inner().map_err(pack(dir))?))
+    Ok(())
 }
 
-async fn untar(guest: &Guest, data: &[u8], dest: &str, replace: bool) -> Result<(), Error> {
-    let q = shell_quote(dest);
-    let prep = if replace { format!("rm -rf {q} && ") } else { String::new() };
-    let cmd = format!("{prep}mkdir -p {q} && tar -C {q} -xf -");
+/// The host side of the sync, built before booting: one tar stream for `tar -C / -x` in the
+/// guest holding the repositories (`var/db/repos/<name>`), dbh's files under `etc/portage` (the
+/// make.conf part as `make.conf.dbh-tail`, joined to the image's own by [`SYNC_SCRIPT`]) and the
+/// seeded binpkgs. One stream and one command instead of a dozen uploads: every process started
+/// in a TCG guest costs tens of milliseconds.
+fn bundle(
+    target: &Target,
+    req: &Request,
+    repos: &[(String, PathBuf)],
+    config: &PortageConfig,
+    profile_repo: &str,
+    binhost_dir: &Path,
+) -> Result<Vec<u8>, Error> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut conf = format!("# written by dbh before each build\n[DEFAULT]\nmain-repo = {profile_repo}\n");
+    for (name, path) in repos {
+        let dest = format!("var/db/repos/{name}");
+        append_tree(&mut b, path, Path::new(&dest))?;
+        conf.push_str(&format!("\n[{name}]\nlocation = /{dest}\n"));
+    }
+    // The host's repos.conf first, the --repo ones after it (Portage reads the directory in name
+    // order, later sections win).
+    append_file(&mut b, "etc/portage/repos.conf/50-dbh-host.conf", config.repos_conf.as_bytes())?;
+    append_file(&mut b, "etc/portage/repos.conf/zz-dbh.conf", conf.as_bytes())?;
+    append_file(&mut b, &format!("etc/portage/sets/{WORLD_SET}"), config.world.as_bytes())?;
+    append_file(&mut b, "etc/portage/package.use/dbh", config.package_use.as_bytes())?;
+    append_file(&mut b, "etc/portage/package.accept_keywords/dbh", config.package_accept_keywords.as_bytes())?;
+    // binpkg-ignore-signature: the seeded binpkgs are the host's own, signed by dbh and copied over
+    // the pinned SSH connection; the guest need not have gpg nor the host's key to reuse them.
+    // -pkgdir-index-trusted: the seeded PKGDIR has no index yet, so Portage must scan it.
+    // -sandbox/-usersandbox: a test stage has no sandbox binary; builds are throw-away anyway.
+    let tail = format!(
+        "\n# --- dbh: $DBH_HOME/targets/{}/portage/make.conf ---\n{}\n# --- dbh: build settings ---\nMAKEOPTS=\"-j{}\"\nFEATURES=\"${{FEATURES}} buildpkg binpkg-multi-instance binpkg-ignore-signature -pkgdir-index-trusted -sandbox -usersandbox\"\nBINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{GUEST_PKGDIR}\"\n",
+        target.name,
+        config.make_conf,
+        req.jobs.max(1)
+    );
+    append_file(&mut b, "etc/portage/make.conf.dbh-tail", tail.as_bytes())?;
+    append_binhost(&mut b, binhost_dir, Path::new(GUEST_PKGDIR.trim_start_matches('/')))?;
+    Ok(b.into_inner().map_err(|source| BuildError::Io { doing: "pack", path: binhost_dir.to_owned(), source })?)
+}
+
+/// Run in the guest with the bundle on stdin (after `rm -rf` of the repositories' directories):
+/// unpacks it and makes /etc/portage/make.conf the image's own (kept once as make.conf.dbh-base)
+/// followed by dbh's part.
+const SYNC_SCRIPT: &str = "tar -C / -xf - && cd /etc/portage \
+    && { [ -e make.conf.dbh-base ] || cp make.conf make.conf.dbh-base 2>/dev/null || : > make.conf.dbh-base; } \
+    && cat make.conf.dbh-base make.conf.dbh-tail > make.conf.dbh-part && mv -f make.conf.dbh-part make.conf \
+    && rm -f make.conf.dbh-tail";
+
+/// Runs `cmd` in the guest with `data` on its stdin; a non-zero exit is an error with its stderr.
+async fn exec_with_input(guest: &Guest, cmd: String, data: &[u8]) -> Result<(), Error> {
     let mut input: &[u8] = data;
     let mut stderr = Vec::new();
     let status = guest
@@ -196,27 +270,96 @@ pub async fn build(
 ) -> Result<Outcome, Error> {
     // Everything that can be checked on the host is checked before booting.
     let prep = super::prepare(home, target, req)?;
-    let mut repos = Vec::new();
-    for (name, path) in &prep.repos {
-        repos.push((name.clone(), tar_dir(path)?));
+    let (config, profile_repo, profile_path) = (&prep.config, &prep.profile_repo, &prep.profile_path);
+    let mut req = req.clone();
+    if req.atoms.is_empty() {
+        // prepare() made sure the world file lists something.
+        req.atoms = vec![format!("@{WORLD_SET}")];
     }
-    let seed = tar_binhost(&prep.binhost_dir)?;
+    let req = &req;
+    let mut timings = Timings::default();
+    let mut revisions = BTreeMap::new();
+    for (name, path) in &prep.repos {
+        if let Some(rev) = super::repo_revision(path, reporter) {
+            revisions.insert(name.clone(), rev);
+        }
+    }
+    let bundle = bundle(target, req, &prep.repos, config, profile_repo, &prep.binhost_dir)?;
+    let repo_names: Vec<String> = prep.repos.iter().map(|(n, _)| n.clone()).collect();
     let log_dir = prep.log_dir.clone();
+    timings.lap("prepare");
 
     let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, ..Default::default() };
     let vm = Vm::start(home, target, &start, reporter).await?;
-    let result = in_guest(vm.guest(), target, req, &repos, &prep.config, (&prep.profile_repo, &prep.profile_path), seed.as_deref(), &log_dir, opts.echo_output, reporter).await;
+    timings.lap("boot");
+    let inputs = GuestInputs { repos: &repo_names, revisions: &revisions, profile: (profile_repo, profile_path), bundle: &bundle };
+    let result = in_guest(vm.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, reporter).await;
     if opts.keep_vm {
         reporter.event(Event::Note { message: format!("the {} guest keeps running (--keep-vm); stop it with `dbh vm stop --target {}`", target.name, target.name) });
         vm.release().await;
     } else {
         vm.stop(Shutdown::Quit, reporter).await?;
     }
+    timings.lap("stop");
     let (downloads, failed, _tmp) = result?;
 
-    let published = prep.publish(target, &downloads, reporter)?;
+    // The revisions go into the header with the packages they built, in the same atomic step.
+    let published = if downloads.is_empty() {
+        Vec::new()
+    } else {
+        let edit = |h: &mut BTreeMap<String, String>| super::merge_repo_revisions(h, &revisions);
+        binhost::add::add_with_header(&prep.binhost_dir, target, &downloads, Some(&prep.signer), &edit, reporter)?
+    };
+    timings.lap("publish");
     let transferred = downloads.len() as u64;
+    reporter.event(Event::Count { name: "binpkg.transferred".into(), value: transferred });
+    timings.report(&target.name, reporter);
     Ok(Outcome { published, failed, log_dir, transferred })
+}
+
+/// The user set the host's `world` file becomes in the guest (`/etc/portage/sets/dbh-world`).
+pub const WORLD_SET: &str = "dbh-world";
+
+/// Wall-clock time per step of a build, reported as `build.<step>_ms` counts (and one line at
+/// `-v`), so that benchmarks can split dbh's own overhead from emerge's time.
+#[derive(Debug)]
+struct Timings {
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings { last: Instant::now(), steps: Vec::new() }
+    }
+}
+
+impl Timings {
+    fn lap(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.steps.push((step, now - self.last));
+        self.last = now;
+    }
+
+    fn report(&self, target: &str, reporter: &dyn Reporter) {
+        let mut line = format!("{target}: timings:");
+        for (step, d) in &self.steps {
+            reporter.event(Event::Count { name: format!("build.{step}_ms"), value: d.as_millis() as u64 });
+            line.push_str(&format!(" {step} {:.1}s", d.as_secs_f64()));
+        }
+        tracing::info!("{line}");
+    }
+}
+
+/// What goes into the guest before emerge runs.
+struct GuestInputs<'a> {
+    /// The names of the repositories in the bundle.
+    repos: &'a [String],
+    revisions: &'a BTreeMap<String, String>,
+    /// The profile's repository and path in it.
+    profile: (&'a str, &'a str),
+    /// What [`bundle`] made.
+    bundle: &'a [u8],
 }
 
 type GuestResult = (Vec<PathBuf>, Vec<FailedPackage>, tempfile::TempDir);
@@ -226,64 +369,37 @@ async fn in_guest(
     guest: &Guest,
     target: &Target,
     req: &Request,
-    repos: &[(String, Vec<u8>)],
-    config: &PortageConfig,
-    (profile_repo, profile_path): (&str, &str),
-    seed: Option<&[u8]>,
+    inputs: &GuestInputs<'_>,
     log_dir: &Path,
     echo: bool,
+    timings: &mut Timings,
     reporter: &dyn Reporter,
 ) -> Result<GuestResult, Error> {
+    let GuestInputs { repos, revisions, profile: (profile_repo, profile_path), bundle } = *inputs;
     let task = format!("build:{}", target.name);
-    reporter.event(Event::Note { message: format!("{}: syncing repositories and configuration", target.name) });
-    let mut conf = format!("# written by dbh before each build\n[DEFAULT]\nmain-repo = {profile_repo}\n");
-    for (name, data) in repos {
-        let dest = format!("/var/db/repos/{name}");
-        untar(guest, data, &dest, true).await?;
-        conf.push_str(&format!("\n[{name}]\nlocation = {dest}\n"));
+    let sync = format!("sync:{}", target.name);
+    reporter.event(Event::Start {
+        task: sync.clone(),
+        label: format!("{}: syncing repositories, configuration and binary packages", target.name),
+        total: None,
+        unit: Unit::Spinner,
+    });
+    let replace: Vec<String> = repos.iter().map(|n| shell_quote(&format!("/var/db/repos/{n}"))).collect();
+    let mut script = if replace.is_empty() { SYNC_SCRIPT.to_owned() } else { format!("rm -rf {} && {SYNC_SCRIPT}", replace.join(" ")) };
+    let link = |loc: &str| format!("ln -sfn {} /etc/portage/make.profile", shell_quote(&format!("{loc}/profiles/{profile_path}")));
+    let own = repos.iter().any(|n| n == profile_repo);
+    if own {
+        script.push_str(&format!(" && {}", link(&format!("/var/db/repos/{profile_repo}"))));
     }
-    guest.exec_ok("mkdir -p /etc/portage/repos.conf /etc/portage/package.use /etc/portage/package.accept_keywords").await?;
-    guest.upload_bytes(conf.as_bytes(), "/etc/portage/repos.conf/zz-dbh.conf", 0o644).await?;
-    let repo_loc = repos
-        .iter()
-        .find(|(n, _)| n == profile_repo)
-        .map(|(n, _)| format!("/var/db/repos/{n}"));
-    let repo_loc = match repo_loc {
-        Some(l) => l,
+    exec_with_input(guest, script, bundle).await?;
+    if !own {
         // A repository the guest already has (e.g. ::gentoo): ask Portage where it is.
-        None => guest
-            .exec_ok(&format!("portageq get_repo_path / {}", shell_quote(profile_repo)))
-            .await?
-            .stdout_str()
-            .trim()
-            .to_owned(),
-    };
-    guest
-        .exec_ok(&format!(
-            "ln -sfn {} /etc/portage/make.profile",
-            shell_quote(&format!("{repo_loc}/profiles/{profile_path}"))
-        ))
-        .await?;
-    let base = guest.exec_ok("cat /etc/portage/make.conf.dbh-base 2>/dev/null || cat /etc/portage/make.conf").await?.stdout;
-    guest.upload_bytes(&base, "/etc/portage/make.conf.dbh-base", 0o644).await?;
-    let mut make_conf = String::from_utf8_lossy(&base).into_owned();
-    // binpkg-ignore-signature: the seeded binpkgs are the host's own, signed by dbh and copied over
-    // the pinned SSH connection; the guest need not have gpg nor the host's key to reuse them.
-    // -pkgdir-index-trusted: the seeded PKGDIR has no index yet, so Portage must scan it.
-    // -sandbox/-usersandbox: a test stage has no sandbox binary; builds are throw-away anyway.
-    make_conf.push_str(&format!(
-        "\n# --- dbh: $DBH_HOME/targets/{}/portage/make.conf ---\n{}\n# --- dbh: build settings ---\nMAKEOPTS=\"-j{}\"\nFEATURES=\"${{FEATURES}} buildpkg binpkg-multi-instance binpkg-ignore-signature -pkgdir-index-trusted -sandbox -usersandbox\"\nBINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{GUEST_PKGDIR}\"\n",
-        target.name,
-        config.make_conf,
-        req.jobs.max(1)
-    ));
-    guest.upload_bytes(make_conf.as_bytes(), "/etc/portage/make.conf", 0o644).await?;
-    guest.upload_bytes(config.package_use.as_bytes(), "/etc/portage/package.use/dbh", 0o644).await?;
-    guest.upload_bytes(config.package_accept_keywords.as_bytes(), "/etc/portage/package.accept_keywords/dbh", 0o644).await?;
-    if let Some(seed) = seed {
-        untar(guest, seed, GUEST_PKGDIR, false).await?;
+        let loc = guest.exec_ok(&format!("portageq get_repo_path / {}", shell_quote(profile_repo))).await?.stdout_str();
+        guest.exec_ok(&link(loc.trim())).await?;
     }
     let before = list_pkgdir(guest).await?;
+    reporter.event(Event::Finish { task: sync, message: format!("{}: guest ready for emerge", target.name) });
+    timings.lap("sync");
 
     // emerge, followed line by line.
     let mut args: Vec<String> =
@@ -292,9 +408,13 @@ async fn in_guest(
     args.extend(req.emerge_args.iter().cloned());
     let command = format!("{} 2>&1", shell_join(&args));
     let mut follower = Follower::new(task.clone(), format!("emerge on {}", target.name), &log_dir.join("emerge.log"), &command, echo)?;
+    for (name, rev) in revisions {
+        follower.log_only(&format!("# repository {name} at {rev}"));
+    }
     reporter.event(Event::Note { message: format!("{}: {}", target.name, shell_join(&args)) });
     let status = guest.exec(&command, |_, line| follower.line(line, reporter)).await?;
     let (unfinished, tail) = follower.finish(i64::from(status), reporter);
+    timings.lap("emerge");
 
     let mut failed = Vec::new();
     for cpv in &unfinished {
@@ -333,6 +453,7 @@ async fn in_guest(
         }
         reporter.event(Event::Finish { task: pull, message: format!("pulled {} binary package(s)", fresh.len()) });
     }
+    timings.lap("pull");
     Ok((downloads, failed, tmp))
 }
 
@@ -347,5 +468,69 @@ mod tests {
         let paths: Vec<String> = new_files(&before, &after).into_iter().map(|l| l.path).collect();
         assert_eq!(paths, ["a/c/c-1-1.gpkg.tar", "a/d/d-1-1.gpkg.tar"]);
         assert!(new_files(&after, &after).is_empty());
+    }
+
+    #[test]
+    fn the_guest_listing_joins_sizes_and_checksums() {
+        let text = "10 a/b/b-1-1.gpkg.tar\n20 a/c/c 1.tbz2\n7 a/d/d-1.xpak\n--\naa  ./a/b/b-1-1.gpkg.tar\nbb  ./a/c/c 1.tbz2\n";
+        let l = parse_find_listing(text);
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert_eq!(l["a/c/c 1.tbz2"], Listed { path: "a/c/c 1.tbz2".into(), size: 20, md5: "bb".into() });
+        assert!(parse_find_listing("").is_empty());
+    }
+
+    /// The listing command run by a real shell on a real directory.
+    #[test]
+    fn the_listing_command_lists_binpkgs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = list_command().replace(&shell_quote(GUEST_PKGDIR), &shell_quote(&dir.path().to_string_lossy()));
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/b-1-1.gpkg.tar"), "x").unwrap();
+        std::fs::write(dir.path().join("a/b/.b-1-2.gpkg.tar"), "partial").unwrap();
+        std::fs::write(dir.path().join("Packages"), "index").unwrap();
+        let out = std::process::Command::new("sh").arg("-c").arg(&cmd).output().unwrap();
+        assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        let l = parse_find_listing(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(l.keys().collect::<Vec<_>>(), ["a/b/b-1-1.gpkg.tar"]);
+        assert_eq!(l["a/b/b-1-1.gpkg.tar"].md5, "9dd4e461268c8034f5c8564e155c67a6");
+        assert_eq!(l["a/b/b-1-1.gpkg.tar"].size, 1);
+    }
+
+    #[test]
+    fn the_bundle_holds_repositories_configuration_and_no_vcs_metadata() {
+        let home = tempfile::tempdir().unwrap();
+        let home = Home::new(home.path());
+        let config = PortageConfig::load_or_create(&home, "arm64").unwrap();
+        let target = crate::target::Targets::builtin().get("arm64").unwrap().clone();
+        let repo = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(repo.path().join("profiles")).unwrap();
+        std::fs::create_dir_all(repo.path().join(".git")).unwrap();
+        std::fs::write(repo.path().join("profiles/repo_name"), "r\n").unwrap();
+        let req = Request { jobs: 3, ..Default::default() };
+        let data = bundle(&target, &req, &[("r".into(), repo.path().to_owned())], &config, "r", &home.binhost("arm64")).unwrap();
+        let mut files = BTreeMap::new();
+        for e in tar::Archive::new(&data[..]).entries().unwrap() {
+            let mut e = e.unwrap();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+            files.insert(e.path().unwrap().to_string_lossy().into_owned(), text);
+        }
+        let names: Vec<&str> = files.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "etc/portage/make.conf.dbh-tail",
+                "etc/portage/package.accept_keywords/dbh",
+                "etc/portage/package.use/dbh",
+                "etc/portage/repos.conf/50-dbh-host.conf",
+                "etc/portage/repos.conf/zz-dbh.conf",
+                "etc/portage/sets/dbh-world",
+                "var/db/repos/r/profiles",
+                "var/db/repos/r/profiles/repo_name",
+            ]
+        );
+        assert!(files["etc/portage/make.conf.dbh-tail"].contains("MAKEOPTS=\"-j3\""));
+        assert!(files["etc/portage/make.conf.dbh-tail"].contains("ACCEPT_LICENSE"));
+        assert!(files["etc/portage/repos.conf/zz-dbh.conf"].contains("main-repo = r\n\n[r]\nlocation = /var/db/repos/r\n"));
     }
 }

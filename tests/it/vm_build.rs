@@ -5,13 +5,22 @@
 //! 1. `broken` + `hello`: exit status non-zero, broken's log kept and shown, hello published;
 //! 2. `greeter`: hello comes from the seeded binhost (not rebuilt), greeter is built; a client
 //!    installs both and `hello` is an AArch64 ELF;
-//! 3. `greeter` again: nothing to do, zero binpkgs transferred.
+//! 3. no atom: the host's `world` file (greeter) is built as @dbh-world — nothing to do, zero
+//!    binpkgs transferred; the host's repos.conf reached the guest's Portage;
+//! 4. Ctrl-C while emerge compiles: dbh exits promptly, non-zero, no QEMU left, the binhost is
+//!    byte-for-byte as before and `dbh binhost check` passes.
+//!
+//! The repository is a git checkout (a copy of the fixture repository): its commit must show up
+//! in the binhost header's REPO_REVISIONS, and the client must still install from that binhost.
 
-use std::path::Path;
-use std::process::Output;
+use std::collections::BTreeMap;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
 
 use super::cli::dbh;
-use super::portage::{Prefix, PrefixOptions, combined, fixture_repo};
+use super::portage::{Prefix, PrefixOptions, combined, copy_tree, fixture_repo};
 use super::serve::Serve;
 use super::vm::{assert_no_qemu, product_home};
 
@@ -26,13 +35,50 @@ pub fn run(home: &Path, args: &[&str]) -> Output {
     cmd.output().unwrap()
 }
 
-fn build(home: &Path, atoms: &[&str]) -> Output {
-    let repo = fixture_repo();
+fn build_args<'a>(repo: &'a Path, atoms: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["vm", "build", "--target", "arm64", "--repo", repo.to_str().unwrap(), "--profile", "dbh-test:dbh/arm64"];
     args.extend_from_slice(atoms);
-    let out = run(home, &args);
+    args
+}
+
+fn build(home: &Path, repo: &Path, atoms: &[&str]) -> Output {
+    let out = run(home, &build_args(repo, atoms));
     eprintln!("dbh vm build {atoms:?}: {}\n{}", out.status, combined(&out));
     out
+}
+
+/// A git checkout of the fixture repository under `dir`, and its commit.
+fn git_repo(dir: &Path) -> (PathBuf, String) {
+    let repo = dir.join("repo");
+    copy_tree(&fixture_repo(), &repo);
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(["-c", "user.name=dbh test", "-c", "user.email=test@dbh.invalid"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", combined(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    git(&["init", "-q"]);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "fixture"]);
+    let head = git(&["rev-parse", "HEAD"]);
+    (repo, head)
+}
+
+/// Every file under `dir` with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    walk(dir).into_iter().map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
+}
+
+/// The newest build log directory's emerge.log.
+fn last_emerge_log(home: &Path) -> String {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(home.join("logs/arm64")).unwrap().flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    std::fs::read_to_string(dirs.last().unwrap().join("emerge.log")).unwrap()
 }
 
 pub fn stdout(out: &Output) -> String {
@@ -46,9 +92,12 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     }
     let home = product_home(None);
     let home = home.path();
+    let work = tempfile::tempdir().unwrap();
+    let (repo, commit) = git_repo(work.path());
+    let repo = repo.as_path();
 
     // Without a key nothing boots.
-    let out = build(home, &["dbh-test/hello"]);
+    let out = build(home, repo, &["dbh-test/hello"]);
     assert!(!out.status.success());
     let text = combined(&out);
     assert!(text.contains("dbh key generate"), "{text}");
@@ -58,7 +107,7 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     assert!(key.status.success(), "{}", combined(&key));
 
     // 1. A failing package beside a good one.
-    let out = build(home, &["dbh-test/broken", "dbh-test/hello"]);
+    let out = build(home, repo, &["dbh-test/broken", "dbh-test/hello"]);
     let text = combined(&out);
     assert!(!out.status.success(), "a failed package must fail the command:\n{text}");
     assert!(text.contains("dbh-test/broken-1.0"), "{text}");
@@ -71,7 +120,7 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     assert_no_qemu(home);
 
     // 2. greeter: hello is reused from the binhost, greeter built and published.
-    let out = build(home, &["dbh-test/greeter"]);
+    let out = build(home, repo, &["dbh-test/greeter"]);
     let text = combined(&out);
     assert!(out.status.success(), "{text}");
     assert!(stdout(&out).contains("published dbh-test/greeter-1.0 (BUILD_ID 1)"), "{text}");
@@ -80,18 +129,146 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     let index = std::fs::read_to_string(home.join("binhost/arm64/Packages")).unwrap();
     assert!(index.contains("CHOST: aarch64-unknown-linux-gnu"), "{index}");
     assert!(index.contains("CPV: dbh-test/greeter-1.0") && index.contains("CPV: dbh-test/hello-1.0"), "{index}");
+    let header = index.split("\n\n").next().unwrap();
+    assert!(
+        header.contains(&format!("\nREPO_REVISIONS: {{\"dbh-test\": \"{commit}\"}}\n")),
+        "the header names the repository and its commit {commit}:\n{header}"
+    );
 
     // A real Portage client installs from `dbh serve`, verifying signatures.
     let (_tmp, client) = install_from_serve(home, "arm64", "dbh-test/greeter");
     assert_elf_machine(&client.root.join("usr/bin/hello"), 183);
     assert!(client.root.join("usr/bin/greeter").is_file());
 
-    // 3. Nothing to do: no binpkg comes back.
-    let out = build(home, &["dbh-test/greeter"]);
+    // 3. No atom: the world file is the build. Nothing to do: no binpkg comes back.
+    let config = home.join("targets/arm64/portage");
+    std::fs::write(config.join("world"), "# what this binhost carries\ndbh-test/greeter\n").unwrap();
+    std::fs::write(config.join("repos.conf"), "[dbh-extra]\nlocation = /var/db/repos/dbh-extra\n").unwrap();
+    let out = build(home, repo, &[]);
     let text = combined(&out);
     assert!(out.status.success(), "{text}");
     assert!(stdout(&out).contains("arm64: 0 binpkg(s) transferred, 0 published"), "{text}");
+    let log = last_emerge_log(home);
+    assert!(log.contains(" @dbh-world"), "{log}");
+    assert!(log.contains(">>> Emerging binary (2 of 2) dbh-test/greeter-1.0"), "greeter comes from the binhost:\n{log}");
+    // The guest's Portage read the host's repos.conf (and says the location is missing there).
+    assert!(log.contains("/var/db/repos/dbh-extra"), "{log}");
+    assert!(log.contains(&format!("# repository dbh-test at {commit}")), "{log}");
     assert_no_qemu(home);
+
+    // 4. Ctrl-C while emerge runs in the guest.
+    let binhost = home.join("binhost/arm64");
+    let before = snapshot(&binhost);
+    interrupt_during_emerge(home, repo);
+    assert_no_qemu(home);
+    assert_eq!(snapshot(&binhost), before, "an interrupted build must leave the binhost as it was");
+    let check = run(home, &["binhost", "check", binhost.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", combined(&check));
+}
+
+/// Starts a from-source build of hello (`--usepkg=n` after dbh's `--usepkg`), waits for emerge's
+/// `>>> Emerging` line on dbh's stderr (`-v` passes emerge's output on), sends SIGINT and checks
+/// that dbh exits within 15 s, non-zero, saying it was interrupted.
+fn interrupt_during_emerge(home: &Path, repo: &Path) {
+    let mut args = vec!["-v"];
+    args.extend(build_args(repo, &["dbh-test/hello", "--", "--usepkg=n"]));
+    let mut cmd = dbh();
+    cmd.arg("--home").arg(home).args(&args).env("XDG_CONFIG_HOME", home);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DBH_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let until = Instant::now() + Duration::from_secs(600);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if line.contains(">>> Emerging (1 of 1) dbh-test/hello-1.0") {
+                    break;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("emerge did not start building hello within 600 s:\n{seen}");
+            }
+        }
+    }
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let sent = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if sent.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("dbh did not exit within 15 s of SIGINT:\n{seen}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("dbh exited {:?} after SIGINT", sent.elapsed());
+    reader.join().unwrap();
+    seen.extend(rx.try_iter().map(|l| l + "\n"));
+    assert!(!status.success(), "an interrupted build must fail:\n{seen}");
+    assert!(seen.contains("error: interrupted; the guest was stopped"), "{seen}");
+    assert!(!seen.contains("published"), "{seen}");
+}
+
+#[test]
+fn config_show_prints_each_targets_build_configuration() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let out = run(home, &["config", "show", "--target", "arm64"]);
+    assert!(out.status.success(), "{}", combined(&out));
+    let text = stdout(&out);
+    let dir = home.join("targets/arm64/portage");
+    assert!(text.starts_with(&format!("# build configuration of arm64: {}\n", dir.display())), "{text}");
+    for f in ["make.conf", "package.use", "package.accept_keywords", "world", "repos.conf"] {
+        assert!(text.contains(&format!("\n## {f}\n")), "{f} missing:\n{text}");
+        assert!(dir.join(f).is_file(), "{f}: defaults are written on first use");
+    }
+    assert!(text.contains("ACCEPT_LICENSE=\"*\""), "{text}");
+
+    std::fs::write(dir.join("world"), "dbh-test/greeter\n").unwrap();
+    std::fs::create_dir_all(home.join("targets/riscv64")).unwrap();
+    let out = run(home, &["config", "show"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(text.contains("# from: command line (--home)"), "settings come first:\n{text}");
+    assert!(text.contains("\n## world\ndbh-test/greeter\n"), "{text}");
+    assert!(!text.contains("build configuration of riscv64"), "only targets that have one:\n{text}");
+
+    let out = run(home, &["config", "show", "--target", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(combined(&out).contains("nosuch"), "{}", combined(&out));
+}
+
+#[test]
+fn a_build_without_atoms_needs_a_world() {
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    let key = run(home, &["key", "generate"]);
+    assert!(key.status.success(), "{}", combined(&key));
+    let out = run(home, &["vm", "build", "--target", "arm64"]);
+    let text = combined(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("no atom given") && text.contains("targets/arm64/portage/world"), "{text}");
+    assert!(text.contains("hint: "), "{text}");
+    assert!(!home.join("images/arm64/run/state.json").exists(), "nothing boots");
 }
 
 /// A real Portage client (profile `profiles/dbh/<target>` of the fixture repo) configured with
