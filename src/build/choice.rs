@@ -2,10 +2,12 @@
 //!
 //! Cross-compiling is fast but only trustworthy for packages known to cross-compile cleanly, so
 //! `auto` takes the cross backend only when every requested atom is listed in the target file's
-//! `[cross] safe` (`cat/pn` or `cat/*`) and the host has the target's cross compiler; anything else
-//! (a set, an unlisted package, no compiler) builds in a guest. The reason is part of the answer so
+//! `[cross] safe` (`cat/pn` or `cat/*`) and the host has the target's cross compiler and a Portage;
+//! anything else (a set, an unlisted package, no compiler, no emerge, no atom) builds in a guest. The reason is part of the answer so
 //! the command can print it.
 
+use super::BuildError;
+use super::cross::HostPortage;
 use super::toolchain::{Toolchain, ToolchainError};
 use crate::target::Target;
 
@@ -68,8 +70,14 @@ pub fn is_cross_safe(target: &Target, atom: &str) -> bool {
     target.cross.safe.iter().any(|s| s == &pkg || s.strip_suffix("/*").is_some_and(|c| c == cat))
 }
 
-/// Picks the backend for `atoms` given the outcome of looking for the target's cross compiler.
-pub fn choose(target: &Target, atoms: &[String], toolchain: Result<Toolchain, ToolchainError>) -> Choice {
+/// Picks the backend for `atoms` given the outcome of looking for the target's cross compiler and
+/// for the host's Portage.
+pub fn choose(
+    target: &Target,
+    atoms: &[String],
+    toolchain: Result<Toolchain, ToolchainError>,
+    portage: Result<HostPortage, BuildError>,
+) -> Choice {
     let vm = |reason: String| Choice { picked: Picked::Vm, reason };
     if atoms.is_empty() {
         return vm(format!("no atom given: the {} world file is built in a guest", target.name));
@@ -85,12 +93,13 @@ pub fn choose(target: &Target, atoms: &[String], toolchain: Result<Toolchain, To
         ));
     }
     let what = format!("{} {} listed as cross-safe for {}", atoms.join(", "), if atoms.len() == 1 { "is" } else { "are" }, target.name);
-    match toolchain {
-        Ok(t) => {
+    match (toolchain, portage) {
+        (Ok(t), Ok(_)) => {
             let reason = format!("{what} and {} was found", t.gcc.file_name().map_or_else(|| t.gcc.display().to_string(), |n| n.to_string_lossy().into_owned()));
             Choice { picked: Picked::Cross(t), reason }
         }
-        Err(e) => vm(format!("{what} but {e}")),
+        (Err(e), _) => vm(format!("{what} but {e}")),
+        (_, Err(e)) => vm(format!("{what} but {e} (set portage.bin or DBH_PORTAGE_BIN to use a venv's)")),
     }
 }
 
@@ -104,6 +113,10 @@ mod tests {
         let mut t = Targets::builtin().get("arm64").unwrap().clone();
         t.cross.safe = vec!["dbh-test/*".into(), "app-misc/hello".into()];
         t
+    }
+
+    fn portage() -> Result<HostPortage, BuildError> {
+        Ok(HostPortage { emerge: PathBuf::from("/usr/bin/emerge"), venv: None })
     }
 
     fn gcc() -> Toolchain {
@@ -128,7 +141,7 @@ mod tests {
     #[test]
     fn cross_when_every_atom_is_safe_and_a_compiler_exists() {
         let t = arm64();
-        let c = choose(&t, &["dbh-test/hello".into(), "=app-misc/hello-1".into()], Ok(gcc()));
+        let c = choose(&t, &["dbh-test/hello".into(), "=app-misc/hello-1".into()], Ok(gcc()), portage());
         assert_eq!(c.picked, Picked::Cross(gcc()));
         assert_eq!(c.reason, "dbh-test/hello, =app-misc/hello-1 are listed as cross-safe for arm64 and aarch64-linux-gnu-gcc was found");
         assert_eq!(c.backend_name(), "cross");
@@ -137,14 +150,18 @@ mod tests {
     #[test]
     fn vm_when_an_atom_is_not_listed_or_no_compiler() {
         let t = arm64();
-        let c = choose(&t, &["dbh-test/hello".into(), "sys-libs/zlib".into(), "@world".into()], Ok(gcc()));
+        let c = choose(&t, &["dbh-test/hello".into(), "sys-libs/zlib".into(), "@world".into()], Ok(gcc()), portage());
         assert_eq!(c.picked, Picked::Vm);
         assert!(c.reason.starts_with("sys-libs/zlib, @world are not listed as cross-safe for arm64"), "{}", c.reason);
         let missing = super::super::toolchain::find_in(&t, std::ffi::OsStr::new("/nonexistent"));
-        let c = choose(&t, &["dbh-test/greeter".into()], missing);
+        let c = choose(&t, &["dbh-test/greeter".into()], missing, portage());
         assert_eq!(c.picked, Picked::Vm);
         assert!(c.reason.starts_with("dbh-test/greeter is listed as cross-safe for arm64 but no cross compiler"), "{}", c.reason);
-        let c = choose(&t, &[], Ok(gcc()));
+        let no_emerge = Err(BuildError::NoEmerge { looked: None });
+        let c = choose(&t, &["dbh-test/greeter".into()], Ok(gcc()), no_emerge);
+        assert_eq!(c.picked, Picked::Vm);
+        assert!(c.reason.ends_with("but no `emerge` found on PATH (set portage.bin or DBH_PORTAGE_BIN to use a venv's)"), "{}", c.reason);
+        let c = choose(&t, &[], Ok(gcc()), portage());
         assert_eq!((c.picked, c.reason.as_str()), (Picked::Vm, "no atom given: the arm64 world file is built in a guest"));
     }
 }

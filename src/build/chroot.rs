@@ -112,11 +112,7 @@ pub fn dir(home: &Home, target: &str) -> PathBuf {
 
 /// The unpacked stage, made from the image's stage when missing or when the image changed.
 fn ensure_root(home: &Home, target: &Target, reporter: &dyn Reporter) -> Result<PathBuf, Error> {
-    let image_dir = home.images(&target.name);
-    if !image_dir.join("image.toml").is_file() {
-        return Err(BuildError::from(ChrootError::NoStage { target: target.name.clone(), image_dir }).into());
-    }
-    let info = ImageInfo::load(&image_dir)?;
+    let info = ImageInfo::load(&home.images(&target.name))?;
     let base = dir(home, &target.name);
     let root = base.join("root");
     let marker = base.join("stage.sha512");
@@ -168,6 +164,10 @@ fn ensure_root(home: &Home, target: &Target, reporter: &dyn Reporter) -> Result<
 /// Returns the outcome also when packages failed.
 pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, reporter: &dyn Reporter) -> Result<Outcome, Error> {
     check_binfmt(target, Path::new(BINFMT_DIR)).map_err(BuildError::from)?;
+    let image_dir = home.images(&target.name);
+    if !image_dir.join("image.toml").is_file() {
+        return Err(BuildError::from(ChrootError::NoStage { target: target.name.clone(), image_dir }).into());
+    }
     let base = dir(home, &target.name);
     let _lock = super::lock_dir(&base, &target.name)?;
     let prep = super::prepare(home, target, req)?;

@@ -17,7 +17,8 @@ pub fn run(ctx: &Context, args: BuildArgs) -> Result<(), Error> {
         Backend::Auto => {
             let targets = Targets::load()?;
             let target = targets.get(&args.common.target)?;
-            let choice = build::choice::choose(target, &args.common.atoms, build::toolchain::find(target));
+            let portage = build::cross::HostPortage::find(ctx.settings.str("portage.bin").map(std::path::Path::new));
+            let choice = build::choice::choose(target, &args.common.atoms, build::toolchain::find(target), portage);
             ctx.reporter.event(Event::Note { message: format!("backend: {} ({})", choice.backend_name(), choice.reason) });
             match choice.picked {
                 build::choice::Picked::Cross(_) => cross_build(ctx, &args.common),
