@@ -3,8 +3,8 @@
 //! Cross-compiling is fast but only trustworthy for packages known to cross-compile cleanly, so
 //! `auto` takes the cross backend only when every requested atom is listed in the target file's
 //! `[cross] safe` (`cat/pn` or `cat/*`) and the host has the target's cross compiler and a Portage;
-//! anything else (a set, an unlisted package, no compiler, no emerge, no atom) builds in a guest. The reason is part of the answer so
-//! the command can print it.
+//! anything else (a set, an unlisted package, no compiler, no emerge, no atom) builds in a guest.
+//! The reason is part of the answer so the command can print it.
 
 use super::BuildError;
 use super::cross::HostPortage;
