@@ -46,6 +46,10 @@ pub enum ChrootError {
     BinfmtDisabled { target: String, entry: PathBuf },
     #[error("the qemu-user handler {entry} for {target} binaries lacks the F (fix binary) flag (flags: {flags}): it cannot run inside a chroot")]
     BinfmtNoFixBinary { target: String, entry: PathBuf, flags: String },
+    #[error("bubblewrap (`bwrap`) is not installed")]
+    NoBwrap,
+    #[error("bubblewrap cannot make its sandbox here: {reason}")]
+    Sandbox { reason: String },
     #[error("no stage for the {target} chroot: {image_dir}/image.toml does not exist")]
     NoStage { target: String, image_dir: PathBuf },
     #[error("the stage {path} does not match the SHA512 recorded in the {target} image ({expected}); it changed since `dbh vm image create`")]
@@ -67,6 +71,13 @@ impl Hint for ChrootError {
                 "register the handler with the F flag (Debian's qemu-user-static and Gentoo's qemu-binfmt do): {install}; \
                  or build in a guest with `--backend vm`"
             )),
+            ChrootError::NoBwrap => Some("install it: `apt-get install bubblewrap` (Debian/Ubuntu) or `emerge sys-apps/bubblewrap` (Gentoo)".into()),
+            ChrootError::Sandbox { .. } => Some(
+                "bwrap needs user namespaces: as a normal user enable them (`sysctl kernel.unprivileged_userns_clone=1` on Debian, \
+                 `sysctl kernel.apparmor_restrict_unprivileged_userns=0` on Ubuntu) or run dbh as root; in a container, allow \
+                 namespaces (e.g. docker's --privileged); or build with `--backend vm`"
+                    .into(),
+            ),
             ChrootError::NoStage { target, .. } => Some(format!(
                 "the chroot is made from the stage of the target's guest image: run `dbh vm image create --target {target} --stage URL` first"
             )),
@@ -103,6 +114,24 @@ pub fn check_binfmt(target: &Target, dir: &Path) -> Result<(), ChrootError> {
         return Err(ChrootError::BinfmtNoFixBinary { target: t, entry, flags });
     }
     Ok(())
+}
+
+/// Checks that bubblewrap can make the sandbox the build runs in (namespaces allowed here).
+pub fn check_bwrap() -> Result<(), ChrootError> {
+    let probe = Cmd::new("bwrap").args(["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--unshare-all", "--die-with-parent"]);
+    let probe = if nix::unistd::geteuid().is_root() { probe } else { probe.args(["--unshare-user", "--uid", "0", "--gid", "0"]) };
+    match probe.arg("true").output() {
+        Ok(_) => Ok(()),
+        Err(crate::process::ProcessError::NotFound { .. }) => Err(ChrootError::NoBwrap),
+        Err(e) => Err(ChrootError::Sandbox { reason: e.to_string() }),
+    }
+}
+
+/// Everything the chroot backend needs from the host, checked before anything is written:
+/// binfmt_misc for the target, and bubblewrap.
+pub fn preflight(target: &Target) -> Result<(), ChrootError> {
+    check_binfmt(target, Path::new(BINFMT_DIR))?;
+    check_bwrap()
 }
 
 /// `$DBH_HOME/chroot/<target>`.
@@ -163,7 +192,7 @@ fn ensure_root(home: &Home, target: &Target, reporter: &dyn Reporter) -> Result<
 /// Builds `req.atoms` in the target's stage under qemu-user and publishes what was built.
 /// Returns the outcome also when packages failed.
 pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, reporter: &dyn Reporter) -> Result<Outcome, Error> {
-    check_binfmt(target, Path::new(BINFMT_DIR)).map_err(BuildError::from)?;
+    preflight(target).map_err(BuildError::from)?;
     let image_dir = home.images(&target.name);
     if !image_dir.join("image.toml").is_file() {
         return Err(BuildError::from(ChrootError::NoStage { target: target.name.clone(), image_dir }).into());
