@@ -24,7 +24,8 @@ use super::portage::{Prefix, PrefixOptions, combined, copy_tree, fixture_repo};
 use super::serve::Serve;
 use super::vm::{assert_no_qemu, product_home};
 
-pub fn run(home: &Path, args: &[&str]) -> Output {
+/// `dbh --home HOME ARGS` isolated from the caller's settings.
+fn command(home: &Path, args: &[&str]) -> std::process::Command {
     let mut cmd = dbh();
     cmd.arg("--home").arg(home).args(args).env("XDG_CONFIG_HOME", home);
     for (k, _) in std::env::vars() {
@@ -32,7 +33,11 @@ pub fn run(home: &Path, args: &[&str]) -> Output {
             cmd.env_remove(k);
         }
     }
-    cmd.output().unwrap()
+    cmd
+}
+
+pub fn run(home: &Path, args: &[&str]) -> Output {
+    command(home, args).output().unwrap()
 }
 
 fn build_args<'a>(repo: &'a Path, atoms: &[&'a str]) -> Vec<&'a str> {
@@ -172,14 +177,7 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
 fn interrupt_during_emerge(home: &Path, repo: &Path) {
     let mut args = vec!["-v"];
     args.extend(build_args(repo, &["dbh-test/hello", "--", "--usepkg=n"]));
-    let mut cmd = dbh();
-    cmd.arg("--home").arg(home).args(&args).env("XDG_CONFIG_HOME", home);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("DBH_") {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = command(home, &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -310,4 +308,43 @@ pub fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     found
+}
+
+/// The REPO_REVISIONS header key dbh writes survives `dbh binhost index` and real Portage's own
+/// rewrite of the index (`emaint binhost --fix` after a package went missing), and a second
+/// publish merges into it.
+#[test]
+fn repo_revisions_survive_reindexing_by_dbh_and_by_portage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prefix = Prefix::new(&tmp.path().join("p"), PrefixOptions::default());
+    let pkgdir = prefix.pkgdir();
+    let files: Vec<PathBuf> = walk(super::portage::built_pkgdir()).into_iter().filter(|p| p.to_string_lossy().ends_with(".gpkg.tar")).collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    let target = dbh::target::Targets::builtin().get("amd64").unwrap().clone();
+    let publish = |files: &[PathBuf], repo: &str, rev: &str| {
+        let revs = BTreeMap::from([(repo.to_owned(), rev.to_owned())]);
+        let edit = |h: &mut BTreeMap<String, String>| dbh::build::merge_repo_revisions(h, &revs);
+        dbh::binhost::add::add_with_header(&pkgdir, &target, files, None, &edit, &dbh::events::Silent).unwrap();
+    };
+    let header = || {
+        let text = std::fs::read_to_string(pkgdir.join("Packages")).unwrap();
+        text.split("\n\n").next().unwrap().to_owned()
+    };
+    publish(&files, "dbh-test", "abc");
+    assert!(header().contains("\nREPO_REVISIONS: {\"dbh-test\": \"abc\"}\n"), "{}", header());
+    publish(&files[..1], "gentoo", "123");
+    let both = "\nREPO_REVISIONS: {\"dbh-test\": \"abc\", \"gentoo\": \"123\"}\n";
+    assert!(header().contains(both), "{}", header());
+
+    let index = run(tmp.path(), &["binhost", "index", pkgdir.to_str().unwrap()]);
+    assert!(index.status.success(), "{}", combined(&index));
+    assert!(header().contains(both), "dbh binhost index keeps it:\n{}", header());
+
+    // Make Portage rewrite the index: one package file goes missing.
+    let gone = walk(&pkgdir).into_iter().find(|p| p.to_string_lossy().ends_with("-1.gpkg.tar")).unwrap();
+    std::fs::remove_file(&gone).unwrap();
+    let before = header();
+    prefix.ok("emaint", &["binhost", "--fix"], &[]);
+    assert_ne!(header(), before, "Portage rewrote the index");
+    assert!(header().contains(both), "Portage keeps it:\n{}", header());
 }
