@@ -93,7 +93,7 @@ const KEYS: &[KeyDef] = &[
     KeyDef { name: "distcc.hosts", kind: Kind::List, doc: "extra distcc hosts for builds" },
     KeyDef { name: "vm.boot_timeout", kind: Kind::Int, doc: "seconds a guest may take to answer SSH [default: 300 under TCG, 120 under KVM]" },
     KeyDef { name: "vm.powerdown_timeout", kind: Kind::Int, doc: "seconds `dbh vm stop` waits for an ACPI power-off before quitting QEMU [default: 20]" },
-    KeyDef { name: "portage.bin", kind: Kind::Str, doc: "directory holding the host's `emerge` for cross builds, e.g. a venv's bin/ [default: found on PATH]" },
+    KeyDef { name: "portage.emerge", kind: Kind::Str, doc: "the host's emerge for `dbh rootfs build` (a path, or a name looked up in PATH)" },
     KeyDef { name: "key.uid", kind: Kind::Str, doc: "user id of a newly generated signing key" },
 ];
 
@@ -184,6 +184,7 @@ impl Settings {
         let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         self.default("build.jobs", toml::Value::Integer(jobs as i64));
         self.default("build.distcc", toml::Value::Boolean(false));
+        self.default("portage.emerge", toml::Value::String("emerge".into()));
         self.default("distcc.hosts", toml::Value::Array(vec![]));
         let host = nix::unistd::gethostname()
             .ok()

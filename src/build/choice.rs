@@ -99,7 +99,7 @@ pub fn choose(
             Choice { picked: Picked::Cross(t), reason }
         }
         (Err(e), _) => vm(format!("{what} but {e}")),
-        (_, Err(e)) => vm(format!("{what} but {e} (set portage.bin or DBH_PORTAGE_BIN to use a venv's)")),
+        (_, Err(e)) => vm(format!("{what} but {e} (set portage.emerge or DBH_PORTAGE_EMERGE to use a venv's)")),
     }
 }
 
@@ -160,7 +160,7 @@ mod tests {
         let no_emerge = Err(BuildError::NoEmerge { looked: None });
         let c = choose(&t, &["dbh-test/greeter".into()], Ok(gcc()), no_emerge);
         assert_eq!(c.picked, Picked::Vm);
-        assert!(c.reason.ends_with("but no `emerge` found on PATH (set portage.bin or DBH_PORTAGE_BIN to use a venv's)"), "{}", c.reason);
+        assert!(c.reason.ends_with("but no `emerge` found on PATH (set portage.emerge or DBH_PORTAGE_EMERGE to use a venv's)"), "{}", c.reason);
         let c = choose(&t, &[], Ok(gcc()), portage());
         assert_eq!((c.picked, c.reason.as_str()), (Picked::Vm, "no atom given: the arm64 world file is built in a guest"));
     }

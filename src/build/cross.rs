@@ -34,8 +34,8 @@ use crate::target::Target;
 /// Backend options besides the request.
 #[derive(Debug, Clone, Default)]
 pub struct CrossOptions {
-    /// The directory holding `emerge` (setting `portage.bin`); `None` = search PATH.
-    pub portage_bin: Option<PathBuf>,
+    /// The host's `emerge` (setting `portage.emerge`): a path, or a name looked up in PATH.
+    pub emerge: PathBuf,
     /// Pass every line of emerge's output on as a note (`-v`).
     pub echo_output: bool,
 }
@@ -54,13 +54,15 @@ pub struct HostPortage {
 }
 
 impl HostPortage {
-    pub fn find(portage_bin: Option<&Path>) -> Result<HostPortage, BuildError> {
-        let emerge = match portage_bin {
-            Some(dir) => Some(dir.join("emerge")).filter(|p| p.is_file()),
-            None => std::env::var_os("PATH")
-                .and_then(|path| std::env::split_paths(&path).map(|d| d.join("emerge")).find(|p| p.is_file())),
+    /// `emerge` is a path, or a name looked up in PATH (setting `portage.emerge`, default `emerge`).
+    pub fn find(emerge: &Path) -> Result<HostPortage, BuildError> {
+        let is_path = emerge.components().count() > 1;
+        let found = if is_path {
+            Some(emerge.to_owned()).filter(|p| p.is_file())
+        } else {
+            std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).map(|d| d.join(emerge)).find(|p| p.is_file()))
         };
-        let emerge = emerge.ok_or_else(|| BuildError::NoEmerge { looked: portage_bin.map(Path::to_owned) })?;
+        let emerge = found.ok_or_else(|| BuildError::NoEmerge { looked: is_path.then(|| emerge.to_owned()) })?;
         let emerge = std::path::absolute(&emerge).unwrap_or(emerge);
         let venv = emerge.parent().and_then(Path::parent).filter(|v| v.join("pyvenv.cfg").is_file()).map(Path::to_owned);
         Ok(HostPortage { emerge, venv })
@@ -153,7 +155,7 @@ fn build_settings(jobs: u32, pkgdir: &Path, distdir: &Path, tmpdir: &Path) -> St
 /// outcome also when packages failed (the caller turns `failed` into an error with a hint).
 pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, reporter: &dyn Reporter) -> Result<Outcome, Error> {
     let tc = toolchain::find(target).map_err(BuildError::from)?;
-    let portage = HostPortage::find(opts.portage_bin.as_deref())?;
+    let portage = HostPortage::find(&opts.emerge)?;
     let base = dir(home, &target.name);
     let _lock = super::lock_dir(&base, &target.name)?;
     let prep = super::prepare(home, target, req)?;
@@ -289,12 +291,15 @@ mod tests {
         let v = tempfile::tempdir().unwrap();
         std::fs::create_dir(v.path().join("bin")).unwrap();
         std::fs::write(v.path().join("bin/emerge"), "").unwrap();
-        let found = HostPortage::find(Some(&v.path().join("bin"))).unwrap();
+        let found = HostPortage::find(&v.path().join("bin/emerge")).unwrap();
         assert_eq!(found.venv, None);
         std::fs::write(v.path().join("pyvenv.cfg"), "").unwrap();
-        let found = HostPortage::find(Some(&v.path().join("bin"))).unwrap();
+        let found = HostPortage::find(&v.path().join("bin/emerge")).unwrap();
         assert_eq!(found.venv.as_deref(), Some(v.path()));
-        let missing = HostPortage::find(Some(Path::new("/nonexistent"))).unwrap_err();
-        assert_eq!(missing.to_string(), "no `emerge` found in /nonexistent");
+        assert_eq!(found.bin(), v.path().join("bin"));
+        let missing = HostPortage::find(Path::new("/nonexistent/emerge")).unwrap_err();
+        assert_eq!(missing.to_string(), "no `emerge` found at /nonexistent/emerge");
+        let missing = HostPortage::find(Path::new("no-such-emerge")).unwrap_err();
+        assert_eq!(missing.to_string(), "no `emerge` found on PATH");
     }
 }

@@ -94,7 +94,7 @@ pub enum BuildError {
     StagedIndex { path: PathBuf, reason: String },
     #[error("another dbh build for {target} is using {dir}")]
     Busy { target: String, dir: PathBuf },
-    #[error("no `emerge` found{}", .looked.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_else(|| " on PATH".into()))]
+    #[error("no `emerge` found{}", .looked.as_ref().map(|p| format!(" at {}", p.display())).unwrap_or_else(|| " on PATH".into()))]
     NoEmerge { looked: Option<PathBuf> },
     #[error("nothing to build for {target}: no atom given and {world} lists none")]
     NothingToBuild { target: String, world: PathBuf },
@@ -126,7 +126,7 @@ impl Hint for BuildError {
             BuildError::NoEmerge { .. } => Some(
                 "on Gentoo, Portage is installed; elsewhere install it from PyPI into a venv \
                  (`python3 -m venv ~/.local/portage && ~/.local/portage/bin/pip install portage`) and point dbh at it \
-                 with DBH_PORTAGE_BIN=~/.local/portage/bin (setting `portage.bin`)"
+                 with DBH_PORTAGE_EMERGE=~/.local/portage/bin/emerge (setting `portage.emerge`)"
                     .into(),
             ),
             _ => None,

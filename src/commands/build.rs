@@ -17,7 +17,7 @@ pub fn run(ctx: &Context, args: BuildArgs) -> Result<(), Error> {
         Backend::Auto => {
             let targets = Targets::load()?;
             let target = targets.get(&args.common.target)?;
-            let portage = build::cross::HostPortage::find(ctx.settings.str("portage.bin").map(std::path::Path::new));
+            let portage = build::cross::HostPortage::find(std::path::Path::new(ctx.settings.str("portage.emerge").unwrap_or("emerge")));
             let choice = build::choice::choose(target, &args.common.atoms, build::toolchain::find(target), portage);
             ctx.reporter.event(Event::Note { message: format!("backend: {} ({})", choice.backend_name(), choice.reason) });
             match choice.picked {
@@ -81,7 +81,7 @@ pub(super) fn cross_build(ctx: &Context, common: &BuildCommon) -> Result<(), Err
     let targets = Targets::load()?;
     let target = targets.get(&common.target)?;
     let opts = build::cross::CrossOptions {
-        portage_bin: ctx.settings.str("portage.bin").map(Into::into),
+        emerge: ctx.settings.str("portage.emerge").unwrap_or("emerge").into(),
         echo_output: ctx.verbose > 0,
     };
     let outcome = build::cross::build(&ctx.settings.home(), target, &request(ctx, common), &opts, &ctx.reporter)?;

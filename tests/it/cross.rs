@@ -1,5 +1,5 @@
 //! The cross backend and `--backend auto` on the host: real Portage (the test venv, named through
-//! the `portage.bin` setting) with Debian's aarch64 cross gcc builds the fixture packages for
+//! the `portage.emerge` setting) with Debian's aarch64 cross gcc builds the fixture packages for
 //! arm64 into a per-target sysroot; dbh signs and publishes them; a real Portage client installs
 //! them from `dbh serve` with verify-signature on. No guest is booted.
 
@@ -15,7 +15,7 @@ fn cross_home() -> tempfile::TempDir {
     std::fs::create_dir_all(home.path().join("dbh")).unwrap();
     std::fs::write(
         home.path().join("dbh/dbh.toml"),
-        format!("[portage]\nbin = \"{}\"\n", portage().venv.join("bin").display()),
+        format!("[portage]\nemerge = \"{}\"\n", portage().venv.join("bin/emerge").display()),
     )
     .unwrap();
     let key = run(home.path(), &["key", "generate"]);
