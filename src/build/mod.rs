@@ -544,18 +544,46 @@ impl Prepared {
         Ok(published)
     }
 
-    /// repos.conf naming the profile's repository as main-repo, with every `--repo` at
-    /// `location(name, path)`; `fallback` places the profile's repository when no `--repo` is it.
+    /// repos.conf (for `PORTAGE_REPOSITORIES`, which replaces every repos.conf) naming the profile's
+    /// repository as main-repo: the target's own repos.conf sections, then every `--repo` at
+    /// `location(name, path)` (a `--repo` wins over a section of the same name), then `fallback`
+    /// for the profile's repository when neither names it.
     pub fn repos_conf(&self, location: impl Fn(&str, &Path) -> String, fallback: Option<String>) -> String {
         let mut conf = format!("# written by dbh before each build\n[DEFAULT]\nmain-repo = {}\n", self.profile_repo);
+        let own = repos_conf_sections(&self.config.repos_conf);
+        for (name, text) in &own {
+            if name != "DEFAULT" && !self.repos.iter().any(|(n, _)| n == name) {
+                conf.push('\n');
+                conf.push_str(text);
+            }
+        }
         for (name, path) in &self.repos {
             conf.push_str(&format!("\n[{name}]\nlocation = {}\nauto-sync = no\n", location(name, path)));
         }
-        if let Some(loc) = fallback.filter(|_| !self.repos.iter().any(|(n, _)| *n == self.profile_repo)) {
+        let named = |n: &str| self.repos.iter().any(|(r, _)| r == n) || own.iter().any(|(o, _)| o == n);
+        if let Some(loc) = fallback.filter(|_| !named(&self.profile_repo)) {
             conf.push_str(&format!("\n[{}]\nlocation = {loc}\nauto-sync = no\n", self.profile_repo));
         }
         conf
     }
+}
+
+/// The `[name]` sections of a repos.conf text with their lines (comments and blank lines dropped).
+pub fn repos_conf_sections(text: &str) -> Vec<(String, String)> {
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') || t.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            sections.push((name.trim().to_owned(), format!("{t}\n")));
+        } else if let Some((_, body)) = sections.last_mut() {
+            body.push_str(t);
+            body.push('\n');
+        }
+    }
+    sections
 }
 
 /// Copies a failed package's build log into the log directory and reports it.
@@ -793,6 +821,31 @@ mod tests {
         assert!(tail.ends_with("boom"));
         let log = std::fs::read_to_string(dir.path().join("emerge.log")).unwrap();
         assert!(log.starts_with("# emerge x\n>>> Emerging"), "{log}");
+    }
+
+    #[test]
+    fn host_backends_get_the_targets_repos_conf_and_the_repos() {
+        let home = tempfile::tempdir().unwrap();
+        let home = Home::new(home.path());
+        let mut config = PortageConfig::load_or_create(&home, "arm64").unwrap();
+        config.repos_conf = "# mine\n[DEFAULT]\nmain-repo = x\n[guru]\nlocation = /var/db/repos/guru\n\n[r]\nlocation = /old\n[gentoo]\nlocation = /g\n".into();
+        let mut prep = Prepared {
+            signer: crate::sign::Signer::generate_ephemeral("t <t@t>").unwrap(),
+            profile_repo: "gentoo".into(),
+            profile_path: "default/linux/arm64/23.0".into(),
+            repos: vec![("r".into(), PathBuf::from("/src/r"))],
+            config,
+            binhost_dir: home.binhost("arm64"),
+            log_dir: home.logs("arm64"),
+        };
+        let conf = prep.repos_conf(|n, _| format!("/var/db/repos/{n}"), Some("/fallback".into()));
+        assert_eq!(
+            conf,
+            "# written by dbh before each build\n[DEFAULT]\nmain-repo = gentoo\n\n[guru]\nlocation = /var/db/repos/guru\n\n\
+             [gentoo]\nlocation = /g\n\n[r]\nlocation = /var/db/repos/r\nauto-sync = no\n"
+        );
+        prep.config.repos_conf.clear();
+        assert!(prep.repos_conf(|_, p| p.display().to_string(), Some("/fallback".into())).ends_with("[gentoo]\nlocation = /fallback\nauto-sync = no\n"));
     }
 
     #[test]
