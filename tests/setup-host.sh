@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything dbh's test suite and demo need on a fresh Debian 12 machine (run as root):
 # QEMU 10 from bookworm-backports (riscv64 edk2 needs QEMU >= 8.1; qemu-utils there is already 10),
-# EFI firmware, the tools image creation shells out to, GnuPG, cross compilers, distcc, and real
+# EFI firmware, the tools image creation shells out to, GnuPG, cross compilers, distcc, qemu-user
+# with binfmt_misc handlers and bubblewrap (chroot builds), and real
 # Portage from PyPI in a venv under ~/.cache/dbh-tests. Idempotent: a second run changes nothing.
 set -euo pipefail
 
@@ -17,7 +18,7 @@ packages=(
 	gnupg wget curl socat pax-utils git
 	nettle-dev libclang-dev clang pkg-config
 	gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu
-	distcc nginx wrk chromium
+	distcc nginx wrk chromium bubblewrap
 	python3-venv python3-pip python3-pefile openssh-client
 )
 
@@ -39,6 +40,31 @@ if [ ${#missing[@]} -gt 0 ]; then
 		as_root apt-get install -y -q -t bookworm-backports qemu-system-arm qemu-system-x86 qemu-system-misc qemu-system-ppc qemu-utils
 	fi
 	as_root apt-get install -y -q "${missing[@]}"
+fi
+
+# qemu-user for `dbh build --backend chroot`: the backports version, matching qemu-system 10.
+if ! dpkg-query -W -f='${Status}' qemu-user-static 2>/dev/null | grep -q 'install ok installed'; then
+	export DEBIAN_FRONTEND=noninteractive
+	if apt-cache policy qemu-user-static | grep -q bpo; then
+		as_root apt-get install -y -q -t bookworm-backports qemu-user-static
+	else
+		as_root apt-get install -y -q qemu-user-static
+	fi
+fi
+# binfmt_misc handlers with the F flag (Debian's files have it). Without systemd (containers, CI)
+# nothing registers them, so do what systemd-binfmt would; where binfmt_misc cannot be mounted
+# (an unprivileged container) the chroot tests check the error message instead.
+binfmt=/proc/sys/fs/binfmt_misc
+if [ ! -e "$binfmt/status" ]; then
+	as_root mount -t binfmt_misc binfmt_misc "$binfmt" 2>/dev/null || echo "setup-host: cannot mount binfmt_misc here; chroot builds will be refused" >&2
+fi
+if [ -e "$binfmt/status" ]; then
+	for arch in aarch64 riscv64; do
+		conf=/usr/lib/binfmt.d/qemu-$arch.conf
+		if [ -f "$conf" ] && [ ! -e "$binfmt/qemu-$arch" ]; then
+			as_root sh -c "cat '$conf' > '$binfmt/register'" 2>/dev/null || echo "setup-host: cannot register qemu-$arch with binfmt_misc" >&2
+		fi
+	done
 fi
 
 venv=$cache/venv-portage-$PORTAGE_VERSION

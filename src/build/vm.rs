@@ -9,18 +9,17 @@
 //! is one synchronous `binhost::add` call at the end, which is atomic, so an interrupted build
 //! publishes nothing half-done.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::{BuildError, FailedPackage, Outcome, PortageConfig, Request};
+pub use super::{EmergeLine, parse_line};
+use super::{BuildError, FailedPackage, Follower, Outcome, PortageConfig, Request};
 use crate::Error;
 use crate::binhost::{self, index::Index};
 use crate::events::{Event, Reporter, Unit};
 use crate::guest::{Guest, shell_join, shell_quote};
 use crate::settings::Home;
-use crate::sign::KeyStore;
 use crate::target::Target;
 use crate::vm::{Shutdown, StartOptions, Vm};
 
@@ -42,60 +41,6 @@ pub struct Listed {
     pub path: String,
     pub size: u64,
     pub md5: String,
-}
-
-/// The lines emerge prints that dbh follows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum EmergeLine {
-    /// `>>> Emerging (N of M) cat/pf::repo` (also `Emerging binary`): the build of `cpv` started.
-    Emerging { n: u64, m: u64, cpv: String, binary: bool },
-    /// `>>> Completed (N of M) cat/pf::repo`.
-    Completed { n: u64, m: u64, cpv: String },
-    /// The current package entered a phase, named for the progress bar (`>>> Compiling source in
-    /// …` → "compiling", `>>> Installing (N of M) …` → "merging").
-    Phase(&'static str),
-}
-
-/// emerge's phase lines (after `>>> `) and how the bar names them; first match wins.
-const PHASES: &[(&str, &str)] = &[
-    ("Unpacking source", "unpacking"),
-    ("Preparing source", "preparing"),
-    ("Configuring source", "configuring"),
-    ("Compiling source", "compiling"),
-    ("Test phase", "testing"),
-    ("Install ", "installing into the image"),
-    ("Completed installing", "checking the image"),
-    ("Creating binpkg", "creating the binpkg"),
-    ("Extracting ", "extracting the binpkg"),
-];
-
-/// Parses one line of emerge's output.
-pub fn parse_line(line: &str) -> Option<EmergeLine> {
-    let rest = line.trim_start().strip_prefix(">>> ")?;
-    if let Some(counted) = parse_counted(rest) {
-        return Some(counted);
-    }
-    PHASES.iter().find(|(prefix, _)| rest.starts_with(prefix)).map(|(_, name)| EmergeLine::Phase(name))
-}
-
-/// `KIND (N of M) cat/pf::repo`.
-fn parse_counted(rest: &str) -> Option<EmergeLine> {
-    let (kind, rest) = rest.split_once('(')?;
-    let (count, rest) = rest.split_once(')')?;
-    let (n, m) = count.split_once(" of ")?;
-    let (n, m) = (n.trim().parse().ok()?, m.trim().parse().ok()?);
-    let cpv = rest.split_whitespace().next()?;
-    let cpv = cpv.split_once("::").map_or(cpv, |(c, _)| c).to_owned();
-    if !cpv.contains('/') {
-        return None;
-    }
-    match kind.trim() {
-        "Emerging" => Some(EmergeLine::Emerging { n, m, cpv, binary: false }),
-        "Emerging binary" => Some(EmergeLine::Emerging { n, m, cpv, binary: true }),
-        "Completed" => Some(EmergeLine::Completed { n, m, cpv }),
-        "Installing" => Some(EmergeLine::Phase("merging")),
-        _ => None,
-    }
 }
 
 /// Parses a listing of `SIZE MD5 PATH` lines.
@@ -314,23 +259,6 @@ async fn exec_with_input(guest: &Guest, cmd: String, data: &[u8]) -> Result<(), 
     Ok(())
 }
 
-/// UTC `YYYYMMDD-HHMMSS` for log directory names.
-fn timestamp() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 /// Builds `req.atoms` in a throw-away guest of `target` and publishes what was built.
 /// Returns the outcome also when packages failed (the caller turns `failed` into the exit code).
 pub async fn build(
@@ -341,44 +269,30 @@ pub async fn build(
     reporter: &dyn Reporter,
 ) -> Result<Outcome, Error> {
     // Everything that can be checked on the host is checked before booting.
-    let keys = KeyStore::new(home.keys());
-    if !keys.exists() {
-        return Err(BuildError::NoKey { dir: home.keys() }.into());
-    }
-    let signer = keys.signer()?;
-    let profile = req.profile.clone().unwrap_or_else(|| target.profile.clone());
-    let (profile_repo, profile_path) = super::split_profile(&profile)?;
-    let config = PortageConfig::load_or_create(home, &target.name)?;
+    let prep = super::prepare(home, target, req)?;
+    let (config, profile_repo, profile_path) = (&prep.config, &prep.profile_repo, &prep.profile_path);
     let mut req = req.clone();
     if req.atoms.is_empty() {
-        if config.world_atoms().is_empty() {
-            let world = PortageConfig::dir(home, &target.name).join("world");
-            return Err(BuildError::NothingToBuild { target: target.name.clone(), world }.into());
-        }
+        // prepare() made sure the world file lists something.
         req.atoms = vec![format!("@{WORLD_SET}")];
     }
     let req = &req;
     let mut timings = Timings::default();
-    let mut repos = Vec::new();
     let mut revisions = BTreeMap::new();
-    for path in &req.repos {
-        let name = super::repo_name(path)?;
+    for (name, path) in &prep.repos {
         if let Some(rev) = super::repo_revision(path, reporter) {
             revisions.insert(name.clone(), rev);
         }
-        repos.push((name, path.clone()));
     }
-    let binhost_dir = home.binhost(&target.name);
-    let bundle = bundle(target, req, &repos, &config, &profile_repo, &binhost_dir)?;
-    let repo_names: Vec<String> = repos.into_iter().map(|(n, _)| n).collect();
-    let log_dir = home.logs(&target.name).join(timestamp());
-    std::fs::create_dir_all(&log_dir).map_err(|source| BuildError::Io { doing: "create", path: log_dir.clone(), source })?;
+    let bundle = bundle(target, req, &prep.repos, config, profile_repo, &prep.binhost_dir)?;
+    let repo_names: Vec<String> = prep.repos.iter().map(|(n, _)| n.clone()).collect();
+    let log_dir = prep.log_dir.clone();
     timings.lap("prepare");
 
     let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, ..Default::default() };
     let vm = Vm::start(home, target, &start, reporter).await?;
     timings.lap("boot");
-    let inputs = GuestInputs { repos: &repo_names, revisions: &revisions, profile: (&profile_repo, &profile_path), bundle: &bundle };
+    let inputs = GuestInputs { repos: &repo_names, revisions: &revisions, profile: (profile_repo, profile_path), bundle: &bundle };
     let result = in_guest(vm.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, reporter).await;
     if opts.keep_vm {
         reporter.event(Event::Note { message: format!("the {} guest keeps running (--keep-vm); stop it with `dbh vm stop --target {}`", target.name, target.name) });
@@ -394,7 +308,7 @@ pub async fn build(
         Vec::new()
     } else {
         let edit = |h: &mut BTreeMap<String, String>| super::merge_repo_revisions(h, &revisions);
-        binhost::add::add_with_header(&binhost_dir, target, &downloads, Some(&signer), &edit, reporter)?
+        binhost::add::add_with_header(&prep.binhost_dir, target, &downloads, Some(&prep.signer), &edit, reporter)?
     };
     timings.lap("publish");
     let transferred = downloads.len() as u64;
@@ -493,79 +407,26 @@ async fn in_guest(
     args.extend(req.atoms.iter().cloned());
     args.extend(req.emerge_args.iter().cloned());
     let command = format!("{} 2>&1", shell_join(&args));
-    let log_path = log_dir.join("emerge.log");
-    let mut log = std::fs::File::create(&log_path).map_err(|source| BuildError::Io { doing: "create", path: log_path.clone(), source })?;
-    let _ = writeln!(log, "# {command}");
+    let mut follower = Follower::new(task.clone(), format!("emerge on {}", target.name), &log_dir.join("emerge.log"), &command, echo)?;
     for (name, rev) in revisions {
-        let _ = writeln!(log, "# repository {name} at {rev}");
+        follower.log_only(&format!("# repository {name} at {rev}"));
     }
-    let mut started: Vec<String> = Vec::new();
-    let mut current: Option<(u64, String)> = None;
-    let mut completed: BTreeSet<String> = BTreeSet::new();
-    let mut total_announced = None;
-    let mut tail: Vec<String> = Vec::new();
     reporter.event(Event::Note { message: format!("{}: {}", target.name, shell_join(&args)) });
-    let status = guest
-        .exec(&command, |_, line| {
-            let _ = writeln!(log, "{line}");
-            if echo {
-                reporter.event(Event::Note { message: line.to_owned() });
-            }
-            tail.push(line.to_owned());
-            if tail.len() > 30 {
-                tail.remove(0);
-            }
-            match parse_line(line) {
-                Some(EmergeLine::Emerging { n, m, cpv, binary }) => {
-                    if total_announced != Some(m) {
-                        reporter.event(Event::Start { task: task.clone(), label: format!("emerge on {}", target.name), total: Some(m), unit: Unit::Items });
-                        total_announced = Some(m);
-                    }
-                    let what = if binary { "installing binary" } else { "building" };
-                    reporter.event(Event::Progress { task: task.clone(), position: n - 1, message: Some(format!("{what} {cpv}")) });
-                    current = Some((n, cpv.clone()));
-                    started.push(cpv);
-                }
-                Some(EmergeLine::Completed { n, cpv, .. }) => {
-                    reporter.event(Event::Progress { task: task.clone(), position: n, message: Some(format!("completed {cpv}")) });
-                    current = None;
-                    completed.insert(cpv);
-                }
-                Some(EmergeLine::Phase(phase)) => {
-                    if let Some((n, cpv)) = &current {
-                        reporter.event(Event::Progress { task: task.clone(), position: n - 1, message: Some(format!("{cpv}: {phase}")) });
-                    }
-                }
-                None => {}
-            }
-        })
-        .await?;
-    drop(log);
+    let status = guest.exec(&command, |_, line| follower.line(line, reporter)).await?;
+    let (unfinished, tail) = follower.finish(i64::from(status), reporter);
     timings.lap("emerge");
-    if total_announced.is_some() {
-        reporter.event(Event::Finish { task: task.clone(), message: format!("emerge exited with status {status}") });
-    }
 
     let mut failed = Vec::new();
-    for cpv in started.iter().filter(|c| !completed.contains(*c)) {
+    for cpv in &unfinished {
         let Some((cat, pf)) = cpv.split_once('/') else { continue };
-        let local = log_dir.join(format!("{cat}:{pf}.log"));
+        let fetched = log_dir.join(format!(".{cat}:{pf}.log"));
         let remote = format!("/var/tmp/portage/{cat}/{pf}/temp/build.log");
-        let log = match guest.download(&remote, &local).await {
-            Ok(()) => Some(local),
-            Err(_) => None,
-        };
-        let tail = log.as_deref().map(|p| crate::vm::tail_lines(p, 20)).unwrap_or_default();
-        reporter.event(Event::Note {
-            message: format!(
-                "{cpv} failed to build; log: {}\n{tail}",
-                log.as_deref().map_or_else(|| "(not found in the guest)".into(), |p| p.display().to_string())
-            ),
-        });
-        failed.push(FailedPackage { cpv: cpv.clone(), log, tail });
+        let have = guest.download(&remote, &fetched).await.is_ok();
+        failed.push(super::failed_package(cpv, have.then_some(fetched.as_path()), log_dir, reporter));
+        let _ = std::fs::remove_file(&fetched);
     }
     if status != 0 && failed.is_empty() {
-        return Err(BuildError::EmergeFailed { target: target.name.clone(), status, tail: tail.join("\n") }.into());
+        return Err(BuildError::EmergeFailed { target: target.name.clone(), status, tail }.into());
     }
 
     // Pull back what is new.
@@ -584,19 +445,7 @@ async fn in_guest(
         reporter.event(Event::Start { task: pull.clone(), label: "pulling binary packages".into(), total: Some(fresh.len() as u64), unit: Unit::Items });
         for (i, l) in fresh.iter().enumerate() {
             let mismatch = |reason: String| BuildError::Mismatch { target: target.name.clone(), path: l.path.clone(), reason };
-            let entry = index
-                .packages
-                .iter()
-                .find(|e| e.effective_path() == l.path)
-                .ok_or_else(|| mismatch("it has no entry".into()))?;
-            if entry.size() != Some(l.size) {
-                return Err(mismatch(format!("SIZE {:?} in the index, {} on disk", entry.get("SIZE"), l.size)).into());
-            }
-            if let Some(md5) = entry.get("MD5")
-                && !md5.eq_ignore_ascii_case(&l.md5)
-            {
-                return Err(mismatch(format!("MD5 {md5} in the index, {} on disk", l.md5)).into());
-            }
+            super::check_indexed(&index, &l.path, l.size, &l.md5).map_err(mismatch)?;
             reporter.event(Event::Progress { task: pull.clone(), position: i as u64, message: Some(l.path.clone()) });
             let local = tmp.path().join(l.path.replace('/', "--"));
             guest.download(&format!("{GUEST_PKGDIR}/{}", l.path), &local).await?;
@@ -611,90 +460,6 @@ async fn in_guest(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn emerge_progress_lines_are_parsed() {
-        assert_eq!(
-            parse_line(">>> Emerging (1 of 2) dbh-test/hello-1.0::dbh-test"),
-            Some(EmergeLine::Emerging { n: 1, m: 2, cpv: "dbh-test/hello-1.0".into(), binary: false })
-        );
-        assert_eq!(
-            parse_line(">>> Emerging binary (2 of 3) dbh-test/greeter-1.0-r1::dbh-test"),
-            Some(EmergeLine::Emerging { n: 2, m: 3, cpv: "dbh-test/greeter-1.0-r1".into(), binary: true })
-        );
-        assert_eq!(
-            parse_line(">>> Completed (2 of 2) dbh-test/greeter-1.0::dbh-test"),
-            Some(EmergeLine::Completed { n: 2, m: 2, cpv: "dbh-test/greeter-1.0".into() })
-        );
-        assert_eq!(parse_line(">>> Emerging (1 of 2) to /"), None);
-        assert_eq!(parse_line(" * Emerging (1 of 2) x/y"), None);
-        assert_eq!(parse_line(">>> Jobs: 1 of 2 complete"), None);
-    }
-
-    /// emerge's output as captured from the arm64 test guest building greeter and hello.
-    #[test]
-    fn a_real_emerge_run_gives_packages_and_phases_in_order() {
-        let log = include_str!("../../tests/fixtures/emerge/build-hello-greeter.log");
-        let mut seen = Vec::new();
-        let mut current = String::new();
-        for line in log.lines() {
-            match parse_line(line) {
-                Some(EmergeLine::Emerging { n, m, cpv, binary }) => {
-                    assert!(!binary);
-                    seen.push(format!("{n}/{m} {cpv}"));
-                    current = cpv;
-                }
-                Some(EmergeLine::Phase(p)) => seen.push(format!("{current}: {p}")),
-                Some(EmergeLine::Completed { n, cpv, .. }) => seen.push(format!("done {n} {cpv}")),
-                None => {}
-            }
-        }
-        let h = "dbh-test/hello-1.0";
-        let g = "dbh-test/greeter-1.0";
-        let expected = [
-            format!("1/2 {h}"),
-            format!("{h}: unpacking"),
-            format!("{h}: preparing"),
-            format!("{h}: configuring"),
-            format!("{h}: compiling"),
-            format!("{h}: testing"),
-            format!("{h}: installing into the image"),
-            format!("{h}: checking the image"),
-            format!("{h}: creating the binpkg"),
-            format!("{h}: merging"),
-            format!("done 1 {h}"),
-            format!("2/2 {g}"),
-            format!("{g}: installing into the image"),
-            format!("{g}: checking the image"),
-            format!("{g}: creating the binpkg"),
-            format!("{g}: merging"),
-            format!("done 2 {g}"),
-        ];
-        assert_eq!(seen, expected);
-    }
-
-    /// The same packages installed from the seeded binhost (`@dbh-world`, nothing to build).
-    #[test]
-    fn a_real_binary_emerge_run_is_followed_too() {
-        let log = include_str!("../../tests/fixtures/emerge/binary-hello-greeter.log");
-        let seen: Vec<EmergeLine> = log.lines().filter_map(parse_line).collect();
-        let cpv = |s: &str| s.to_owned();
-        assert_eq!(
-            seen,
-            [
-                EmergeLine::Emerging { n: 1, m: 2, cpv: cpv("dbh-test/hello-1.0"), binary: true },
-                EmergeLine::Phase("extracting the binpkg"),
-                EmergeLine::Phase("extracting the binpkg"),
-                EmergeLine::Phase("merging"),
-                EmergeLine::Completed { n: 1, m: 2, cpv: cpv("dbh-test/hello-1.0") },
-                EmergeLine::Emerging { n: 2, m: 2, cpv: cpv("dbh-test/greeter-1.0"), binary: true },
-                EmergeLine::Phase("extracting the binpkg"),
-                EmergeLine::Phase("extracting the binpkg"),
-                EmergeLine::Phase("merging"),
-                EmergeLine::Completed { n: 2, m: 2, cpv: cpv("dbh-test/greeter-1.0") },
-            ]
-        );
-    }
 
     #[test]
     fn only_new_or_changed_files_are_taken() {
@@ -767,12 +532,5 @@ mod tests {
         assert!(files["etc/portage/make.conf.dbh-tail"].contains("MAKEOPTS=\"-j3\""));
         assert!(files["etc/portage/make.conf.dbh-tail"].contains("ACCEPT_LICENSE"));
         assert!(files["etc/portage/repos.conf/zz-dbh.conf"].contains("main-repo = r\n\n[r]\nlocation = /var/db/repos/r\n"));
-    }
-
-    #[test]
-    fn timestamps_are_utc_civil_dates() {
-        let t = timestamp();
-        assert_eq!(t.len(), 15, "{t}");
-        assert!(t.starts_with("20"), "{t}");
     }
 }

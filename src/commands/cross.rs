@@ -1,8 +1,11 @@
-//! `dbh cross …`: not implemented yet.
+//! `dbh cross build`: the cross backend, as `dbh build --backend cross`.
 
 use super::Context;
 use crate::Error;
+use crate::cli::CrossCommand;
 
-pub fn run<T>(_ctx: &Context, _args: T) -> Result<(), Error> {
-    Err(Error::NotImplemented { command: "cross" })
+pub fn run(ctx: &Context, cmd: CrossCommand) -> Result<(), Error> {
+    match cmd {
+        CrossCommand::Build(args) => super::build::cross_build(ctx, &args.common),
+    }
 }

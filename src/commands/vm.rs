@@ -182,14 +182,7 @@ pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distc
     }
     let targets = Targets::load()?;
     let target = targets.get(&common.target)?;
-    let jobs = common.jobs.or_else(|| ctx.settings.int("build.jobs").map(|j| j.clamp(1, 1024) as u32)).unwrap_or(1);
-    let req = build::Request {
-        repos: common.repos.clone(),
-        profile: common.profile.clone(),
-        jobs,
-        atoms: common.atoms.clone(),
-        emerge_args: common.emerge_args.clone(),
-    };
+    let req = super::build::request(ctx, common);
     let opts = build::vm::VmOptions {
         keep_vm,
         boot_deadline: start_options(ctx, keep_vm).boot_deadline,
@@ -201,29 +194,7 @@ pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distc
         outcome = Some(with_signals(build::vm::build(&home, target, &req, &opts, &ctx.reporter)).await??);
         Ok(())
     })?;
-    let outcome = outcome.expect("set by the build");
-    let mut text = String::new();
-    for a in &outcome.published {
-        text.push_str(&format!("published {} (BUILD_ID {}) as {}\n", a.cpv, a.build_id, a.path));
-    }
-    text.push_str(&format!(
-        "{}: {} binpkg(s) transferred, {} published, {} failed; logs in {}\n",
-        target.name,
-        outcome.transferred,
-        outcome.published.len(),
-        outcome.failed.len(),
-        outcome.log_dir.display()
-    ));
-    out(&text)?;
-    if !outcome.failed.is_empty() {
-        let list: Vec<String> = outcome
-            .failed
-            .iter()
-            .map(|f| format!("{} (log: {})", f.cpv, f.log.as_deref().map_or_else(|| "none".into(), |p| p.display().to_string())))
-            .collect();
-        return Err(Error::Failed(format!("{} package(s) failed to build: {}", list.len(), list.join(", "))));
-    }
-    Ok(())
+    super::build::finish(target, &outcome.expect("set by the build"), "vm")
 }
 
 fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {

@@ -116,6 +116,16 @@ pub fn file_name(location: &str) -> String {
     trimmed.rsplit('/').next().unwrap_or(trimmed).to_owned()
 }
 
+/// Where [`fetch`] keeps a downloaded stage (a local path is used where it is).
+pub fn cached_path(location: &str, cache_dir: &Path) -> PathBuf {
+    if !is_url(location) {
+        return PathBuf::from(location);
+    }
+    // The URL's hash keeps two stages of the same file name (different mirrors/dates) apart.
+    let key = hex::encode(&sha2::Sha256::digest(location.as_bytes())[..6]);
+    cache_dir.join(format!("{key}-{}", file_name(location)))
+}
+
 /// Makes a stage or DIGESTS location available as a local file: paths are used as they are, URLs
 /// are downloaded into `cache_dir` (resuming a `.partial` file with a Range request).
 pub fn fetch(location: &str, cache_dir: &Path, reporter: &dyn Reporter) -> Result<PathBuf, StageError> {
@@ -123,11 +133,8 @@ pub fn fetch(location: &str, cache_dir: &Path, reporter: &dyn Reporter) -> Resul
         return Ok(PathBuf::from(location));
     }
     fs_err::create_dir_all(cache_dir).map_err(|source| StageError::Write { path: cache_dir.to_owned(), source })?;
-    let name = file_name(location);
-    // The URL's hash keeps two stages of the same file name (different mirrors/dates) apart.
-    let key = hex::encode(&sha2::Sha256::digest(location.as_bytes())[..6]);
-    let dest = cache_dir.join(format!("{key}-{name}"));
-    let partial = cache_dir.join(format!("{key}-{name}.partial"));
+    let dest = cached_path(location, cache_dir);
+    let partial = dest.with_file_name(format!("{}.partial", dest.file_name().unwrap_or_default().to_string_lossy()));
     download(location, &dest, &partial, reporter)?;
     Ok(dest)
 }

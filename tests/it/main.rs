@@ -5,6 +5,7 @@
 mod binhost;
 mod binpkg;
 mod cli;
+mod cross;
 mod image;
 mod portage;
 mod publish;

@@ -36,7 +36,7 @@ fn command(home: &Path, args: &[&str]) -> std::process::Command {
     cmd
 }
 
-fn run(home: &Path, args: &[&str]) -> Output {
+pub fn run(home: &Path, args: &[&str]) -> Output {
     command(home, args).output().unwrap()
 }
 
@@ -86,7 +86,7 @@ fn last_emerge_log(home: &Path) -> String {
     std::fs::read_to_string(dirs.last().unwrap().join("emerge.log")).unwrap()
 }
 
-fn stdout(out: &Output) -> String {
+pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -141,24 +141,9 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     );
 
     // A real Portage client installs from `dbh serve`, verifying signatures.
-    let srv = Serve::start(home, None, &[], &[]);
-    let conf = run(home, &["binhost", "conf", "--target", "arm64", "--url", &format!("http://{}", srv.addr)]);
-    assert!(conf.status.success(), "{}", combined(&conf));
-    let tmp = tempfile::tempdir().unwrap();
-    let client = Prefix::new(
-        &tmp.path().join("client"),
-        PrefixOptions { profile: "arm64", make_conf: "GPG_VERIFY_USER_DROP=\"\"\nGPG_VERIFY_GROUP_DROP=\"\"\n", ..Default::default() },
-    );
-    client.add_binrepo("dbh-arm64", &stdout(&conf));
-    let keys = dbh::sign::KeyStore::new(home.join("keys"));
-    client.trust_key(keys.public_armored().unwrap().as_bytes(), &keys.fingerprint().unwrap());
-    let out = client.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
-    assert!(!out.contains("verification failed"), "{out}");
-    let hello = std::fs::read(client.root.join("usr/bin/hello")).unwrap();
-    assert_eq!(&hello[..4], b"\x7fELF");
-    assert_eq!(u16::from_le_bytes([hello[18], hello[19]]), 183, "hello must be an AArch64 ELF");
+    let (_tmp, client) = install_from_serve(home, "arm64", "dbh-test/greeter");
+    assert_elf_machine(&client.root.join("usr/bin/hello"), 183);
     assert!(client.root.join("usr/bin/greeter").is_file());
-    drop(srv);
 
     // 3. No atom: the world file is the build. Nothing to do: no binpkg comes back.
     let config = home.join("targets/arm64/portage");
@@ -284,7 +269,35 @@ fn a_build_without_atoms_needs_a_world() {
     assert!(!home.join("images/arm64/run/state.json").exists(), "nothing boots");
 }
 
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+/// A real Portage client (profile `profiles/dbh/<target>` of the fixture repo) configured with
+/// `dbh binhost conf` and the exported key installs `atom` from `dbh serve` with verify-signature
+/// on; returns the client (and the directory holding it).
+pub fn install_from_serve(home: &Path, target: &str, atom: &str) -> (tempfile::TempDir, Prefix) {
+    let srv = Serve::start(home, None, &[], &[]);
+    let conf = run(home, &["binhost", "conf", "--target", target, "--url", &format!("http://{}", srv.addr)]);
+    assert!(conf.status.success(), "{}", combined(&conf));
+    assert!(stdout(&conf).contains("verify-signature = true"), "{}", stdout(&conf));
+    let tmp = tempfile::tempdir().unwrap();
+    let client = Prefix::new(
+        &tmp.path().join("client"),
+        PrefixOptions { profile: target, make_conf: "GPG_VERIFY_USER_DROP=\"\"\nGPG_VERIFY_GROUP_DROP=\"\"\n", ..Default::default() },
+    );
+    client.add_binrepo(&format!("dbh-{target}"), &stdout(&conf));
+    let keys = dbh::sign::KeyStore::new(home.join("keys"));
+    client.trust_key(keys.public_armored().unwrap().as_bytes(), &keys.fingerprint().unwrap());
+    let out = client.ok("emerge", &["--getbinpkgonly", atom], &[]);
+    assert!(!out.contains("verification failed"), "{out}");
+    (tmp, client)
+}
+
+/// `path` is an ELF file for machine `e_machine` (183 = AArch64).
+pub fn assert_elf_machine(path: &Path, e_machine: u16) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    assert_eq!(&bytes[..4], b"\x7fELF", "{} is not an ELF file", path.display());
+    assert_eq!(u16::from_le_bytes([bytes[18], bytes[19]]), e_machine, "{} has the wrong e_machine", path.display());
+}
+
+pub fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let p = e.path();
