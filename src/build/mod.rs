@@ -2,6 +2,7 @@
 //! [`toolchain`], and what they share —
 //! the build request, the per-target Portage configuration on the host, the outcome.
 
+pub mod distcc;
 pub mod toolchain;
 pub mod vm;
 
@@ -21,6 +22,8 @@ pub struct Request {
     pub jobs: u32,
     pub atoms: Vec<String>,
     pub emerge_args: Vec<String>,
+    /// Offload the compiles through distcc (`--distcc`, setting `build.distcc`).
+    pub distcc: Option<distcc::DistccOptions>,
 }
 
 /// One package that did not build.

@@ -260,9 +260,14 @@ pub async fn build(
     let log_dir = home.logs(&target.name).join(timestamp());
     std::fs::create_dir_all(&log_dir).map_err(|source| BuildError::Io { doing: "create", path: log_dir.clone(), source })?;
 
+    let mut distcc = req.distcc.as_ref().map(|o| super::distcc::Offload::start(target, o, &log_dir, reporter));
+
     let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, ..Default::default() };
     let vm = Vm::start(home, target, &start, reporter).await?;
-    let result = in_guest(vm.guest(), target, req, &repos, &config, (&profile_repo, &profile_path), seed.as_deref(), &log_dir, opts.echo_output, reporter).await;
+    let result = in_guest(vm.guest(), target, req, &repos, &config, (&profile_repo, &profile_path), seed.as_deref(), &log_dir, opts.echo_output, distcc.as_mut(), reporter).await;
+    if let Some(d) = distcc {
+        d.finish(reporter);
+    }
     if opts.keep_vm {
         reporter.event(Event::Note { message: format!("the {} guest keeps running (--keep-vm); stop it with `dbh vm stop --target {}`", target.name, target.name) });
         vm.release().await;
@@ -294,6 +299,7 @@ async fn in_guest(
     seed: Option<&[u8]>,
     log_dir: &Path,
     echo: bool,
+    distcc: Option<&mut super::distcc::Offload>,
     reporter: &dyn Reporter,
 ) -> Result<GuestResult, Error> {
     let task = format!("build:{}", target.name);
@@ -339,6 +345,9 @@ async fn in_guest(
         config.make_conf,
         req.jobs.max(1)
     ));
+    if let Some(d) = distcc {
+        make_conf.push_str(&d.configure_guest(guest, target, req.jobs, reporter).await?);
+    }
     guest.upload_bytes(make_conf.as_bytes(), "/etc/portage/make.conf", 0o644).await?;
     guest.upload_bytes(config.package_use.as_bytes(), "/etc/portage/package.use/dbh", 0o644).await?;
     guest.upload_bytes(config.package_accept_keywords.as_bytes(), "/etc/portage/package.accept_keywords/dbh", 0o644).await?;

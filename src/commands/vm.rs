@@ -177,9 +177,6 @@ fn block_on_code<F: std::future::Future<Output = Result<u32, Error>>>(fut: F) ->
 
 /// `dbh vm build` (and `dbh build --backend vm|auto`): a thin shell over [`crate::build::vm`].
 pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool) -> Result<(), Error> {
-    if distcc {
-        return Err(Error::NotImplemented { command: "vm build --distcc" });
-    }
     let targets = Targets::load()?;
     let target = targets.get(&common.target)?;
     let jobs = common.jobs.or_else(|| ctx.settings.int("build.jobs").map(|j| j.clamp(1, 1024) as u32)).unwrap_or(1);
@@ -189,6 +186,11 @@ pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distc
         jobs,
         atoms: common.atoms.clone(),
         emerge_args: common.emerge_args.clone(),
+        distcc: (distcc || ctx.settings.bool("build.distcc")).then(|| build::distcc::DistccOptions {
+            distccd: ctx.settings.str("distcc.distccd").map(Into::into),
+            jobs: None,
+            hosts: ctx.settings.list("distcc.hosts"),
+        }),
     };
     let opts = build::vm::VmOptions {
         keep_vm,
