@@ -107,8 +107,8 @@ pub fn host_jobs(spec: &str) -> u32 {
 /// The make.conf block for the guest: FEATURES=distcc, DISTCC_HOSTS, MAKEOPTS raised to the remote
 /// jobs. No `localhost` in the list: a TCG guest compiles 10–20× slower than the host, so a job kept
 /// local would hold up the end of the build; distcc still compiles locally when no host answers.
-/// `-network-sandbox`: the compile must reach the hosts, and Portage's SOCKS proxy for a sandboxed
-/// distcc is not something every guest's distcc speaks.
+/// `-network-sandbox`: the compile must reach the hosts, and the SOCKS proxy Portage offers a
+/// sandboxed build (`DISTCC_SOCKS_PROXY`, a UNIX socket) is read only by Gentoo's patched distcc.
 pub fn make_conf_lines(hosts: &[String], local_jobs: u32) -> String {
     let remote: u32 = hosts.iter().map(|h| host_jobs(h)).sum();
     // Preprocessing and linking stay in the guest: twice the remote slots keeps them all busy.
@@ -202,6 +202,9 @@ impl Offload {
     /// Prepares the guest (masquerade wrappers) and returns the lines to append to its make.conf;
     /// empty when offload cannot work, after saying why (once per build).
     pub async fn configure_guest(&mut self, guest: &Guest, target: &Target, jobs: u32, reporter: &dyn Reporter) -> Result<String, Error> {
+        if self.daemon.is_none() && self.hosts.is_empty() {
+            return Ok(String::new());
+        }
         let mut probes = Vec::new();
         if let Some(d) = &self.daemon {
             probes.push((GUEST_HOST_ADDR.to_owned(), d.port));

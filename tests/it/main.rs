@@ -5,6 +5,7 @@
 mod binhost;
 mod binpkg;
 mod cli;
+mod distcc;
 mod image;
 mod portage;
 mod publish;
