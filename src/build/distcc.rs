@@ -120,7 +120,7 @@ pub fn make_conf_lines(hosts: &[String], local_jobs: u32) -> String {
 }
 
 /// The guest-side script: checks what offload needs, writes the masquerade directory and prints
-/// `key=value` lines (`missing=…`, `version=…`, `reachable=yes|no`, `ready=yes`).
+/// `key=value` lines (`missing=PROGRAM`, `version=GCC VERSION`, `reachable=HOST:PORT`, `ready=yes`).
 /// Arguments: CHOST, then `HOST PORT` pairs to probe.
 const GUEST_SCRIPT: &str = r#"
 chost=$1; shift
@@ -419,6 +419,53 @@ fn private_dir(target: &Target, toolchain: &Toolchain) -> std::io::Result<tempfi
 mod tests {
     use super::*;
     use crate::target::Targets;
+
+    fn notes(c: &crate::events::Collector) -> Vec<String> {
+        c.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Note { message } => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_missing_daemon_is_one_warning_not_an_error() {
+        let targets = Targets::builtin();
+        let logs = tempfile::tempdir().unwrap();
+        let events = crate::events::Collector::default();
+        let opts = DistccOptions { distccd: Some("/nonexistent/distccd".into()), ..Default::default() };
+        let offload = Offload::start(targets.get("arm64").unwrap(), &opts, logs.path(), &events);
+        assert_eq!(offload.port(), None);
+        let notes = notes(&events);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("warning: distcc offload: "), "{notes:?}");
+        assert!(notes[0].ends_with("building in the guest alone"), "{notes:?}");
+        assert_eq!(offload.finish(&events), 0);
+    }
+
+    #[test]
+    fn the_daemon_accepts_connections_and_is_gone_after_finish() {
+        let targets = Targets::builtin();
+        let arm64 = targets.get("arm64").unwrap();
+        if which(Path::new("distccd")).is_none() || toolchain::find(arm64).is_err() {
+            eprintln!("no distccd or no aarch64 cross gcc here; skipping");
+            return;
+        }
+        let logs = tempfile::tempdir().unwrap();
+        let events = crate::events::Collector::default();
+        let offload = Offload::start(arm64, &DistccOptions { jobs: Some(1), ..Default::default() }, logs.path(), &events);
+        let port = offload.port().unwrap_or_else(|| panic!("{:?}", notes(&events)));
+        let pid = offload.daemon.as_ref().unwrap().child.id();
+        TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert_eq!(offload.finish(&events), 0);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists() || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap().contains(") Z"));
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "the daemon still listens");
+        assert!(std::fs::read_to_string(logs.path().join("distccd.log")).unwrap().contains("listening on 127.0.0.1"));
+    }
 
     #[test]
     fn host_jobs_come_from_the_slash_suffix() {
