@@ -65,7 +65,7 @@ build() {
 for l in sys.stdin: sys.stdout.write("%.3f %s" % (time.time(), l))' > "$work/$name.log" || {
 		echo "$name: dbh vm build failed:" >&2; tail -30 "$work/$name.log" >&2; exit 1; }
 	t1=$(now)
-	grep -q "published $atom" "$work/$name.log" 2>/dev/null || grep -q "published" "$h"/binhost/arm64/Packages 2>/dev/null || true
+	grep -q "^CPV: $atom-" "$h/binhost/arm64/Packages" || { echo "$name: $atom was not published" >&2; exit 1; }
 	echo "$t1 - $t0" | bc
 }
 # compile_phase NAME: seconds between emerge's compile start and end lines.
@@ -82,7 +82,6 @@ a=$(build tcg dbh-test/manyc)
 echo "(b) distcc: dbh vm build --distcc dbh-test/manyc ..." >&2
 b=$(build distcc dbh-test/manyc --distcc)
 distcc_jobs=$(grep -o 'distccd ran [0-9]* compile job' "$work/distcc.log" | grep -o '[0-9]*' || echo 0)
-makej=$(grep -o 'MAKEOPTS="-j[0-9]*"' "$work/distcc/targets/arm64/portage/make.conf" 2>/dev/null || true)
 makej=$(grep -o '^[0-9.]* make -j[0-9]*' "$work/distcc.log" | head -1 | grep -o '\-j[0-9]*' || echo "-j$((2 * jobs))")
 
 echo "(c) cross on the host: make $makej CC=aarch64-linux-gnu-gcc ..." >&2
