@@ -42,6 +42,8 @@ pub const DISTCCD_START_DEADLINE: Duration = Duration::from_secs(10);
 const GUEST_CONNECT_TIMEOUT_SECS: u32 = 5;
 /// Portage puts `/usr/lib/distcc/bin` (else `/usr/lib/distcc`) first in PATH for FEATURES=distcc.
 pub const GUEST_MASQUERADE_DIR: &str = "/usr/lib/distcc/bin";
+/// The guest's make.conf, which the distcc settings are appended to (later lines win).
+const GUEST_MAKE_CONF: &str = "/etc/portage/make.conf";
 /// Jobs assumed for an extra host given without `/N` (distcc's own default limit).
 const DEFAULT_HOST_JOBS: u32 = 4;
 
@@ -199,11 +201,13 @@ impl Offload {
         }
     }
 
-    /// Prepares the guest (masquerade wrappers) and returns the lines to append to its make.conf;
-    /// empty when offload cannot work, after saying why (once per build).
-    pub async fn configure_guest(&mut self, guest: &Guest, target: &Target, jobs: u32, reporter: &dyn Reporter) -> Result<String, Error> {
+    /// Prepares the guest for offload: masquerade wrappers, and the [`make_conf_lines`] appended to
+    /// its /etc/portage/make.conf — so call it after that file is written for this build. Returns
+    /// whether offload is on; when it cannot work it says why (once per build) and changes nothing
+    /// in make.conf.
+    pub async fn configure_guest(&mut self, guest: &Guest, target: &Target, jobs: u32, reporter: &dyn Reporter) -> Result<bool, Error> {
         if self.daemon.is_none() && self.hosts.is_empty() {
-            return Ok(String::new());
+            return Ok(false);
         }
         let mut probes = Vec::new();
         if let Some(d) = &self.daemon {
@@ -222,7 +226,7 @@ impl Offload {
         let get = |key: &str| out.lines().find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix('='))).map(str::to_owned);
         if let Some(missing) = get("missing") {
             self.warn(reporter, &format!("the {} guest has no `{missing}`; building in the guest alone", target.name));
-            return Ok(String::new());
+            return Ok(false);
         }
         let mut hosts = Vec::new();
         if let Some(d) = &self.daemon {
@@ -248,10 +252,12 @@ impl Offload {
         }
         hosts.extend(self.hosts.iter().cloned());
         if hosts.is_empty() || get("ready").is_none() {
-            return Ok(String::new());
+            return Ok(false);
         }
+        let lines = make_conf_lines(&hosts, jobs);
+        guest.exec_ok(&format!("printf '\\n%s' {} >> {GUEST_MAKE_CONF}", shell_quote(&lines))).await?;
         reporter.event(Event::Note { message: format!("{}: compile jobs go to {}", target.name, hosts.join(" ")) });
-        Ok(make_conf_lines(&hosts, jobs))
+        Ok(true)
     }
 
     /// Stops the daemon and reports how many compile jobs it ran (`Event::Count distcc.jobs`).

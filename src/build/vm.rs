@@ -345,10 +345,10 @@ async fn in_guest(
         config.make_conf,
         req.jobs.max(1)
     ));
-    if let Some(d) = distcc {
-        make_conf.push_str(&d.configure_guest(guest, target, req.jobs, reporter).await?);
-    }
     guest.upload_bytes(make_conf.as_bytes(), "/etc/portage/make.conf", 0o644).await?;
+    if let Some(d) = distcc {
+        d.configure_guest(guest, target, req.jobs, reporter).await?;
+    }
     guest.upload_bytes(config.package_use.as_bytes(), "/etc/portage/package.use/dbh", 0o644).await?;
     guest.upload_bytes(config.package_accept_keywords.as_bytes(), "/etc/portage/package.accept_keywords/dbh", 0o644).await?;
     if let Some(seed) = seed {
