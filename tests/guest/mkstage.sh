@@ -128,6 +128,7 @@ ln -sf gcc "$R/usr/bin/cc"
 # A Gentoo stage names its toolchain by CHOST (aarch64-unknown-linux-gnu-gcc, what tc-getCC and
 # distcc's masquerade call); Debian's carries its own triplet: give every such tool the CHOST name too.
 for tool in "$R/usr/bin/$DTRIPLET"-*; do
+	[ -e "$tool" ] || continue
 	ln -sf "$(basename "$tool")" "$R/usr/bin/$CHOST-${tool##*/$DTRIPLET-}"
 done
 ln -sf tar "$R/usr/bin/gtar"
