@@ -91,6 +91,7 @@ const KEYS: &[KeyDef] = &[
     KeyDef { name: "build.jobs", kind: Kind::Int, doc: "parallel jobs for builds (MAKEOPTS -j)" },
     KeyDef { name: "build.distcc", kind: Kind::Bool, doc: "offload guest compiles to the host's distccd" },
     KeyDef { name: "distcc.hosts", kind: Kind::List, doc: "extra distcc hosts for builds" },
+    KeyDef { name: "distcc.distccd", kind: Kind::Str, doc: "the distccd program dbh starts on this host for guest builds [default: distccd on PATH]" },
     KeyDef { name: "vm.boot_timeout", kind: Kind::Int, doc: "seconds a guest may take to answer SSH [default: 300 under TCG, 120 under KVM]" },
     KeyDef { name: "vm.powerdown_timeout", kind: Kind::Int, doc: "seconds `dbh vm stop` waits for an ACPI power-off before quitting QEMU [default: 20]" },
     KeyDef { name: "portage.emerge", kind: Kind::Str, doc: "the host's emerge for `dbh rootfs build` (a path, or a name looked up in PATH)" },

@@ -7,6 +7,7 @@
 pub mod choice;
 pub mod chroot;
 pub mod cross;
+pub mod distcc;
 pub mod toolchain;
 pub mod vm;
 
@@ -35,6 +36,8 @@ pub struct Request {
     pub jobs: u32,
     pub atoms: Vec<String>,
     pub emerge_args: Vec<String>,
+    /// Offload the compiles through distcc (`--distcc`, setting `build.distcc`).
+    pub distcc: Option<distcc::DistccOptions>,
 }
 
 /// One package that did not build.

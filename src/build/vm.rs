@@ -289,11 +289,16 @@ pub async fn build(
     let log_dir = prep.log_dir.clone();
     timings.lap("prepare");
 
+    let mut distcc = req.distcc.as_ref().map(|o| super::distcc::Offload::start(target, o, &log_dir, reporter));
+
     let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, ..Default::default() };
     let vm = Vm::start(home, target, &start, reporter).await?;
     timings.lap("boot");
     let inputs = GuestInputs { repos: &repo_names, revisions: &revisions, profile: (profile_repo, profile_path), bundle: &bundle };
-    let result = in_guest(vm.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, reporter).await;
+    let result = in_guest(vm.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, distcc.as_mut(), reporter).await;
+    if let Some(d) = distcc {
+        d.finish(reporter);
+    }
     if opts.keep_vm {
         reporter.event(Event::Note { message: format!("the {} guest keeps running (--keep-vm); stop it with `dbh vm stop --target {}`", target.name, target.name) });
         vm.release().await;
@@ -373,6 +378,7 @@ async fn in_guest(
     log_dir: &Path,
     echo: bool,
     timings: &mut Timings,
+    distcc: Option<&mut super::distcc::Offload>,
     reporter: &dyn Reporter,
 ) -> Result<GuestResult, Error> {
     let GuestInputs { repos, revisions, profile: (profile_repo, profile_path), bundle } = *inputs;
@@ -396,6 +402,9 @@ async fn in_guest(
         // A repository the guest already has (e.g. ::gentoo): ask Portage where it is.
         let loc = guest.exec_ok(&format!("portageq get_repo_path / {}", shell_quote(profile_repo))).await?.stdout_str();
         guest.exec_ok(&link(loc.trim())).await?;
+    }
+    if let Some(d) = distcc {
+        d.configure_guest(guest, target, req.jobs, reporter).await?;
     }
     let before = list_pkgdir(guest).await?;
     reporter.event(Event::Finish { task: sync, message: format!("{}: guest ready for emerge", target.name) });

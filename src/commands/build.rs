@@ -37,6 +37,7 @@ pub(super) fn request(ctx: &Context, common: &BuildCommon) -> Request {
         jobs,
         atoms: common.atoms.clone(),
         emerge_args: common.emerge_args.clone(),
+        distcc: None,
     }
 }
 

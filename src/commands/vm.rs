@@ -177,12 +177,14 @@ fn block_on_code<F: std::future::Future<Output = Result<u32, Error>>>(fut: F) ->
 
 /// `dbh vm build` (and `dbh build --backend vm|auto`): a thin shell over [`crate::build::vm`].
 pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool) -> Result<(), Error> {
-    if distcc {
-        return Err(Error::NotImplemented { command: "vm build --distcc" });
-    }
     let targets = Targets::load()?;
     let target = targets.get(&common.target)?;
-    let req = super::build::request(ctx, common);
+    let mut req = super::build::request(ctx, common);
+    req.distcc = (distcc || ctx.settings.bool("build.distcc")).then(|| build::distcc::DistccOptions {
+        distccd: ctx.settings.str("distcc.distccd").map(Into::into),
+        jobs: None,
+        hosts: ctx.settings.list("distcc.hosts"),
+    });
     let opts = build::vm::VmOptions {
         keep_vm,
         boot_deadline: start_options(ctx, keep_vm).boot_deadline,

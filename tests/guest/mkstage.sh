@@ -36,21 +36,22 @@ if [ -s "$OUT/$NAME.DIGESTS" ] && [ -s "$OUT/$NAME" ]; then
 	exit 0
 fi
 
+# CHOST: Gentoo's triplet for the target; DTRIPLET: Debian's (its tools' prefix in /usr/bin).
 case $TARGET in
-arm64) DARCH=arm64 SUITE=bookworm KMETA=linux-image-cloud-arm64 ;;
-amd64) DARCH=amd64 SUITE=bookworm KMETA=linux-image-cloud-amd64 ;;
+arm64) DARCH=arm64 SUITE=bookworm KMETA=linux-image-cloud-arm64 CHOST=aarch64-unknown-linux-gnu DTRIPLET=aarch64-linux-gnu ;;
+amd64) DARCH=amd64 SUITE=bookworm KMETA=linux-image-cloud-amd64 CHOST=x86_64-pc-linux-gnu DTRIPLET=x86_64-linux-gnu ;;
 # bookworm has no riscv64; trixie does.
-riscv64) DARCH=riscv64 SUITE=trixie KMETA=linux-image-riscv64 ;;
+riscv64) DARCH=riscv64 SUITE=trixie KMETA=linux-image-riscv64 CHOST=riscv64-unknown-linux-gnu DTRIPLET=riscv64-linux-gnu ;;
 *) echo "unknown target $TARGET" >&2; exit 2 ;;
 esac
 
 # Everything a dbh guest needs: a shell and coreutils, busybox (init, ip, udhcpc), a real sshd like
 # Gentoo's, python3 for Portage, a C toolchain for building, the compressors Portage calls, kmod,
-# util-linux (mount, switch_root, findfs: the initramfs's non-busybox tools), and systemd-stub so that
-# `image create` finds the UKI stub in the stage itself.
+# util-linux (mount, switch_root, findfs: the initramfs's non-busybox tools), systemd-stub so that
+# `image create` finds the UKI stub in the stage itself, and the distcc client (`dbh vm build --distcc`).
 PACKAGES="base-files base-passwd bash dash coreutils diffutils findutils grep gzip sed tar util-linux mount
  hostname libc-bin mawk busybox-static kmod openssh-server python3 gcc make libc6-dev xz-utils zstd bzip2
- patch procps systemd-boot-efi"
+ patch procps systemd-boot-efi distcc"
 
 # The mirror comes from the host's apt configuration (never hard-coded).
 MIRROR=$(awk 'BEGIN{RS=""} /(^|\n)Suites:[^\n]*bookworm( |\n|$)/ && !/security/ {
@@ -124,6 +125,12 @@ rm -rf "$R"/usr/share/{doc,man,info,locale,lintian,linda} "$R"/usr/lib/linux-ima
 ln -sf dash "$R/bin/sh"
 ln -sf mawk "$R/usr/bin/awk"
 ln -sf gcc "$R/usr/bin/cc"
+# A Gentoo stage names its toolchain by CHOST (aarch64-unknown-linux-gnu-gcc, what tc-getCC and
+# distcc's masquerade call); Debian's carries its own triplet: give every such tool the CHOST name too.
+for tool in "$R/usr/bin/$DTRIPLET"-*; do
+	[ -e "$tool" ] || continue
+	ln -sf "$(basename "$tool")" "$R/usr/bin/$CHOST-${tool##*/$DTRIPLET-}"
+done
 ln -sf tar "$R/usr/bin/gtar"
 ln -sf ../bin/busybox "$R/sbin/init"
 install -d -m 0755 "$R"/{proc,sys,dev,run,boot,home,mnt,media,srv,var/log,var/lib,var/cache,etc/ssh/sshd_config.d}

@@ -6,6 +6,7 @@ mod binhost;
 mod binpkg;
 mod cli;
 mod cross;
+mod distcc;
 mod image;
 mod portage;
 mod publish;
