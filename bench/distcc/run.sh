@@ -114,4 +114,9 @@ except ValueError:
 bound = 1.5 * c + over
 print(f"(b) = {b:.1f} s vs 1.5 x (c) + overhead = {bound:.1f} s: {'met' if b <= bound else 'NOT met'}")
 print(f"(b) - overhead = {b - over:.1f} s vs (c) = {c:.1f} s: {(b - over) / c:.2f}x")
+try:
+    rest = b - float(cb)
+    print(f"(b) outside its compile phase = {rest:.1f} s; 1.5 x (c) + that = {1.5 * c + rest:.1f} s")
+except ValueError:
+    pass
 PY
