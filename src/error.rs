@@ -38,9 +38,6 @@ pub enum Error {
     Build(#[from] crate::build::BuildError),
     #[error(transparent)]
     Rootfs(#[from] crate::rootfs::RootfsError),
-    /// A command of the contract whose implementation has not landed yet.
-    #[error("`dbh {command}` is not implemented in this version of dbh")]
-    NotImplemented { command: &'static str },
     /// A check found problems and already printed them (e.g. `dbh binhost check`).
     #[error("{0}")]
     Failed(String),
@@ -64,9 +61,6 @@ impl Error {
             Error::Guest(e) => e.hint(),
             Error::Build(e) => e.hint(),
             Error::Rootfs(e) => e.hint(),
-            Error::NotImplemented { .. } => {
-                Some("see README.md for the commands that work in this version".into())
-            }
             Error::Failed(_) | Error::Stdout(_) => None,
         }
     }
