@@ -111,6 +111,12 @@ pub fn cross_make_conf(target: &Target, tc: &Toolchain, sysroot: &Path) -> Strin
             s.push_str(&format!("{var}=\"{}\"\n", path.display()));
         }
     }
+    // A stage3's make.conf sets these; without them every package would build at -O0. The
+    // user's make.conf comes after and overrides them.
+    s.push_str(
+        "COMMON_FLAGS=\"-O2 -pipe\"\nCFLAGS=\"${COMMON_FLAGS}\"\nCXXFLAGS=\"${COMMON_FLAGS}\"\n\
+         FCFLAGS=\"${COMMON_FLAGS}\"\nFFLAGS=\"${COMMON_FLAGS}\"\n",
+    );
     s.push_str(&format!(
         "PKG_CONFIG_SYSROOT_DIR=\"{sys}\"\n\
          PKG_CONFIG_LIBDIR=\"{sys}/usr/lib64/pkgconfig:{sys}/usr/lib/pkgconfig:{sys}/usr/share/pkgconfig\"\n\
@@ -284,6 +290,7 @@ mod tests {
         assert!(!text.contains("RANLIB"), "{text}");
         assert!(text.contains("PKG_CONFIG_SYSROOT_DIR=\"/h/cross/arm64/sysroot\""), "{text}");
         assert!(text.contains(&format!("CBUILD=\"{}\"", host_triplet())), "{text}");
+        assert!(text.contains("COMMON_FLAGS=\"-O2 -pipe\"\nCFLAGS=\"${COMMON_FLAGS}\""), "{text}");
     }
 
     #[test]
