@@ -3,8 +3,9 @@
 # dbh-test/manyc (UNITS generated C units, default 40) is built
 #   (a) in the arm64 guest under pure TCG:           dbh vm build
 #   (b) the same with the host's distccd:             dbh vm build --distcc
-#   (c) cross on the host: `dbh cross build` is not in this branch, so the same generated sources
-#       are compiled with the host's aarch64 cross gcc, the same CFLAGS and make -j as (b)
+#   (c) cross on the host:                           dbh cross build (host Portage, host cross gcc)
+#   and, for reference, (c0) the same generated sources compiled by bare `make` with the host's
+#       aarch64 cross gcc, the same CFLAGS and make -j as (b): the compile alone, no Portage
 # plus the guest's fixed overhead: `dbh vm build dbh-test/hello` (boot, sync, emerge start-up,
 # pull, sign, publish, stop around a one-file compile). Every build gets a fresh $DBH_HOME (so
 # nothing comes from the binhost) sharing one image. Prints wall times, the compile phase of (a)
@@ -13,7 +14,8 @@
 #
 # usage: bench/distcc/run.sh [DBH_HOME]   (a home with images/arm64 from `dbh vm image create` of the
 #        test stage, which has distcc; default: made once from tests/guest/mkstage.sh and cached)
-# env:   UNITS (default 40), DBH (default target/release/dbh)
+# env:   UNITS (default 40), DBH (default target/release/dbh), DBH_PORTAGE_EMERGE (the host's emerge
+#        for (c); default: the test venv's, made by tests/setup-host.sh)
 # needs: qemu-system-aarch64, distcc, gcc-aarch64-linux-gnu, python3, make
 set -euo pipefail
 here=$(cd "$(dirname "$0")/../.." && pwd)
@@ -84,28 +86,38 @@ b=$(build distcc dbh-test/manyc --distcc)
 distcc_jobs=$(grep -o 'distccd ran [0-9]* compile job' "$work/distcc.log" | grep -o '[0-9]*' || echo 0)
 makej=$(grep -o '^[0-9.]* make -j[0-9]*' "$work/distcc.log" | head -1 | grep -o '\-j[0-9]*' || echo "-j$((2 * jobs))")
 
-echo "(c) cross on the host: make $makej CC=aarch64-linux-gnu-gcc ..." >&2
-src=$work/cross
+export DBH_PORTAGE_EMERGE=${DBH_PORTAGE_EMERGE:-$(ls -d "$CACHE"/venv-portage-*/bin/emerge | tail -1)}
+echo "(c) cross on the host: dbh cross build dbh-test/manyc (emerge: $DBH_PORTAGE_EMERGE) ..." >&2
+h=$(fresh_home cross)
+t0=$(now)
+"$DBH" --home "$h" -q cross build --target arm64 --jobs "${makej#-j}" --repo "$here/tests/fixtures/repo" --profile dbh-test:dbh/arm64 dbh-test/manyc >/dev/null
+c=$(echo "$(now) - $t0" | bc)
+grep -q "^CPV: dbh-test/manyc-" "$h/binhost/arm64/Packages" || { echo "(c): dbh-test/manyc was not published" >&2; exit 1; }
+
+echo "(c0) bare make $makej CC=aarch64-linux-gnu-gcc ..." >&2
+src=$work/make
 mkdir -p "$src"
 cp "$here/tests/fixtures/repo/dbh-test/manyc/files/Makefile" "$src/"
 (cd "$src" && awk -v n="$UNITS" -f "$here/tests/fixtures/repo/dbh-test/manyc/files/gen.awk")
 t0=$(now)
 make -s -C "$src" "$makej" CC=aarch64-linux-gnu-gcc CFLAGS="-O2 -pipe" >/dev/null
-c=$(echo "$(now) - $t0" | bc)
-file "$src/manyc" | grep -q 'ARM aarch64' || { echo "(c) did not produce an AArch64 binary" >&2; exit 1; }
+c0=$(echo "$(now) - $t0" | bc)
+file "$src/manyc" | grep -q 'ARM aarch64' || { echo "(c0) did not produce an AArch64 binary" >&2; exit 1; }
 
 ca=$(compile_phase tcg)
 cb=$(compile_phase distcc)
-python3 - "$over" "$a" "$b" "$c" "$ca" "$cb" "$distcc_jobs" "$UNITS" "$makej" <<'PY'
+python3 - "$over" "$a" "$b" "$c" "$ca" "$cb" "$distcc_jobs" "$UNITS" "$makej" "$c0" <<'PY'
 import sys
 over, a, b, c = map(float, sys.argv[1:5])
 ca, cb, jobs, units, makej = sys.argv[5], sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
+c0 = float(sys.argv[10])
 print(f"units: {units}; distccd ran {jobs} compile jobs; make {makej} in (b) and (c)")
 print(f"{'':34} {'wall s':>8} {'compile phase s':>16}")
 print(f"{'guest fixed overhead (hello)':34} {over:8.1f}")
 print(f"{'(a) guest, pure TCG':34} {a:8.1f} {ca:>16}")
 print(f"{'(b) guest + host distccd':34} {b:8.1f} {cb:>16}")
-print(f"{'(c) host cross gcc, make only':34} {c:8.1f}")
+print(f"{'(c) dbh cross build on the host':34} {c:8.1f}")
+print(f"{'(c0) bare make, host cross gcc':34} {c0:8.1f}")
 print(f"(a)/(b) wall: {a / b:.2f}x (target >= 4)")
 try:
     print(f"(a)/(b) compile phase: {float(ca) / float(cb):.2f}x")
