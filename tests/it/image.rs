@@ -33,7 +33,7 @@ pub fn test_stage(target: &str) -> Option<PathBuf> {
         .output()
         .unwrap();
     if out.status.code() == Some(77) {
-        eprintln!("test stage for {target} cannot be built here; skipping");
+        super::skip(&format!("the test stage for {target} cannot be built here (tests/guest/mkstage.sh exited 77)"));
         return None;
     }
     assert!(out.status.success(), "mkstage.sh {target} failed");
@@ -433,11 +433,12 @@ fn riscv64_image_boots_and_runs_portage() {
 /// appends a `.sbat` section after them, which dbh does not write).
 fn ukify_agrees(target: &str) {
     if Command::new("/usr/bin/python3").args(["-c", "import pefile"]).status().map_or(true, |s| !s.success()) {
-        eprintln!("python3-pefile is not installed; skipping the ukify oracle");
+        super::skip("python3-pefile is not installed: no ukify oracle");
         return;
     }
     let out = Command::new("bash").arg(repo_root().join("tests/guest/fetch-ukify.sh")).stderr(Stdio::inherit()).output().unwrap();
     if out.status.code() == Some(77) {
+        super::skip("systemd's ukify cannot be fetched here (tests/guest/fetch-ukify.sh exited 77)");
         return;
     }
     assert!(out.status.success());

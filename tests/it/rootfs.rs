@@ -295,7 +295,7 @@ fn oci_layout_follows_the_spec_and_squashfs_is_reproducible() {
         assert_eq!(info["Architecture"], "arm64");
         assert_eq!(info["Layers"][0], layers[0]["digest"]);
     } else {
-        eprintln!("skopeo not installed: skipping `skopeo inspect` (tests/setup-host.sh installs it)");
+        super::skip("skopeo is not installed: no `skopeo inspect`");
     }
 
     // tar.xz and ext4 (bare .img, and qcow2 of it): identical twice as well.
@@ -326,7 +326,7 @@ fn oci_layout_follows_the_spec_and_squashfs_is_reproducible() {
         let list = String::from_utf8_lossy(&o.stdout);
         assert!(list.contains("/usr/bin/hello"), "{list}");
     } else {
-        eprintln!("mksquashfs not installed: skipping the squashfs check (tests/setup-host.sh installs it)");
+        super::skip("mksquashfs is not installed: no squashfs check");
     }
 }
 
