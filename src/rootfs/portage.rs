@@ -32,19 +32,6 @@ pub struct Client<'a> {
     reporter: &'a dyn Reporter,
 }
 
-/// `emerge` as the settings name it: a path, or a name looked up in PATH.
-pub fn resolve_emerge(emerge: &Path) -> PathBuf {
-    if emerge.components().count() > 1 {
-        return emerge.to_owned();
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .map(|d| d.join(emerge))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| emerge.to_owned())
-}
-
 /// Portage's global configuration directory (the one holding `make.globals`) for an `emerge`:
 /// a venv's `<venv>/share/portage/config` or a system install's `/usr/share/portage/config`.
 fn global_config(emerge: &Path) -> Result<PathBuf, RootfsError> {
@@ -75,16 +62,8 @@ fn write(path: &Path, text: &str) -> Result<(), RootfsError> {
 
 impl<'a> Client<'a> {
     pub fn new(target: &'a Target, req: &Request, work: &Path, reporter: &'a dyn Reporter) -> Result<Client<'a>, RootfsError> {
-        let emerge = resolve_emerge(&req.emerge);
-        if !emerge.is_file() {
-            return Err(crate::process::ProcessError::NotFound {
-                program: req.emerge.display().to_string(),
-                install: Some(
-                    "Portage (sys-apps/portage on Gentoo; elsewhere `python3 -m venv V && V/bin/pip install portage`) and set portage.emerge / DBH_PORTAGE_EMERGE to V/bin/emerge".into(),
-                ),
-            }
-            .into());
-        }
+        // The same lookup (and error with its install hint) as the cross backend's.
+        let emerge = crate::build::cross::HostPortage::find(&req.emerge)?.emerge;
         let cfg = work.join("cfg");
         let portage = cfg.join("etc/portage");
         for d in [portage.join("binrepos.conf"), cfg.join("share/portage"), cfg.join("tmp"), cfg.join("home"), cfg.join("pkgdir")] {
