@@ -36,7 +36,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 	fi
 	as_root apt-get update -q
 	export DEBIAN_FRONTEND=noninteractive
-	if apt-cache policy qemu-system-arm | grep -q bpo; then
+	# Not `apt-cache policy X | grep -q`: under pipefail grep's early exit gives apt-cache SIGPIPE.
+	if [[ $(apt-cache policy qemu-system-arm) == *bpo* ]]; then
 		as_root apt-get install -y -q -t bookworm-backports qemu-system-arm qemu-system-x86 qemu-system-misc qemu-system-ppc qemu-utils
 	fi
 	as_root apt-get install -y -q "${missing[@]}"
@@ -45,7 +46,7 @@ fi
 # qemu-user for `dbh build --backend chroot`: the backports version, matching qemu-system 10.
 if ! dpkg-query -W -f='${Status}' qemu-user-static 2>/dev/null | grep -q 'install ok installed'; then
 	export DEBIAN_FRONTEND=noninteractive
-	if apt-cache policy qemu-user-static | grep -q bpo; then
+	if [[ $(apt-cache policy qemu-user-static) == *bpo* ]]; then
 		as_root apt-get install -y -q -t bookworm-backports qemu-user-static
 	else
 		as_root apt-get install -y -q qemu-user-static
