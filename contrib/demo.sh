@@ -32,7 +32,7 @@ trap cleanup EXIT
 
 say() { printf '\n==> %s\n' "$*" >&2; }
 
-# A Portage config root of its own (Prefix layout), as in shared/lab/portage.md.
+# A Portage config root of its own (Prefix layout), as in docs/lab.md ("A self-contained Portage prefix").
 prefix() { # prefix DIR PROFILE
 	local p=$1 f
 	mkdir -p "$p"/etc/portage/{repos.conf,binrepos.conf} "$p"/share/portage/config "$p"/var/{tmp,cache/binpkgs,db/pkg} "$p/home"

@@ -417,7 +417,7 @@ pub fn normalize(value: &str) -> String {
 mod tests {
     use super::*;
 
-    /// The index real Portage 3.0.83 wrote in the lab (shared/lab/portage-lab.md), header trimmed.
+    /// The index real Portage 3.0.83 wrote in the lab (docs/lab.md, "What Portage writes into `Packages`"), header trimmed.
     const PORTAGE: &str = "ARCH: amd64
 CHOST: x86_64-pc-linux-gnu
 IUSE_IMPLICIT: prefix prefix-guest prefix-stack

@@ -23,7 +23,7 @@ use crate::process::Cmd;
 
 use super::ImageError;
 
-/// The line the guest prints on its console once sshd runs (VM-CONTRACT.md).
+/// The line the guest prints on its console once sshd runs (docs/vm-contract.md).
 pub const MARKER: &str = "dbh-guest: sshd started";
 pub const GUEST_PKGDIR: &str = "/var/cache/binpkgs";
 pub const GUEST_ADDRESS: &str = "10.0.2.15/24";

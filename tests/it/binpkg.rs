@@ -13,7 +13,7 @@ use crate::portage::{built_pkgdir, combined, Prefix, PrefixOptions};
 use crate::publish::StaticServer;
 
 /// Verification as root without dropping to `nobody`, whose access to a 0700 temp dir fails
-/// (shared/lab/portage-lab.md §5); the checks themselves are Portage's.
+/// (docs/lab.md, "GPKG signing and verification"); the checks themselves are Portage's.
 const VERIFY_AS_ROOT: &str = "GPG_VERIFY_USER_DROP=\"\"\nGPG_VERIFY_GROUP_DROP=\"\"\n";
 
 /// Portage's own GPKG verification (`gpkg._verify_binpkg`, the code `emerge` runs before it

@@ -3,7 +3,7 @@
 //! `tests/setup-host.sh` creates the venv (`~/.cache/dbh-tests/venv-portage-<version>`, or
 //! `$DBH_TEST_PORTAGE_VENV`). A prefix is EPREFIX = ROOT config root of its own: Portage reads
 //! `<prefix>/etc/portage`, keeps its vdb in `<prefix>/var/db/pkg` and installs under `<prefix>`.
-//! The recipe follows `shared/lab/portage.md`: `PORTAGE_OVERRIDE_EPREFIX`, a `gtar` shim, no
+//! The recipe follows docs/lab.md ("A self-contained Portage prefix"): `PORTAGE_OVERRIDE_EPREFIX`, a `gtar` shim, no
 //! sandbox, root as the portage user.
 
 #![allow(dead_code)]

@@ -1,6 +1,6 @@
 #!/bin/sh
-# Builds a minimal guest in the layout of VM-CONTRACT.md ($DBH_HOME/images/<target>/), the lab's
-# way (shared/lab/vm-boot.md §1-3): Debian bookworm .debs of the guest's architecture, a busybox
+# Builds a minimal guest in the layout of docs/vm-contract.md ($DBH_HOME/images/<target>/), the lab's
+# way (docs/lab.md, "QEMU and guests under TCG"): Debian bookworm .debs of the guest's architecture, a busybox
 # initramfs running dropbear, an ext4 disk labelled dbh-root; for arm64 a UKI made with
 # aarch64-linux-gnu-objcopy on a FAT ESP made with mtools, for ppc64el (no UEFI on pseries) the
 # kernel, initramfs and command line for direct boot. bookworm-security's ppc64el index is stale
