@@ -1,4 +1,4 @@
-//! The command line: clap types only. DESIGN.md §2 is the contract for names and flags.
+//! The command line: clap types only. docs/architecture.md ("Command contract") is the contract for names and flags.
 
 use std::path::PathBuf;
 
@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// dbh — build, sign and serve Gentoo binary packages for other CPU architectures.
 ///
 /// Data goes to stdout, everything else to stderr. Exit status: 0 success, 1 a user or
-/// configuration error or a failed build, 2 a bug in dbh.
+/// configuration error or a failed build, 2 a usage error, 101 a bug in dbh.
 #[derive(Debug, Parser)]
 #[command(name = "dbh", version, max_term_width = 100)]
 pub struct Cli {
@@ -361,17 +361,22 @@ pub struct RootfsBuildArgs {
     pub atoms: Vec<String>,
 }
 
-/// Parses `std::env::args`, exiting with clap's message (status 2 for usage errors is clap's; we
-/// map them to 1 as they are user errors).
-pub fn parse() -> Cli {
-    match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => {
-            let code = if err.use_stderr() { 1 } else { 0 };
-            let _ = err.print();
-            std::process::exit(code);
-        }
-    }
+/// Parses the command line; on `--help`/`--version` or a usage error clap's text is printed and
+/// the caller is told which it was (it decides the exit status).
+pub fn parse() -> Result<Cli, Printed> {
+    Cli::try_parse().map_err(|err| {
+        let _ = err.print();
+        if err.use_stderr() { Printed::UsageError } else { Printed::Info }
+    })
+}
+
+/// What [`parse`] printed instead of returning a command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Printed {
+    /// `--help`, `--version`: success.
+    Info,
+    /// The arguments are wrong.
+    UsageError,
 }
 
 #[cfg(test)]

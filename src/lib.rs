@@ -15,7 +15,7 @@
 //! - [`vm`]: QEMU guests (firmware, command line, QMP, lifecycle); [`guest`]: SSH into them.
 //! - [`process`]: the one wrapper through which every external program runs.
 //! - [`events`] / [`progress`]: progress events out of the core, bars drawn only in `progress`.
-//! - [`error`]: the top-level error, its `hint:` lines and exit codes.
+//! - [`error`]: the top-level error, its `hint:` lines and exit codes; [`hint`]: the `Hint` trait module errors implement.
 
 pub mod binhost;
 pub mod binpkg;
@@ -23,6 +23,7 @@ pub mod build;
 pub mod cli;
 pub mod commands;
 pub mod error;
+pub mod hint;
 pub mod events;
 pub mod guest;
 pub mod image;
@@ -40,18 +41,22 @@ use std::process::ExitCode;
 
 pub use error::Error;
 
-/// Runs the command line and maps the outcome to dbh's exit codes:
-/// 0 success, 1 user/config error or failed build, 2 a bug (panic).
+/// Runs the command line; the exit status is decided in [`error`]: 0 success, 1 user/config
+/// error or failed build, 2 usage error, 101 a bug (panic), or a passed-through guest status.
 pub fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: dbh hit a bug: {info}");
         eprintln!("hint: this is not your fault; please report it with the command line and `-v` output");
-        std::process::exit(2);
+        std::process::exit(i32::from(error::EXIT_BUG));
     }));
-    let cli = cli::parse();
+    let cli = match cli::parse() {
+        Ok(cli) => cli,
+        Err(cli::Printed::Info) => return ExitCode::from(error::EXIT_OK),
+        Err(cli::Printed::UsageError) => return ExitCode::from(error::EXIT_USAGE),
+    };
     progress::init_tracing(cli.global.verbose, cli.global.quiet);
     match commands::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::from(error::EXIT_OK),
         Err(err) => {
             error::report(&err);
             ExitCode::from(err.exit_code())

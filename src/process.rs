@@ -12,7 +12,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 
 /// How many stderr lines an error keeps.
 const STDERR_TAIL_LINES: usize = 20;

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -312,7 +312,7 @@ fn default_home() -> Option<PathBuf> {
         .map(|d| d.join("dbh"))
 }
 
-/// The layout of `$DBH_HOME` (DESIGN §5).
+/// The layout of `$DBH_HOME` (docs/architecture.md, "Storage").
 #[derive(Debug, Clone)]
 pub struct Home {
     root: PathBuf,

@@ -24,7 +24,7 @@ use openpgp::types::{HashAlgorithm, KeyFlags};
 use openpgp::anyhow;
 use openpgp::{Cert, KeyHandle};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 
 /// The built-in target files, embedded at compile time.
 const BUILTIN: &[(&str, &str)] = &[

@@ -161,7 +161,7 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
         // The whole file against its Manifest (what emaint catches only for flipped bytes it
         // happens to read), signatures aside: `check` does not know which key to trust.
         if let Err(e) = crate::binpkg::verify(&path, None) {
-            problem(&path, format!("fails verification: {}", chain(&e)));
+            problem(&path, format!("fails verification: {}", crate::hint::chain(&e)));
         }
         let Some(indexed) = by_path.get(&found.rel) else {
             if pending.contains(&found.rel) {
@@ -222,13 +222,4 @@ fn interrupted_commit_is_sound(dir: &Path, gz_path: &Path, gz: &[u8]) -> bool {
         })
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+

@@ -1,4 +1,4 @@
-//! The binhost: a Portage PKGDIR with its `Packages` index (DESIGN §3).
+//! The binhost: a Portage PKGDIR with its `Packages` index (docs/binhost.md).
 //!
 //! Owns the index format ([`index`]), (re)indexing a directory ([`scan`]), the consistency check
 //! ([`check`]), publishing new binary packages under a lock ([`add`]) and the client configuration
@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::events::{Event, Reporter};
 
 pub use index::{Entry, Index};
@@ -60,7 +60,7 @@ pub enum BinhostError {
     WrongChost { path: PathBuf, found: String, target: String, expected: String },
     #[error("there is no signing key in {path}")]
     NoKey { path: PathBuf },
-    #[error(transparent)]
+    #[error("{0}")]
     Sign(#[from] crate::sign::SignError),
     #[error("binhost URL {url:?} is not an http(s) URL")]
     BadUrl { url: String },

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 pub use compression::Compression;
 pub use gpkg::{rewrite_gpkg, verify, xpak_to_gpkg, Rewrite, Verified};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::sign::SignError;
 use tarfmt::{FileSource, Source};
 
@@ -76,7 +76,6 @@ impl Hint for BinpkgError {
             BinpkgError::Signature { source, .. } => source.hint().or_else(|| {
                 Some("the package was changed after it was signed, or signed by another key".into())
             }),
-            BinpkgError::Sign { source, .. } => source.hint(),
             _ => None,
         }
     }

@@ -18,8 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{BuildError, Outcome, Request, io, symlink, write};
-use crate::Error;
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::events::{Event, Reporter};
 use crate::image::{self, ImageInfo};
 use crate::process::Cmd;
@@ -140,7 +139,7 @@ pub fn dir(home: &Home, target: &str) -> PathBuf {
 }
 
 /// The unpacked stage, made from the image's stage when missing or when the image changed.
-fn ensure_root(home: &Home, target: &Target, reporter: &dyn Reporter) -> Result<PathBuf, Error> {
+fn ensure_root(home: &Home, target: &Target, reporter: &dyn Reporter) -> Result<PathBuf, BuildError> {
     let info = ImageInfo::load(&home.images(&target.name))?;
     let base = dir(home, &target.name);
     let root = base.join("root");
@@ -191,7 +190,7 @@ fn ensure_root(home: &Home, target: &Target, reporter: &dyn Reporter) -> Result<
 
 /// Builds `req.atoms` in the target's stage under qemu-user and publishes what was built.
 /// Returns the outcome also when packages failed.
-pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, reporter: &dyn Reporter) -> Result<Outcome, Error> {
+pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, reporter: &dyn Reporter) -> Result<Outcome, BuildError> {
     preflight(target).map_err(BuildError::from)?;
     let image_dir = home.images(&target.name);
     if !image_dir.join("image.toml").is_file() {

@@ -25,7 +25,6 @@ use std::path::{Path, PathBuf};
 
 use super::toolchain::{self, Toolchain};
 use super::{BuildError, Outcome, Prepared, Request, io, symlink, write};
-use crate::Error;
 use crate::events::{Event, Reporter};
 use crate::process::Cmd;
 use crate::settings::Home;
@@ -159,7 +158,7 @@ fn build_settings(jobs: u32, pkgdir: &Path, distdir: &Path, tmpdir: &Path) -> St
 
 /// Cross-builds `req.atoms` for `target` on the host and publishes what was built. Returns the
 /// outcome also when packages failed (the caller turns `failed` into an error with a hint).
-pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, reporter: &dyn Reporter) -> Result<Outcome, Error> {
+pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, reporter: &dyn Reporter) -> Result<Outcome, BuildError> {
     let tc = toolchain::find(target).map_err(BuildError::from)?;
     let portage = HostPortage::find(&opts.emerge)?;
     let base = dir(home, &target.name);

@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use super::BuildError;
 use super::toolchain::{self, Toolchain};
-use crate::Error;
 use crate::events::{Event, Reporter};
 use crate::guest::{Guest, shell_quote};
 use crate::process::Cmd;
@@ -205,7 +205,7 @@ impl Offload {
     /// its /etc/portage/make.conf — so call it after that file is written for this build. Returns
     /// whether offload is on; when it cannot work it says why (once per build) and changes nothing
     /// in make.conf.
-    pub async fn configure_guest(&mut self, guest: &Guest, target: &Target, jobs: u32, reporter: &dyn Reporter) -> Result<bool, Error> {
+    pub async fn configure_guest(&mut self, guest: &Guest, target: &Target, jobs: u32, reporter: &dyn Reporter) -> Result<bool, BuildError> {
         if self.daemon.is_none() && self.hosts.is_empty() {
             return Ok(false);
         }
@@ -291,7 +291,7 @@ fn free_port() -> std::io::Result<u16> {
 impl Daemon {
     fn start(target: &Target, opts: &DistccOptions, log_dir: &Path) -> Result<(Daemon, tempfile::TempDir), String> {
         let toolchain = toolchain::find(target).map_err(|e| {
-            let hint = crate::error::Hint::hint(&e).map_or_else(String::new, |h| format!(" (hint: {h})"));
+            let hint = crate::hint::Hint::hint(&e).map_or_else(String::new, |h| format!(" (hint: {h})"));
             format!("{e}{hint}")
         })?;
         let program = opts.distccd.clone().unwrap_or_else(|| PathBuf::from("distccd"));

@@ -16,9 +16,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::Error;
 use crate::binhost::index::Index;
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::events::{Event, Reporter, Unit};
 use crate::process::Cmd;
 use crate::settings::Home;
@@ -81,10 +80,24 @@ pub enum BuildError {
     Mismatch { target: String, path: String, reason: String },
     #[error("cannot read the {target} guest's Packages index: {reason}")]
     GuestIndex { target: String, reason: String },
-    #[error(transparent)]
+    #[error("{0}")]
     Toolchain(#[from] toolchain::ToolchainError),
-    #[error(transparent)]
+    #[error("{0}")]
     Chroot(#[from] chroot::ChrootError),
+    #[error("{0}")]
+    Process(#[from] crate::process::ProcessError),
+    #[error("{0}")]
+    Sign(#[from] crate::sign::SignError),
+    #[error("{0}")]
+    Binhost(#[from] crate::binhost::BinhostError),
+    #[error("{0}")]
+    Binpkg(#[from] crate::binpkg::BinpkgError),
+    #[error("{0}")]
+    Image(#[from] crate::image::ImageError),
+    #[error("{0}")]
+    Vm(#[from] crate::vm::VmError),
+    #[error("{0}")]
+    Guest(#[from] crate::guest::GuestError),
     #[error("emerge in the {target} guest did not start (exit status {status}): {tail}")]
     EmergeFailed { target: String, status: u32, tail: String },
     #[error("emerge for {target} ({backend} backend) did not start (exit status {status}): {tail}")]
@@ -110,8 +123,6 @@ impl Hint for BuildError {
             BuildError::BadRepo { .. } => {
                 Some("an ebuild repository has its name in profiles/repo_name (or metadata/layout.conf repo-name)".into())
             }
-            BuildError::Toolchain(e) => e.hint(),
-            BuildError::Chroot(e) => e.hint(),
             BuildError::NothingToBuild { target, .. } => Some(format!(
                 "name atoms on the command line, or list them (one per line) in the world file; see `dbh config show --target {target}`"
             )),
@@ -507,7 +518,7 @@ pub struct Prepared {
     pub log_dir: PathBuf,
 }
 
-pub fn prepare(home: &Home, target: &Target, req: &Request) -> Result<Prepared, Error> {
+pub fn prepare(home: &Home, target: &Target, req: &Request) -> Result<Prepared, BuildError> {
     let keys = KeyStore::new(home.keys());
     if !keys.exists() {
         return Err(BuildError::NoKey { dir: home.keys() }.into());
@@ -537,7 +548,7 @@ impl Prepared {
     }
 
     /// Signs and publishes `files` into the target's binhost (atomic, re-indexed) and counts them.
-    pub fn publish(&self, target: &Target, files: &[PathBuf], reporter: &dyn Reporter) -> Result<Vec<crate::binhost::add::Added>, Error> {
+    pub fn publish(&self, target: &Target, files: &[PathBuf], reporter: &dyn Reporter) -> Result<Vec<crate::binhost::add::Added>, BuildError> {
         let published = if files.is_empty() {
             Vec::new()
         } else {
@@ -666,7 +677,7 @@ pub fn emerge_and_publish(
     build_dirs: &Path,
     echo: bool,
     reporter: &dyn Reporter,
-) -> Result<Outcome, Error> {
+) -> Result<Outcome, BuildError> {
     let (failed, status, tail) = run_emerge(cmd, &target.name, &prep.log_dir, echo, reporter, |cpv| {
         let (cat, pf) = cpv.split_once('/')?;
         Some(build_dirs.join(cat).join(pf).join("temp/build.log"))
@@ -688,7 +699,7 @@ pub fn run_emerge(
     echo: bool,
     reporter: &dyn Reporter,
     build_log: impl Fn(&str) -> Option<PathBuf>,
-) -> Result<(Vec<FailedPackage>, i32, String), Error> {
+) -> Result<(Vec<FailedPackage>, i32, String), BuildError> {
     let command = cmd.display();
     let mut follower = Follower::new(format!("build:{target}"), format!("emerge for {target}"), &log_dir.join("emerge.log"), &command, echo)?;
     reporter.event(Event::Note { message: format!("{target}: {command}") });

@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::target::Target;
 
 /// A cross compiler for one target, found on the host.

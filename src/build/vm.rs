@@ -15,7 +15,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use super::{EmergeLine, parse_line};
 use super::{BuildError, FailedPackage, Follower, Outcome, PortageConfig, Request};
-use crate::Error;
 use crate::binhost::{self, index::Index};
 use crate::events::{Event, Reporter, Unit};
 use crate::guest::{Guest, shell_join, shell_quote};
@@ -90,7 +89,7 @@ fn list_command() -> String {
     format!("[ -d {q} ] || exit 0; cd {q} && find . {select} -printf '%s %P\\n' && echo -- && find . {select} -exec md5sum {{}} +")
 }
 
-async fn list_pkgdir(guest: &Guest) -> Result<BTreeMap<String, Listed>, Error> {
+async fn list_pkgdir(guest: &Guest) -> Result<BTreeMap<String, Listed>, BuildError> {
     let out = guest.exec_ok(&list_command()).await?;
     Ok(parse_find_listing(&out.stdout_str()))
 }
@@ -142,7 +141,7 @@ fn append_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) -> Result
 /// signed GPKG (Portage runs gpg whenever a Manifest is signed, binpkg-ignore-signature or not),
 /// and these copies only ever serve installs inside the throw-away guest. No `Packages` goes in:
 /// its SIZE/MD5 describe the signed files; the guest's Portage indexes what it finds.
-fn append_binhost(b: &mut tar::Builder<Vec<u8>>, dir: &Path, prefix: &Path) -> Result<(), Error> {
+fn append_binhost(b: &mut tar::Builder<Vec<u8>>, dir: &Path, prefix: &Path) -> Result<(), BuildError> {
     if !dir.join("Packages").is_file() {
         return Ok(());
     }
@@ -198,7 +197,7 @@ fn bundle(
     config: &PortageConfig,
     profile_repo: &str,
     binhost_dir: &Path,
-) -> Result<Vec<u8>, Error> {
+) -> Result<Vec<u8>, BuildError> {
     let mut b = tar::Builder::new(Vec::new());
     let mut conf = format!("# written by dbh before each build\n[DEFAULT]\nmain-repo = {profile_repo}\n");
     for (name, path) in repos {
@@ -237,7 +236,7 @@ const SYNC_SCRIPT: &str = "tar -C / -xf - && cd /etc/portage \
     && rm -f make.conf.dbh-tail";
 
 /// Runs `cmd` in the guest with `data` on its stdin; a non-zero exit is an error with its stderr.
-async fn exec_with_input(guest: &Guest, cmd: String, data: &[u8]) -> Result<(), Error> {
+async fn exec_with_input(guest: &Guest, cmd: String, data: &[u8]) -> Result<(), BuildError> {
     let mut input: &[u8] = data;
     let mut stderr = Vec::new();
     let status = guest
@@ -267,7 +266,7 @@ pub async fn build(
     req: &Request,
     opts: &VmOptions,
     reporter: &dyn Reporter,
-) -> Result<Outcome, Error> {
+) -> Result<Outcome, BuildError> {
     // Everything that can be checked on the host is checked before booting.
     let prep = super::prepare(home, target, req)?;
     let (config, profile_repo, profile_path) = (&prep.config, &prep.profile_repo, &prep.profile_path);
@@ -380,7 +379,7 @@ async fn in_guest(
     timings: &mut Timings,
     distcc: Option<&mut super::distcc::Offload>,
     reporter: &dyn Reporter,
-) -> Result<GuestResult, Error> {
+) -> Result<GuestResult, BuildError> {
     let GuestInputs { repos, revisions, profile: (profile_repo, profile_path), bundle } = *inputs;
     let task = format!("build:{}", target.name);
     let sync = format!("sync:{}", target.name);

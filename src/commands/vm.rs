@@ -115,7 +115,7 @@ fn ssh(ctx: &Context, target: &str) -> Result<(), Error> {
         Ok(())
     } else {
         // The remote shell's status is the user's business, not a dbh error.
-        std::process::exit(status.code().unwrap_or(1));
+        Err(Error::Exit(status.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1)))
     }
 }
 
@@ -161,7 +161,7 @@ fn exec(ctx: &Context, target: &str, command: &[String]) -> Result<(), Error> {
         Ok(code)
     })?;
     if code != 0 {
-        std::process::exit(i32::try_from(code).unwrap_or(255).min(255));
+        return Err(Error::Exit(u8::try_from(code).unwrap_or(255)));
     }
     Ok(())
 }

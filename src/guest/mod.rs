@@ -2,7 +2,7 @@
 //! with streamed output, file transfer and the interactive shell.
 //!
 //! One russh connection per guest carries every channel: a key exchange costs ~2.5 s under TCG
-//! (shared/lab/vm-boot.md §4), a channel a few milliseconds. The server's key must equal the image's
+//! (docs/lab.md, "SSH into a guest"), a channel a few milliseconds. The server's key must equal the image's
 //! `ssh/host_ed25519_key.pub`; there is no trust-on-first-use.
 //!
 //! Files move over exec channels (`cat > FILE` / `cat FILE`), not SFTP: the `russh-sftp` crate is
@@ -17,7 +17,7 @@ use russh::ChannelMsg;
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::process::{Cmd, Stream};
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +76,7 @@ impl Hint for GuestError {
     }
 }
 
-/// The image's key files (VM-CONTRACT: `ssh/id_ed25519`, `ssh/host_ed25519_key.pub`).
+/// The image's key files (docs/vm-contract.md: `ssh/id_ed25519`, `ssh/host_ed25519_key.pub`).
 #[derive(Debug, Clone)]
 pub struct Keys {
     pub client: PathBuf,

@@ -1,5 +1,5 @@
 //! Guest images: `dbh vm image create` turns a stage tarball into `$DBH_HOME/images/<target>/`
-//! (layout in `VM-CONTRACT.md`): `disk.qcow2` (ext4, label `dbh-root`, no partition table),
+//! (layout in `docs/vm-contract.md`): `disk.qcow2` (ext4, label `dbh-root`, no partition table),
 //! `esp.img` + `uki.efi` for UEFI targets or `vmlinuz` + `initrd.img` + `cmdline` for direct-boot
 //! ones, the pinned SSH host key and the client key pair under `ssh/`, and `image.toml`.
 //!
@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::events::{Event, Reporter, Unit};
 use crate::process::Cmd;
 use crate::settings::Home;
@@ -39,11 +39,11 @@ pub const HEADROOM_BYTES: u64 = 4 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error(transparent)]
+    #[error("{0}")]
     Stage(#[from] StageError),
-    #[error(transparent)]
+    #[error("{0}")]
     Uki(#[from] UkiError),
-    #[error(transparent)]
+    #[error("{0}")]
     Process(#[from] crate::process::ProcessError),
     #[error("cannot unpack the stage {path}")]
     Unpack {
@@ -74,9 +74,6 @@ pub enum ImageError {
 impl Hint for ImageError {
     fn hint(&self) -> Option<String> {
         match self {
-            ImageError::Stage(e) => e.hint(),
-            ImageError::Uki(e) => e.hint(),
-            ImageError::Process(e) => e.hint(),
             ImageError::NoKernel => Some(
                 "Gentoo stage3s carry no kernel: pass one with --kernel and --modules, e.g. from \
                  sys-kernel/gentoo-kernel-bin (…/usr/src/linux-*/arch/<arch>/boot/Image or bzImage and \

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use blake2::Digest as _;
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::events::{Event, Reporter, Unit};
 
 /// How long a download may go without receiving a byte.

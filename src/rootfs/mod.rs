@@ -20,7 +20,7 @@ pub mod release;
 
 use std::path::{Path, PathBuf};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::events::{Event, Reporter};
 use crate::sign::KeyStore;
 use crate::target::Target;
@@ -187,13 +187,13 @@ pub enum RootfsError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
+    #[error("{0}")]
     Process(#[from] crate::process::ProcessError),
-    #[error(transparent)]
+    #[error("{0}")]
     Sign(#[from] crate::sign::SignError),
-    #[error(transparent)]
+    #[error("{0}")]
     Uki(#[from] crate::uki::UkiError),
-    #[error(transparent)]
+    #[error("{0}")]
     Build(#[from] crate::build::BuildError),
 }
 
@@ -225,10 +225,6 @@ impl Hint for RootfsError {
                 log.display()
             )),
             RootfsError::NoKernel => Some("pass --kernel PATH (and --modules DIR or --initrd FILE)".into()),
-            RootfsError::Process(e) => e.hint(),
-            RootfsError::Sign(e) => e.hint(),
-            RootfsError::Uki(e) => e.hint(),
-            RootfsError::Build(e) => e.hint(),
             _ => None,
         }
     }

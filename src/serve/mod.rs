@@ -40,7 +40,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use http::{ByteRange, HeadError, Method, PathError, Ranges, Request};
 
 #[derive(Debug, thiserror::Error)]

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::uki::elf::Elf;
 
 /// How long `/init` waits for the root device (150 polls of 0.2 s).

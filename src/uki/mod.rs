@@ -13,7 +13,7 @@ pub mod pe;
 
 use std::path::{Path, PathBuf};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::target::{Boot, Target};
 
 pub use initramfs::InitramfsError;
@@ -40,9 +40,9 @@ pub enum UkiError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
+    #[error("{0}")]
     Pe(#[from] PeError),
-    #[error(transparent)]
+    #[error("{0}")]
     Initramfs(#[from] InitramfsError),
 }
 
@@ -54,8 +54,6 @@ impl Hint for UkiError {
                  for another architecture on Debian: `apt-get download systemd-boot-efi:{debian_arch}` and \
                  `dpkg -x` it, then pass --stub …/usr/lib/systemd/boot/efi/{stub}"
             )),
-            UkiError::Pe(e) => e.hint(),
-            UkiError::Initramfs(e) => e.hint(),
             _ => None,
         }
     }
@@ -94,7 +92,7 @@ pub fn find_stub(target: &Target, explicit: Option<&Path>, stage: Option<&Path>)
     })
 }
 
-/// The default kernel command line for a target's guest (see VM-CONTRACT.md).
+/// The default kernel command line for a target's guest (see docs/vm-contract.md).
 pub fn default_cmdline(target: &Target) -> String {
     format!(
         "root=LABEL={} rw console={},115200 panic=-1 net.ifnames=0",

@@ -21,7 +21,7 @@
 
 use std::path::PathBuf;
 
-use crate::error::Hint;
+use crate::hint::Hint;
 
 pub const IMAGE_SCN_CNT_CODE: u32 = 0x0000_0020;
 pub const IMAGE_SCN_CNT_INITIALIZED_DATA: u32 = 0x0000_0040;

@@ -243,7 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = find_in(Targets::builtin().get("riscv64").unwrap(), &[], dir.path()).unwrap_err();
         assert!(err.to_string().contains("riscv64"), "{err}");
-        use crate::error::Hint;
+        use crate::hint::Hint;
         let hint = err.hint().unwrap();
         assert!(hint.contains("qemu-efi-riscv64") && hint.contains("sys-firmware/edk2-bin"), "{hint}");
     }

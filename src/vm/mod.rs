@@ -1,6 +1,6 @@
 //! The VM runner: boots a target's guest image under QEMU, waits for its SSH server, stops it.
 //!
-//! It owns `$DBH_HOME/images/<target>/run/` (VM-CONTRACT.md): `lock` (an flock held while a VM
+//! It owns `$DBH_HOME/images/<target>/run/` (docs/vm-contract.md): `lock` (an flock held while a VM
 //! runs — QEMU inherits the locked descriptor, so the lock lives exactly as long as the VM),
 //! `state.json`, `qmp.sock`, `console.log`, `qemu.log` (QEMU's own stderr), `vars.fd` and
 //! `overlay.qcow2`.
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::events::{Event, Reporter, Unit};
 use crate::guest::{Guest, GuestError, Keys};
 use crate::process::{Cmd, ProcessError};
@@ -78,9 +78,9 @@ pub enum VmError {
     },
     #[error("no free TCP port on 127.0.0.1 for the guest's SSH")]
     NoPort(#[source] std::io::Error),
-    #[error(transparent)]
+    #[error("{0}")]
     Process(#[from] ProcessError),
-    #[error(transparent)]
+    #[error("{0}")]
     Guest(#[from] GuestError),
 }
 
@@ -121,8 +121,6 @@ impl Hint for VmError {
             VmError::Timeout { .. } | VmError::QemuExited { .. } => {
                 Some("the whole console log is in $DBH_HOME/images/<target>/run/console.log".into())
             }
-            VmError::Process(e) => e.hint(),
-            VmError::Guest(e) => e.hint(),
             _ => None,
         }
     }

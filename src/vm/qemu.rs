@@ -164,7 +164,7 @@ pub fn argv(target: &Target, l: &Launch) -> Vec<String> {
     push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&l.qmp()))]);
     push(&["-no-reboot"]);
     // Without it QEMU ≥ 8 probes audio backends, and a QEMU whose module directory belongs to
-    // another build aborts (shared/lab/vm-boot.md §6).
+    // another build aborts (docs/lab.md, "QEMU 7.2 limits and QEMU 10").
     if l.version >= (QemuVersion { major: 8, minor: 0, micro: 0 }) {
         push(&["-audio", "none"]);
     }
@@ -354,7 +354,7 @@ mod tests {
         }
         let err = check_version(&target).unwrap_err();
         assert!(err.to_string().contains("needs QEMU 99.0.0"), "{err}");
-        use crate::error::Hint;
+        use crate::hint::Hint;
         assert!(err.hint().unwrap().contains("qemu"), "{:?}", err.hint());
     }
 }

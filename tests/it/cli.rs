@@ -26,9 +26,10 @@ fn help_lists_the_contract_commands() {
 }
 
 #[test]
-fn usage_error_exits_1_and_names_the_argument() {
+fn usage_error_exits_2_and_names_the_argument() {
+    // 2 like clap and most Unix tools; 1 is for errors of a command that did run.
     let (code, _, stderr) = run(&["binhost", "index"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 2);
     assert!(stderr.contains("<DIR>"), "{stderr}");
 }
 
