@@ -49,7 +49,13 @@ pub fn main() -> ExitCode {
         std::process::exit(2);
     }));
     let cli = cli::parse();
-    progress::init_tracing(cli.global.verbose, cli.global.quiet);
+    let color = progress::use_color(match cli.global.color {
+        cli::ColorWhen::Auto => None,
+        cli::ColorWhen::Always => Some(true),
+        cli::ColorWhen::Never => Some(false),
+    });
+    let timestamps = matches!(cli.command, cli::Command::Serve(_));
+    progress::init_tracing(cli.global.verbose, cli.global.quiet, color, timestamps);
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
