@@ -28,6 +28,16 @@ pub struct Global {
     /// Only errors; no progress bars
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
+    /// Colour in log lines: auto = when stderr is a terminal and NO_COLOR is unset or empty
+    #[arg(long, global = true, value_enum, default_value_t = ColorWhen::Auto, value_name = "WHEN")]
+    pub color: ColorWhen,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorWhen {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,6 +73,17 @@ pub enum Command {
     /// Root filesystems and bootable images from a target's binhost
     #[command(subcommand)]
     Rootfs(RootfsCommand),
+    /// Print a shell completion script on stdout (e.g. `dbh completions bash > /usr/share/bash-completion/completions/dbh`)
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print dbh's man page (roff) on stdout, or write one page per subcommand into a directory
+    Man {
+        /// Write dbh.1, dbh-vm.1, dbh-vm-build.1, ... into DIR instead
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -77,6 +98,9 @@ pub struct ConfigShowArgs {
     /// Show only this target's build configuration (written with defaults if it has none yet)
     #[arg(long, short)]
     pub target: Option<String>,
+    /// Print JSON instead of TOML-like text
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +117,9 @@ pub enum BinhostCommand {
     Check {
         /// The binhost directory (a PKGDIR)
         dir: PathBuf,
+        /// Print JSON (`{"dir", "consistent", "problems": [{"path", "message"}]}`) instead of lines
+        #[arg(long)]
+        json: bool,
     },
     /// Verify, sign, give BUILD_IDs to and publish binary packages into a target's binhost
     Add {
@@ -187,7 +214,7 @@ pub enum VmCommand {
     /// Shut the target's guest down (ACPI power-off, then quit, then kill)
     Stop(VmTarget),
     /// Say whether the target's guest runs, and how to reach it
-    Status(VmTarget),
+    Status(VmStatusArgs),
     /// Open an interactive shell in the target's guest
     Ssh(VmTarget),
     /// Run a command in the target's guest and pass its output and exit status through
@@ -208,6 +235,15 @@ pub struct VmTarget {
     pub target: String,
 }
 
+#[derive(Debug, Args)]
+pub struct VmStatusArgs {
+    #[arg(long, short)]
+    pub target: String,
+    /// Print JSON instead of text
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Make the target's guest image from a stage tarball
@@ -224,9 +260,14 @@ pub struct ImageCreateArgs {
     /// Gentoo DIGESTS file [default: the stage's URL or path + .DIGESTS]
     #[arg(long)]
     pub digests: Option<String>,
-    /// OpenPGP keyring to verify the DIGESTS signature (e.g. Gentoo's release keys)
+    /// OpenPGP keyring to verify the DIGESTS signature [default: Gentoo's release keys,
+    /// /usr/share/openpgp-keys/gentoo-release.asc]
     #[arg(long)]
     pub keyring: Option<PathBuf>,
+    /// Accept a DIGESTS file whose signature is missing or not checked (only the stage's
+    /// integrity is then verified, not who made it)
+    #[arg(long, conflicts_with = "keyring")]
+    pub insecure_no_signature: bool,
     /// Kernel image to boot [default: from the stage's /boot]
     #[arg(long, requires = "modules")]
     pub kernel: Option<PathBuf>,

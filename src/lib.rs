@@ -54,7 +54,13 @@ pub fn main() -> ExitCode {
         Err(cli::Printed::Info) => return ExitCode::from(error::EXIT_OK),
         Err(cli::Printed::UsageError) => return ExitCode::from(error::EXIT_USAGE),
     };
-    progress::init_tracing(cli.global.verbose, cli.global.quiet);
+    let color = progress::use_color(match cli.global.color {
+        cli::ColorWhen::Auto => None,
+        cli::ColorWhen::Always => Some(true),
+        cli::ColorWhen::Never => Some(false),
+    });
+    let timestamps = matches!(cli.command, cli::Command::Serve(_));
+    progress::init_tracing(cli.global.verbose, cli.global.quiet, color, timestamps);
     match commands::run(cli) {
         Ok(()) => ExitCode::from(error::EXIT_OK),
         Err(err) => {

@@ -9,9 +9,19 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::events::{Event, Reporter, Unit};
 
+/// Whether log lines may carry colour: `always`/`never` from `--color` win; otherwise (`None`)
+/// only for a terminal, and never when `NO_COLOR` is set to anything but the empty string
+/// (<https://no-color.org>).
+pub fn use_color(forced: Option<bool>) -> bool {
+    forced.unwrap_or_else(|| {
+        std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    })
+}
+
 /// Sets up logging to stderr: warnings by default, commands run at `-v`, everything at `-vv`;
-/// `-q` keeps errors only. `RUST_LOG` overrides.
-pub fn init_tracing(verbose: u8, quiet: bool) {
+/// `-q` keeps errors only. `RUST_LOG` overrides. `timestamps`: for long-running services
+/// (`dbh serve`), whose stderr ends up in a log file (OpenRC's output_log) that adds none.
+pub fn init_tracing(verbose: u8, quiet: bool, color: bool, timestamps: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "error",
         (false, 0) => "warn",
@@ -25,14 +35,18 @@ pub fn init_tracing(verbose: u8, quiet: bool) {
             let access = if quiet { "" } else { ",dbh::access=info" };
             tracing_subscriber::EnvFilter::new(format!("dbh={level}{access},warn"))
         });
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        // Colour codes only for a terminal: logs and CI output must stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .without_time()
-        .try_init();
+        // Colour codes only when asked for: logs and CI output must stay plain text.
+        .with_ansi(color)
+        .with_target(false);
+    let _ = if timestamps {
+        // RFC 3339 in UTC, e.g. 2026-12-02T17:04:05.123456Z.
+        builder.try_init()
+    } else {
+        builder.without_time().try_init()
+    };
 }
 
 /// Draws bars when stderr is a terminal and not quiet; otherwise prints notes and finishes as lines.

@@ -1,6 +1,6 @@
 //! Layered settings and the `$DBH_HOME` layout.
 //!
-//! Precedence (highest first): command-line flags, `DBH_*` environment variables, `./dbh.toml`,
+//! Precedence (highest first): command-line flags, `DBH_*` environment variables, `./dbh.toml` (not as root),
 //! the user's config (`$XDG_CONFIG_HOME/dbh/dbh.toml`), `/etc/dbh/dbh.toml`, built-in defaults.
 //! Every resolved value remembers where it came from so that `dbh config show` can say so.
 
@@ -121,7 +121,11 @@ impl Settings {
         if let Some(dir) = config_dir() {
             files.push(dir.join("dbh.toml"));
         }
-        files.push(PathBuf::from("dbh.toml"));
+        // Not as root: ./dbh.toml belongs to whoever owns the working directory, and settings
+        // name programs dbh runs (portage.emerge, ...). Root reads /etc/dbh and its own config.
+        if !nix::unistd::geteuid().is_root() {
+            files.push(PathBuf::from("dbh.toml"));
+        }
         let env: Vec<(String, String)> = std::env::vars().collect();
         Self::load_from(cli, &files, &env)
     }

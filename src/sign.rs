@@ -4,7 +4,7 @@
 //!
 //! The key is an ed25519 primary key that certifies and signs (OpenPGP v4, what GnuPG 2.2 reads),
 //! no expiry, kept in `$DBH_HOME/keys/secret.asc` (armored TSK, mode 0600, written atomically) with
-//! `public.asc` beside it.
+//! `public.asc` beside it, and its revocation certificate in `revocation.asc` (mode 0600).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -97,6 +97,11 @@ impl KeyStore {
         self.dir.join("secret.asc")
     }
 
+    /// The key's revocation certificate (`gpg --import` it to revoke the key).
+    pub fn revocation_path(&self) -> PathBuf {
+        self.dir.join("revocation.asc")
+    }
+
     pub fn public_path(&self) -> PathBuf {
         self.dir.join("public.asc")
     }
@@ -111,7 +116,7 @@ impl KeyStore {
         if self.exists() && !force {
             return Err(SignError::Exists { dir: self.dir.clone() });
         }
-        let (cert, _revocation) = CertBuilder::new()
+        let (cert, revocation) = CertBuilder::new()
             .set_cipher_suite(CipherSuite::Cv25519)
             .set_primary_key_flags(KeyFlags::empty().set_certification().set_signing())
             .set_validity_period(None)
@@ -123,6 +128,9 @@ impl KeyStore {
         fs_err::create_dir_all(&self.dir).map_err(|source| SignError::Write { path: self.dir.clone(), source })?;
         // The secret key is the truth (`export` derives the public key from it): write it first.
         write_atomic(&self.secret_path(), &secret, 0o600)?;
+        // Kept, not dropped: the only way to withdraw the key from clients if the secret is lost
+        // or leaks. 0600 like the secret: anyone who reads it can revoke the binhost's key.
+        write_atomic(&self.revocation_path(), &armored_revocation(&cert, revocation)?, 0o600)?;
         write_atomic(&self.public_path(), &public, 0o644)?;
         Ok(cert.fingerprint().to_hex())
     }
@@ -158,6 +166,18 @@ impl KeyStore {
 }
 
 /// Writes a file by temp + fsync + rename in its directory, with `mode` from the start.
+/// A revocation certificate as `gpg --gen-revoke` and `sq` write it: the bare key revocation
+/// signature, armored as a public key block.
+fn armored_revocation(cert: &Cert, revocation: openpgp::packet::Signature) -> Result<Vec<u8>, SignError> {
+    use openpgp::serialize::Serialize;
+    let comment = format!("Revocation certificate for {}", cert.fingerprint().to_hex());
+    let fail = |e: &dyn std::fmt::Display| SignError::Generate(pgp_reason(e));
+    let mut w = openpgp::armor::Writer::with_headers(Vec::new(), openpgp::armor::Kind::PublicKey, [("Comment", comment.as_str())])
+        .map_err(|e| fail(&e))?;
+    openpgp::Packet::Signature(revocation).serialize(&mut w).map_err(|e| fail(&e))?;
+    w.finalize().map_err(|e| fail(&e))
+}
+
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), SignError> {
     use std::os::unix::fs::PermissionsExt;
     let err = |source| SignError::Write { path: path.to_owned(), source };

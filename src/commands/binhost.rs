@@ -25,10 +25,21 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             }
             Ok(())
         }
-        BinhostCommand::Check { dir } => {
+        BinhostCommand::Check { dir, json } => {
             let problems = check::check(&dir, &ctx.reporter)?;
+            if json {
+                let list: Vec<_> = problems
+                    .iter()
+                    .map(|p| serde_json::json!({ "path": p.path.display().to_string(), "message": p.message }))
+                    .collect();
+                let v = serde_json::json!({ "dir": dir.display().to_string(), "consistent": problems.is_empty(), "problems": list });
+                out(&format!("{v:#}\n"))?;
+            }
             if problems.is_empty() {
                 return Ok(());
+            }
+            if json {
+                return Err(Error::Failed(format!("{} has {} inconsistencies", dir.display(), problems.len())));
             }
             let mut text = String::new();
             for p in &problems {

@@ -12,6 +12,9 @@ pub fn run(ctx: &Context, cmd: ConfigCommand) -> Result<(), Error> {
     match cmd {
         ConfigCommand::Show(args) => {
             let home = ctx.settings.home();
+            if args.json {
+                return out(&format!("{:#}\n", json(ctx, &home, args.target.as_deref())?));
+            }
             let mut text = String::new();
             match args.target {
                 Some(target) => {
@@ -25,15 +28,7 @@ pub fn run(ctx: &Context, cmd: ConfigCommand) -> Result<(), Error> {
                     for (key, value, origin, doc) in ctx.settings.describe() {
                         text.push_str(&format!("# {doc}\n# from: {origin}\n{key} = {value}\n\n"));
                     }
-                    let mut names: Vec<String> = std::fs::read_dir(home.root().join("targets"))
-                        .into_iter()
-                        .flatten()
-                        .flatten()
-                        .filter(|e| e.path().join("portage").is_dir())
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect();
-                    names.sort();
-                    for name in names {
+                    for name in configured_targets(&home) {
                         target_config(&home, &name, &mut text)?;
                     }
                 }
@@ -41,6 +36,74 @@ pub fn run(ctx: &Context, cmd: ConfigCommand) -> Result<(), Error> {
             out(&text)
         }
     }
+}
+
+/// The targets that have a build configuration under `$DBH_HOME/targets/`, sorted.
+fn configured_targets(home: &Home) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(home.root().join("targets"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("portage").is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// `config show --json`: the same facts as the text, as
+/// `{"settings": [{"key", "value", "from", "doc"}], "targets": [{"target", "dir", "files": [{"name", "path", "content"}]}]}`
+/// (`content` null for a file the next build writes).
+fn json(ctx: &Context, home: &Home, target: Option<&str>) -> Result<serde_json::Value, Error> {
+    use serde_json::{Value, json};
+    let names = match target {
+        Some(t) => {
+            let targets = Targets::load()?;
+            let t = targets.get(t)?;
+            PortageConfig::load_or_create(home, &t.name)?;
+            vec![t.name.clone()]
+        }
+        None => configured_targets(home),
+    };
+    let mut configs = Vec::new();
+    for name in names {
+        let dir = PortageConfig::dir(home, &name);
+        let mut files = Vec::new();
+        for file in CONFIG_FILES {
+            let path = dir.join(file);
+            if path.is_dir() {
+                let entries = std::fs::read_dir(&path).map_err(|source| BuildError::Io { doing: "read", path: path.clone(), source })?;
+                let mut inner: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
+                inner.sort();
+                for f in inner {
+                    files.push(json!({ "name": file, "path": f.display().to_string(), "content": read(&f)? }));
+                }
+            } else if path.is_file() {
+                files.push(json!({ "name": file, "path": path.display().to_string(), "content": read(&path)? }));
+            } else {
+                files.push(json!({ "name": file, "path": path.display().to_string(), "content": Value::Null }));
+            }
+        }
+        configs.push(json!({ "target": name, "dir": dir.display().to_string(), "files": files }));
+    }
+    let settings: Vec<Value> = if target.is_some() {
+        Vec::new()
+    } else {
+        ctx.settings
+            .describe()
+            .into_iter()
+            .map(|(key, value, origin, doc)| {
+                // `value` is TOML text; as JSON it keeps its type (string, integer, list, ...).
+                let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .and_then(|v| serde_json::to_value(v).ok())
+                    .unwrap_or(Value::String(value));
+                json!({ "key": key, "value": parsed, "from": origin.to_string(), "doc": doc })
+            })
+            .collect()
+    };
+    Ok(json!({ "settings": settings, "targets": configs }))
 }
 
 /// Appends the directory and every file of one target's build configuration.

@@ -3,6 +3,7 @@
 
 mod binhost;
 mod build;
+mod completions;
 mod config;
 mod cross;
 mod key;
@@ -27,6 +28,12 @@ pub struct Context {
 }
 
 pub fn run(cli: Cli) -> Result<(), Error> {
+    // Neither needs settings: they must work on a machine with a broken or missing config.
+    match &cli.command {
+        Command::Completions { shell } => return completions::completions(*shell),
+        Command::Man { dir } => return completions::man(dir.as_deref()),
+        _ => {}
+    }
     let mut values: CliValues = Vec::new();
     if let Some(home) = &cli.global.home {
         let home = std::path::absolute(home).unwrap_or_else(|_| home.clone());
@@ -61,6 +68,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Cross(cmd) => cross::run(&ctx, cmd),
         Command::Build(args) => build::run(&ctx, args),
         Command::Rootfs(cmd) => rootfs::run(&ctx, cmd),
+        Command::Completions { .. } | Command::Man { .. } => unreachable!("handled before settings load"),
     }
 }
 

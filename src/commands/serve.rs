@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use super::Context;
 use crate::cli::ServeArgs;
-use crate::events::Reporter;
 use crate::serve::{self, Config, Limits, ServeError, Server};
 use crate::Error;
 
@@ -39,7 +38,9 @@ pub fn run(ctx: &Context, _args: ServeArgs) -> Result<(), Error> {
         let server = Server::bind(config).await?;
         let shutdown = serve::shutdown_signal()?;
         for addr in server.local_addrs() {
-            ctx.reporter.note(format!("serving {} on http://{addr}/", server.root().display()));
+            // Through the access log's target: a timestamped line like every request's (OpenRC's
+            // log file adds none), shown unless -q.
+            tracing::info!(target: "dbh::access", "serving {} on http://{addr}/", server.root().display());
         }
         server.run(shutdown).await
     })?;

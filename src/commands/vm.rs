@@ -27,7 +27,7 @@ pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
             ctx.reporter.event(Event::Note { message: format!("the {} guest is stopped", t.target) });
             Ok(())
         }),
-        VmCommand::Status(t) => status(ctx, &t.target),
+        VmCommand::Status(t) => status(ctx, &t.target, t.json),
         VmCommand::Ssh(t) => ssh(ctx, &t.target),
         VmCommand::Exec { target, command } => exec(ctx, &target, &command),
     }
@@ -82,14 +82,28 @@ fn write_known_hosts(paths: &vm::Paths, port: u16) -> Result<std::path::PathBuf,
     Ok(kh)
 }
 
-fn status(ctx: &Context, target: &str) -> Result<(), Error> {
+fn status(ctx: &Context, target: &str, json: bool) -> Result<(), Error> {
     Targets::load()?.get(target)?;
     let home = ctx.settings.home();
     match vm::status(&home, target)? {
+        Status::Stopped if json => out(&format!("{}\n", serde_json::json!({ "target": target, "running": false }))),
         Status::Stopped => out(&format!("{target}: not running\n")),
         Status::Running(s) => {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
             let up = now.saturating_sub(s.started);
+            if json {
+                let v = serde_json::json!({
+                    "target": target,
+                    "running": true,
+                    "pid": s.pid,
+                    "ssh": format!("127.0.0.1:{}", s.ssh_port),
+                    "ssh_port": s.ssh_port,
+                    "uptime_seconds": up,
+                    "accelerator": s.accel.to_string(),
+                    "detached": s.detached,
+                });
+                return out(&format!("{v:#}\n"));
+            }
             out(&format!(
                 "{target}: running\n  pid: {}\n  ssh: 127.0.0.1:{}\n  uptime: {}s\n  accelerator: {}\n  detached: {}\n",
                 s.pid, s.ssh_port, up, s.accel, s.detached
@@ -205,6 +219,7 @@ fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {
     let mut opts = CreateOptions::new(args.stage);
     opts.digests = args.digests;
     opts.keyring = args.keyring;
+    opts.insecure_no_signature = args.insecure_no_signature;
     opts.kernel = args.kernel;
     opts.modules = args.modules;
     let info = image::create(&ctx.settings.home(), target, &opts, &ctx.reporter)?;

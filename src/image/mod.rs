@@ -92,6 +92,8 @@ pub struct CreateOptions {
     pub stage: String,
     pub digests: Option<String>,
     pub keyring: Option<PathBuf>,
+    /// Skip the DIGESTS signature check (`--insecure-no-signature`).
+    pub insecure_no_signature: bool,
     pub kernel: Option<PathBuf>,
     pub modules: Option<PathBuf>,
     pub stub: Option<PathBuf>,
@@ -104,6 +106,7 @@ impl CreateOptions {
             stage: stage.into(),
             digests: None,
             keyring: None,
+            insecure_no_signature: false,
             kernel: None,
             modules: None,
             stub: None,
@@ -169,13 +172,20 @@ pub fn create(home: &Home, target: &Target, opts: &CreateOptions, reporter: &dyn
     let digests_loc = opts.digests.clone().unwrap_or_else(|| format!("{}.DIGESTS", opts.stage));
     let stage_path = stage::fetch(&opts.stage, &cache, reporter)?;
     let digests_path = stage::fetch(&digests_loc, &cache, reporter)?;
-    let detached = match (&opts.keyring, stage::is_url(&digests_loc)) {
+    let keyring = stage::release_keyring(opts.keyring.as_deref(), opts.insecure_no_signature, &digests_loc)?;
+    if opts.insecure_no_signature {
+        tracing::warn!(
+            "--insecure-no-signature: the signature of {digests_loc} is NOT verified; the stage is only checked against \
+             its digests, so a mirror that replaced both would not be noticed"
+        );
+    }
+    let detached = match (&keyring, stage::is_url(&digests_loc)) {
         (Some(_), true) => stage::fetch(&format!("{digests_loc}.asc"), &cache, reporter).ok(),
         (Some(_), false) => Some(PathBuf::from(format!("{digests_loc}.asc"))),
         (None, _) => None,
     };
     let digests_name = stage::file_name(&digests_loc);
-    let text = stage::digests_text(&digests_path, &digests_name, detached.as_deref(), opts.keyring.as_deref())?;
+    let text = stage::digests_text(&digests_path, &digests_name, detached.as_deref(), keyring.as_deref())?;
     let verified = stage::verify(&stage_path, &stage_name, &text, &digests_name, reporter)?;
 
     // 2. Everything below happens in a temporary directory next to the final one.

@@ -1,6 +1,8 @@
 //! Stage tarballs: fetching (a local path, or an HTTP(S) URL downloaded into `$DBH_HOME/cache/`
-//! with resume), and verification against Gentoo's DIGESTS file, optionally OpenPGP-signed, before
-//! anything is unpacked.
+//! with resume), and verification against Gentoo's DIGESTS file and its OpenPGP signature before
+//! anything is unpacked. The signature is checked by default, against `--keyring` or Gentoo's
+//! release keys ([`GENTOO_RELEASE_KEYS`]); only `--insecure-no-signature` skips it
+//! ([`release_keyring`]): digests alone prove integrity, not who made the stage.
 //!
 //! DIGESTS format (what Gentoo's release tooling writes next to every stage3):
 //! ```text
@@ -60,8 +62,10 @@ pub enum StageError {
         #[source]
         source: anyhow_free::SigError,
     },
-    #[error("{digests} is not signed, but --keyring asks for a verified DIGESTS (no clear signature, no {digests}.asc)")]
+    #[error("{digests} is not signed (no clear signature, no {digests}.asc), and dbh only unpacks a stage whose DIGESTS signature verifies")]
     Unsigned { digests: String },
+    #[error("cannot verify the signature of {digests}: no keyring given and no Gentoo release keys at {default}")]
+    NoKeyring { digests: String, default: PathBuf },
     #[error("cannot read the OpenPGP keyring {keyring}")]
     Keyring {
         keyring: PathBuf,
@@ -94,10 +98,20 @@ impl Hint for StageError {
             ),
             StageError::NoEntry { .. } => Some("pass the DIGESTS file that belongs to this stage with --digests".into()),
             StageError::BadSignature { .. } | StageError::Keyring { .. } => Some(
-                "use Gentoo's release keys (app-crypt/openpgp-keys-gentoo-release: /usr/share/openpgp-keys/gentoo-release.asc)"
+                "use Gentoo's release keys (sec-keys/openpgp-keys-gentoo-release: /usr/share/openpgp-keys/gentoo-release.asc) \
+                 with --keyring; only if you trust the source otherwise, --insecure-no-signature skips the check"
                     .into(),
             ),
-            StageError::Unsigned { .. } => Some("drop --keyring to accept an unsigned DIGESTS file".into()),
+            StageError::Unsigned { .. } => Some(
+                "fetch the signed DIGESTS (Gentoo's are clear-signed) or its .asc; only if you trust the source \
+                 otherwise, --insecure-no-signature accepts it unsigned"
+                    .into(),
+            ),
+            StageError::NoKeyring { .. } => Some(
+                "install Gentoo's release keys (sec-keys/openpgp-keys-gentoo-release) or pass --keyring FILE; \
+                 --insecure-no-signature skips the check (integrity only, not authenticity)"
+                    .into(),
+            ),
             StageError::Stalled { .. } | StageError::Download { .. } => {
                 Some("run the command again: the download resumes where it stopped".into())
             }
@@ -290,6 +304,26 @@ fn load_keyring(keyring: &Path) -> Result<Vec<sequoia_openpgp::Cert>, StageError
         return Err(err(&"no certificates in it"));
     }
     Ok(certs)
+}
+
+/// Where Gentoo's release keys are installed (sec-keys/openpgp-keys-gentoo-release).
+pub const GENTOO_RELEASE_KEYS: &str = "/usr/share/openpgp-keys/gentoo-release.asc";
+
+/// The keyring a DIGESTS signature is checked against: `--keyring`, else Gentoo's release keys
+/// where installed. Verification is the default; only `insecure` (`--insecure-no-signature`)
+/// gives `None`, and without a keyring anywhere that is the only way on.
+pub fn release_keyring(given: Option<&Path>, insecure: bool, digests: &str) -> Result<Option<PathBuf>, StageError> {
+    if insecure {
+        return Ok(None);
+    }
+    if let Some(k) = given {
+        return Ok(Some(k.to_owned()));
+    }
+    let default = Path::new(GENTOO_RELEASE_KEYS);
+    if default.is_file() {
+        return Ok(Some(default.to_owned()));
+    }
+    Err(StageError::NoKeyring { digests: file_name(digests), default: default.to_owned() })
 }
 
 /// Returns the DIGESTS text to trust: verified against `keyring` when given (a clear signature, or

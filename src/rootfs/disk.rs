@@ -236,15 +236,9 @@ fn guid_bytes(text: &str) -> [u8; 16] {
     b
 }
 
+/// The CRC-32 GPT headers and entry arrays carry (IEEE, as zlib's).
 fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 /// One GPT partition: type, unique GUID, name, the image that fills it.

@@ -183,10 +183,6 @@ pub fn rfc3339(secs: u64) -> String {
     format!("{}-{month:02}-{}T{}Z", parts[3], parts[1], parts[4])
 }
 
-pub const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// Writes a blob under `blobs/sha256/`; returns its digest and size.
 fn put_blob(dir: &Path, data: &[u8]) -> Result<(String, u64), RootfsError> {
@@ -194,6 +190,18 @@ fn put_blob(dir: &Path, data: &[u8]) -> Result<(String, u64), RootfsError> {
     let path = dir.join("blobs/sha256").join(&hex);
     fs_err::write(&path, data).map_err(io("write", &path))?;
     Ok((format!("sha256:{hex}"), data.len() as u64))
+}
+
+/// Compact JSON of any of the OCI documents, through a `dyn` so one closure serves them all.
+mod erased_json {
+    pub trait Json {
+        fn bytes(&self) -> serde_json::Result<Vec<u8>>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn bytes(&self) -> serde_json::Result<Vec<u8>> {
+            serde_json::to_vec(self)
+        }
+    }
 }
 
 /// An OCI image layout directory (image-spec v1.1 `image-layout.md`): `oci-layout`, `index.json`
@@ -217,44 +225,82 @@ pub fn write_oci(root: &Path, out: &Path, target: &Target, sde: u64) -> Result<(
     let layer_path = blobs.join(&layer_hex);
     fs_err::rename(&tmp, &layer_path).map_err(io("move", &layer_path))?;
 
+    // The documents through oci-spec's builders: the spec's own types, so a field cannot be
+    // misspelt or of the wrong type. Compact JSON (serde_json::to_vec): same input, same bytes.
+    use oci_spec::image::{
+        Arch, ConfigBuilder, DescriptorBuilder, HistoryBuilder, ImageConfigurationBuilder, ImageIndexBuilder,
+        ImageManifestBuilder, MediaType, Os, PlatformBuilder, RootFsBuilder,
+    };
+    let spec = |e: &dyn std::fmt::Display| RootfsError::Io {
+        doing: "build the OCI documents for",
+        path: out.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let json = |v: &dyn erased_json::Json| v.bytes().map_err(|e| spec(&e));
+    let digest = |d: &str| d.parse::<oci_spec::image::Digest>().map_err(|e| spec(&e));
     let (arch, variant) = oci_platform(target);
     let created = rfc3339(sde);
-    let mut config = serde_json::json!({
-        "architecture": arch,
-        "os": "linux",
-        "created": created,
-        "config": { "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] },
-        "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-        "history": [{ "created": created, "created_by": "dbh rootfs build" }],
-    });
-    let mut platform = serde_json::json!({ "architecture": arch, "os": "linux" });
+    let mut config = ImageConfigurationBuilder::default()
+        .architecture(Arch::from(arch.as_str()))
+        .os(Os::Linux)
+        .created(created.clone())
+        .config(
+            ConfigBuilder::default()
+                .env(vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()])
+                .build()
+                .map_err(|e| spec(&e))?,
+        )
+        .rootfs(RootFsBuilder::default().typ("layers").diff_ids(vec![diff_id]).build().map_err(|e| spec(&e))?)
+        .history(vec![HistoryBuilder::default().created(created).created_by("dbh rootfs build").build().map_err(|e| spec(&e))?]);
+    let mut platform = PlatformBuilder::default().architecture(Arch::from(arch.as_str())).os(Os::Linux);
     if let Some(v) = variant {
-        config["variant"] = v.into();
-        platform["variant"] = v.into();
+        config = config.variant(v);
+        platform = platform.variant(v);
     }
-    let (config_digest, config_size) = put_blob(out, config.to_string().as_bytes())?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_MANIFEST,
-        "config": { "mediaType": MEDIA_CONFIG, "digest": config_digest, "size": config_size },
-        "layers": [{ "mediaType": MEDIA_LAYER, "digest": format!("sha256:{layer_hex}"), "size": layer_size }],
-    });
-    let (manifest_digest, manifest_size) = put_blob(out, manifest.to_string().as_bytes())?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_INDEX,
-        "manifests": [{
-            "mediaType": MEDIA_MANIFEST,
-            "digest": manifest_digest,
-            "size": manifest_size,
-            "platform": platform,
-            "annotations": { "org.opencontainers.image.ref.name": "latest" },
-        }],
-    });
+    let config = config.build().map_err(|e| spec(&e))?;
+    let (config_digest, config_size) = put_blob(out, &json(&config)?)?;
+    let manifest = ImageManifestBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageManifest)
+        .config(
+            DescriptorBuilder::default()
+                .media_type(MediaType::ImageConfig)
+                .digest(digest(&config_digest)?)
+                .size(config_size)
+                .build()
+                .map_err(|e| spec(&e))?,
+        )
+        .layers(vec![
+            DescriptorBuilder::default()
+                .media_type(MediaType::ImageLayerGzip)
+                .digest(digest(&format!("sha256:{layer_hex}"))?)
+                .size(layer_size)
+                .build()
+                .map_err(|e| spec(&e))?,
+        ])
+        .build()
+        .map_err(|e| spec(&e))?;
+    let (manifest_digest, manifest_size) = put_blob(out, &json(&manifest)?)?;
+    let index = ImageIndexBuilder::default()
+        .schema_version(2u32)
+        .media_type(MediaType::ImageIndex)
+        .manifests(vec![
+            DescriptorBuilder::default()
+                .media_type(MediaType::ImageManifest)
+                .digest(digest(&manifest_digest)?)
+                .size(manifest_size)
+                .platform(platform.build().map_err(|e| spec(&e))?)
+                .annotations([("org.opencontainers.image.ref.name".to_string(), "latest".to_string())].into_iter().collect::<std::collections::HashMap<_, _>>())
+                .build()
+                .map_err(|e| spec(&e))?,
+        ])
+        .build()
+        .map_err(|e| spec(&e))?;
     let index_path = out.join("index.json");
-    fs_err::write(&index_path, index.to_string()).map_err(io("write", &index_path))?;
+    fs_err::write(&index_path, json(&index)?).map_err(io("write", &index_path))?;
     let layout = out.join("oci-layout");
-    fs_err::write(&layout, r#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io("write", &layout))?;
+    let layout_doc = oci_spec::image::OciLayoutBuilder::default().image_layout_version("1.0.0").build().map_err(|e| spec(&e))?;
+    fs_err::write(&layout, json(&layout_doc)?).map_err(io("write", &layout))?;
     // The layout's own files carry the same clamped time as the root.
     clamp_mtimes(out, sde)
 }

@@ -8,10 +8,9 @@
 //! that are sent.
 
 use std::collections::HashMap;
-use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Mutex;
@@ -20,45 +19,63 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+/// How [`open_beneath`] resolves paths: decided once, when the server starts ([`probe_openat2`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beneath {
+    /// Linux ≥ 5.6: `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.
+    Openat2,
+    /// No usable openat2: ENOSYS (old kernel) or EPERM (a seccomp filter, as container runtimes
+    /// and systemd's `SystemCallFilter=` install for syscalls they do not know).
+    Canonicalize,
+}
+
+static BENEATH: std::sync::OnceLock<Beneath> = std::sync::OnceLock::new();
+
+/// Tries openat2 once on the root itself and remembers the answer for the process: a filter
+/// that refuses openat2 refuses it for every path, so probing per request would only turn every
+/// genuine EPERM (a file without read permission) into a second, slower attempt.
+pub fn probe_openat2(root: &OwnedFd) -> Beneath {
+    *BENEATH.get_or_init(|| match openat2(root, ".") {
+        Ok(_) => Beneath::Openat2,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EPERM)) => {
+            tracing::info!("openat2 is not available ({e}); resolving paths by canonicalize + O_NOFOLLOW");
+            Beneath::Canonicalize
+        }
+        // Anything else (EACCES on the root, ...) says nothing about openat2 itself.
+        Err(_) => Beneath::Openat2,
+    })
+}
+
+fn openat2(root: &OwnedFd, rel: &str) -> io::Result<File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let fd = rustix::fs::openat2(
+        root,
+        rel,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    Ok(File::from(fd))
+}
+
 /// Opens `rel` (relative, already checked by `http::decode_target`) beneath `root`.
 ///
-/// Linux ≥ 5.6: `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` makes the kernel refuse any
-/// resolution that leaves `root` — `..`, absolute symlinks, symlinks pointing out — atomically,
-/// with no window between a check and the open. Elsewhere (ENOSYS): canonicalize, check the
-/// prefix, then open the canonical path with `O_NOFOLLOW` on the last component and compare the
-/// inode, which closes the swap-a-symlink-in race for the last component.
+/// With openat2 the kernel refuses any resolution that leaves `root` — `..`, absolute symlinks,
+/// symlinks pointing out — atomically, with no window between a check and the open. Without it
+/// (see [`Beneath`]): canonicalize, check the prefix, then open the canonical path with
+/// `O_NOFOLLOW` on the last component and compare the inode, which closes the swap-a-symlink-in
+/// race for the last component.
 pub fn open_beneath(root: &OwnedFd, root_path: &Path, rel: &str) -> io::Result<File> {
-    let c = CString::new(rel).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // libc's open_how is non-exhaustive; the kernel ABI is exactly these three u64s.
-    #[repr(C)]
-    struct OpenHow {
-        flags: u64,
-        mode: u64,
-        resolve: u64,
+    if rel.as_bytes().contains(&0) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
     }
-    let how = OpenHow {
-        flags: (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64,
-        mode: 0,
-        resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
-    };
-    // SAFETY: `c` is a valid C string, `how` a valid open_how of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            root.as_raw_fd(),
-            c.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: the kernel just gave us this descriptor.
-        return Ok(unsafe { File::from_raw_fd(fd as RawFd) });
+    match probe_openat2(root) {
+        Beneath::Openat2 => openat2(root, rel),
+        Beneath::Canonicalize => open_canonical(root_path, rel),
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::ENOSYS) {
-        return Err(err);
-    }
+}
+
+fn open_canonical(root_path: &Path, rel: &str) -> io::Result<File> {
     let canonical = root_path.join(rel).canonicalize()?;
     if !canonical.starts_with(root_path) {
         return Err(io::Error::from(io::ErrorKind::PermissionDenied));
@@ -281,7 +298,9 @@ mod tests {
         assert!(open_beneath(&fd, &root, "t/in").is_ok());
         for bad in ["t/out-rel", "t/out-abs", "../secret", "/etc/passwd", "t/../../secret"] {
             assert!(open_beneath(&fd, &root, bad).is_err(), "{bad}");
+            assert!(open_canonical(&root, bad).is_err(), "fallback: {bad}");
         }
+        open_canonical(&root, "t/in").unwrap();
     }
 
     #[test]

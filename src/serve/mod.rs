@@ -158,6 +158,7 @@ impl Server {
             .canonicalize()
             .map_err(|source| ServeError::Dir { path: config.dir.clone(), source })?;
         let root = fs::open_root(&root_path).map_err(|source| ServeError::Dir { path: config.dir.clone(), source })?;
+        fs::probe_openat2(&root);
         raise_fd_limit();
         if config.listen.is_empty() {
             return Err(ServeError::NoListen);

@@ -50,19 +50,17 @@ pub fn load_index(file: std::fs::File) -> Option<IndexSummary> {
     crate::binhost::Index::parse(&bytes).ok().map(|i| summarize(&i))
 }
 
-/// Splits `cat/name-1.2.3-r1` into (`cat/name`, `1.2.3-r1`) by Portage's rule: the version starts
-/// at the last `-` followed by a digit that is not the `-rN` revision suffix.
+/// Splits `cat/name-1.2.3-r1` into (`cat/name`, `1.2.3-r1`) with Portage's own rule
+/// ([`crate::binhost::deps::pkgsplit`]): `font-adobe-100dpi-1.0.4` is `font-adobe-100dpi` at
+/// version `1.0.4`, as a name may hold `-<digit>` but not end in `-<version>`. Something that is
+/// no CPV stays whole, with no version.
 pub fn split_cpv(cpv: &str) -> (&str, &str) {
-    let bytes = cpv.as_bytes();
-    let mut split = None;
-    for (i, &b) in bytes.iter().enumerate() {
-        if b == b'-' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
-            split = Some(i);
-            break;
-        }
-    }
-    match split {
-        Some(i) => (&cpv[..i], &cpv[i + 1..]),
+    let (cat_len, pf) = match cpv.split_once('/') {
+        Some((cat, pf)) => (cat.len() + 1, pf),
+        None => (0, cpv),
+    };
+    match crate::binhost::deps::pkgsplit(pf) {
+        Some((pn, _, _)) => (&cpv[..cat_len + pn.len()], &cpv[cat_len + pn.len() + 1..]),
         None => (cpv, ""),
     }
 }
@@ -239,6 +237,10 @@ mod tests {
         assert_eq!(s.packages[1].size, 5);
         assert_eq!(split_cpv("a/c-2_rc1-r3"), ("a/c", "2_rc1-r3"));
         assert_eq!(split_cpv("dev-libs/libfoo-bar-1.0"), ("dev-libs/libfoo-bar", "1.0"));
+        assert_eq!(split_cpv("media-fonts/font-adobe-100dpi-1.0.4"), ("media-fonts/font-adobe-100dpi", "1.0.4"));
+        assert_eq!(split_cpv("x11-libs/gtk+-3.24.41-r1"), ("x11-libs/gtk+", "3.24.41-r1"));
+        assert_eq!(split_cpv("media-libs/libsdl2-2.30.0"), ("media-libs/libsdl2", "2.30.0"));
+        assert_eq!(split_cpv("not-a-cpv"), ("not-a-cpv", ""));
     }
 
     #[test]

@@ -11,7 +11,9 @@ if [ -f "$OUT/.done" ]; then echo "$OUT"; exit 0; fi
 MIRROR=$(awk 'BEGIN{RS=""} /(^|\n)Suites:[^\n]*bookworm( |\n|$)/ && !/security/ {
 	if (match($0, /URIs: *[^ \n]+/)) { u=substr($0, RSTART, RLENGTH); sub(/URIs: */, "", u); print u; exit } }' \
 	/etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-[ -n "$MIRROR" ] || { echo "no Debian mirror configured" >&2; exit 77; }
+[ -n "$MIRROR" ] || MIRROR=$(awk '$1=="deb" && $0 !~ /security/ { for (i=2;i<=NF;i++) if ($i ~ /^[a-z]+:\/\//) { print $i; exit } }' \
+	/etc/apt/sources.list 2>/dev/null || true)
+[ -n "$MIRROR" ] || { echo "no Debian mirror in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list" >&2; exit 77; }
 A=$CACHE/apt-all-trixie
 mkdir -p "$A"/{lists/partial,cache/archives/partial,etc/sources.list.d,etc/preferences.d,debs} "$CACHE/trixie-all"
 exec 9>"$CACHE/trixie-all/.lock"

@@ -348,6 +348,32 @@ fn key_generate_and_export_through_the_cli() {
     assert!(text.contains(&format!("fpr:::::::::{fpr}:")), "{text}");
     assert!(text.contains("CLI test <cli@dbh.invalid>"), "{text}");
 
+    // The revocation certificate is kept, 0600, and real GnuPG revokes the key with it.
+    let rev = keys.join("revocation.asc");
+    assert_eq!(std::fs::metadata(&rev).unwrap().permissions().mode() & 0o777, 0o600);
+    let gpg = |args: &[&str], input: &[u8]| {
+        let mut child = Command::new("gpg")
+            .arg("--homedir")
+            .arg(&gnupg)
+            .args(["--batch"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let imported = gpg(&["--import"], &export.stdout);
+    assert!(imported.status.success(), "{}", combined(&imported));
+    let listed = gpg(&["--with-colons", "--list-keys", &fpr], b"");
+    assert!(String::from_utf8_lossy(&listed.stdout).lines().any(|l| l.starts_with("pub:-:") || l.starts_with("pub:u:") || l.starts_with("pub:f:")), "{}", combined(&listed));
+    let revoked = gpg(&["--import"], &std::fs::read(&rev).unwrap());
+    assert!(revoked.status.success(), "{}", combined(&revoked));
+    let listed = gpg(&["--with-colons", "--list-keys", &fpr], b"");
+    assert!(String::from_utf8_lossy(&listed.stdout).lines().any(|l| l.starts_with("pub:r:")), "not revoked: {}", combined(&listed));
+
     let forced = dbh(&["key", "generate", "--force"]);
     assert!(forced.status.success(), "{}", combined(&forced));
     assert_ne!(String::from_utf8_lossy(&forced.stdout).trim(), fpr);

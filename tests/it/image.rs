@@ -41,6 +41,22 @@ pub fn test_stage(target: &str) -> Option<PathBuf> {
     Some(PathBuf::from(dir).join(format!("stage3-{target}-dbhtest.tar.xz")))
 }
 
+/// The keyring that verifies the test stage's clear-signed DIGESTS: mkstage.sh's test release key,
+/// written next to it as release-key.gpg (`image create` verifies by default). `None` for a stage
+/// from before mkstage.sh signed its DIGESTS.
+pub fn stage_keyring(stage: &Path) -> Option<PathBuf> {
+    Some(stage.with_file_name("release-key.gpg")).filter(|k| k.is_file())
+}
+
+/// `image create` arguments to trust the test stage: `--keyring` its release key, else (an
+/// unsigned stage) the explicit `--insecure-no-signature`.
+pub fn trust_args(stage: &Path) -> Vec<String> {
+    match stage_keyring(stage) {
+        Some(k) => vec!["--keyring".into(), k.display().to_string()],
+        None => vec!["--insecure-no-signature".into()],
+    }
+}
+
 /// A tiny HTTP/1.1 file server over `dir` (GET with optional `Range: bytes=N-`), on a thread.
 pub struct FileServer {
     pub port: u16,
@@ -156,8 +172,11 @@ pub fn image_home(target: &str) -> Option<PathBuf> {
         let home = shared_home_root().join(target);
         let name = stage.file_name().unwrap().to_string_lossy().into_owned();
         let t0 = Instant::now();
-        let (ok, stdout, stderr) =
-            run_dbh(&home, &["vm", "image", "create", "--target", target, "--stage", &server.url(&name)]);
+        let url = server.url(&name);
+        let trust = trust_args(&stage);
+        let mut args = vec!["vm", "image", "create", "--target", target, "--stage", &url];
+        args.extend(trust.iter().map(String::as_str));
+        let (ok, stdout, stderr) = run_dbh(&home, &args);
         assert!(ok, "image create failed:\n{stderr}");
         eprintln!("image create for {target} took {:?}: {stdout}", t0.elapsed());
         let reqs = server.requests.lock().unwrap().clone();
@@ -221,9 +240,16 @@ fn tampered_copy(stage: &Path, edit: impl FnOnce(&Path, &Path)) -> (tempfile::Te
 }
 
 fn assert_refused_before_unpacking(stage: &Path, server: &FileServer, expect: &str) {
+    assert_refused_with(stage, server, expect, &trust_args(stage));
+}
+
+fn assert_refused_with(stage: &Path, server: &FileServer, expect: &str, trust: &[String]) {
     let home = tempfile::tempdir().unwrap();
     let name = stage.file_name().unwrap().to_string_lossy().into_owned();
-    let (ok, _, stderr) = run_dbh(home.path(), &["vm", "image", "create", "--target", "arm64", "--stage", &server.url(&name)]);
+    let url = server.url(&name);
+    let mut args = vec!["vm", "image", "create", "--target", "arm64", "--stage", &url];
+    args.extend(trust.iter().map(String::as_str));
+    let (ok, _, stderr) = run_dbh(home.path(), &args);
     assert!(!ok, "a bad stage was accepted");
     assert!(stderr.contains(expect), "{stderr}");
     // Nothing was unpacked: no image dir, no temporary dir left under images/.
@@ -271,14 +297,17 @@ fn digests_mismatch_or_missing_entry_is_refused() {
         }
         std::fs::write(digests, out).unwrap();
     });
-    assert_refused_before_unpacking(&stage, &server, "does not match its SHA512 digest");
+    // An edited DIGESTS no longer verifies (tested in signature_is_required_…); these check the
+    // digest logic behind it.
+    let insecure = ["--insecure-no-signature".to_string()];
+    assert_refused_with(&stage, &server, "does not match its SHA512 digest", &insecure);
 
     let (_dir2, server2) = tampered_copy(&stage, |_, digests| {
         let text = std::fs::read_to_string(digests).unwrap();
         let kept: String = text.lines().filter(|l| !l.ends_with(".tar.xz")).map(|l| format!("{l}\n")).collect();
         std::fs::write(digests, kept).unwrap();
     });
-    assert_refused_before_unpacking(&stage, &server2, "has no entry for");
+    assert_refused_with(&stage, &server2, "has no entry for", &insecure);
 }
 
 /// Unpacks the stage into a temp dir (as `image create` does) for initramfs tests.
@@ -579,6 +608,8 @@ fn arm64_image_with_the_stage_tools_initramfs_boots() {
     let Some(stage) = test_stage("arm64") else { return };
     let home = tempfile::Builder::new().prefix("dbh-image-stagetools-").tempdir().unwrap();
     let mut opts = dbh::image::CreateOptions::new(stage.to_string_lossy());
+    opts.keyring = stage_keyring(&stage);
+    opts.insecure_no_signature = opts.keyring.is_none();
     opts.initramfs_tools = initramfs::Tools::Stage;
     let info = dbh::image::create(&dbh::settings::Home::new(home.path()), &t, &opts, &dbh::events::Silent).unwrap();
     assert!(!info.initramfs.busybox);
@@ -621,11 +652,10 @@ fn downloads_resume_a_partial_file_and_report_bytes() {
     assert!(err.to_string().contains("answered 404"), "{err}");
 }
 
-#[test]
-fn a_stage_without_kernel_asks_for_one_and_leaves_nothing_behind() {
-    // A Gentoo stage3 has no kernel: the error says so and how to pass a dist-kernel.
-    let dir = tempfile::tempdir().unwrap();
-    let stage = dir.path().join("stage3-tiny.tar.gz");
+/// A stage of one file (no kernel: `image create` stops right after verification) with an
+/// unsigned Gentoo-format DIGESTS next to it.
+fn tiny_stage(dir: &Path) -> PathBuf {
+    let stage = dir.join("stage3-tiny.tar.gz");
     {
         let enc = flate2::write::GzEncoder::new(std::fs::File::create(&stage).unwrap(), flate2::Compression::fast());
         let mut tar = tar::Builder::new(enc);
@@ -642,17 +672,101 @@ fn a_stage_without_kernel_asks_for_one_and_leaves_nothing_behind() {
     use sha2::Digest;
     let bytes = std::fs::read(&stage).unwrap();
     std::fs::write(
-        dir.path().join("stage3-tiny.tar.gz.DIGESTS"),
+        dir.join("stage3-tiny.tar.gz.DIGESTS"),
         format!("# SHA512 HASH\n{}  stage3-tiny.tar.gz\n", hex::encode(sha2::Sha512::digest(&bytes))),
     )
     .unwrap();
+    stage
+}
+
+#[test]
+fn a_stage_without_kernel_asks_for_one_and_leaves_nothing_behind() {
+    // A Gentoo stage3 has no kernel: the error says so and how to pass a dist-kernel.
+    let dir = tempfile::tempdir().unwrap();
+    let stage = tiny_stage(dir.path());
     let home = tempfile::tempdir().unwrap();
-    let (ok, _, stderr) = run_dbh(home.path(), &["vm", "image", "create", "--target", "arm64", "--stage", &stage.to_string_lossy()]);
+    let (ok, _, stderr) = run_dbh(
+        home.path(),
+        &["vm", "image", "create", "--target", "arm64", "--stage", &stage.to_string_lossy(), "--insecure-no-signature"],
+    );
     assert!(!ok);
     assert!(stderr.contains("the stage has no kernel in /boot"), "{stderr}");
     assert!(stderr.contains("hint:") && stderr.contains("gentoo-kernel-bin") && stderr.contains("--kernel"), "{stderr}");
     let left: Vec<_> = std::fs::read_dir(home.path().join("images")).unwrap().flatten().map(|e| e.file_name()).collect();
     assert!(left.is_empty(), "a failed create left {left:?}");
+}
+
+/// A gpg key of its own (real gpg, a private GNUPGHOME); returns the home and the exported public key.
+fn gpg_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let home = dir.join(format!("gpg-{name}"));
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let gpg = |args: &[&str]| {
+        let o = Command::new("gpg").arg("--homedir").arg(&home).args(["--batch", "--quiet"]).args(args).output().unwrap();
+        assert!(o.status.success(), "gpg {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        o.stdout
+    };
+    gpg(&["--passphrase", "", "--quick-gen-key", &format!("{name} <{name}@dbh.test>"), "ed25519", "sign", "never"]);
+    let public = dir.join(format!("{name}.gpg"));
+    std::fs::write(&public, gpg(&["--export"])).unwrap();
+    (home, public)
+}
+
+#[test]
+fn signature_is_required_unless_insecure_no_signature() {
+    let dir = tempfile::Builder::new().prefix("dbh-sig-").tempdir_in("/tmp").unwrap();
+    let stage = tiny_stage(dir.path());
+    let digests = stage.with_file_name("stage3-tiny.tar.gz.DIGESTS");
+    let (signer_home, signer) = gpg_key(dir.path(), "signer");
+    let (_, other) = gpg_key(dir.path(), "other");
+    let create = |extra: &[&str]| {
+        let home = tempfile::tempdir().unwrap();
+        let mut args = vec!["vm", "image", "create", "--target", "arm64", "--stage"];
+        let s = stage.to_string_lossy().into_owned();
+        args.push(&s);
+        args.extend_from_slice(extra);
+        let (ok, _, stderr) = run_dbh(home.path(), &args);
+        assert!(!ok, "the kernel-less stage cannot make an image");
+        stderr
+    };
+    // "verified, then stopped because the stage has no kernel" versus "refused at the signature".
+    let passed = |e: &str| e.contains("the stage has no kernel in /boot");
+    let signer_s = signer.to_string_lossy().into_owned();
+    let other_s = other.to_string_lossy().into_owned();
+
+    // Unsigned, by default: refused (no keyring on this host, or Gentoo's keys and no signature).
+    let e = create(&[]);
+    assert!(!passed(&e), "an unsigned DIGESTS was accepted by default:\n{e}");
+    assert!(e.contains("no keyring given") || e.contains("is not signed"), "{e}");
+    assert!(e.contains("hint:") && e.contains("--insecure-no-signature"), "{e}");
+    // Unsigned with a keyring: refused, with the way out named.
+    let e = create(&["--keyring", &signer_s]);
+    assert!(!passed(&e) && e.contains("is not signed") && e.contains("--insecure-no-signature"), "{e}");
+    // Unsigned with the explicit flag: accepted, and it says so.
+    let e = create(&["--insecure-no-signature"]);
+    assert!(passed(&e), "{e}");
+    assert!(e.contains("WARN") && e.contains("NOT verified"), "no warning for --insecure-no-signature:\n{e}");
+    // The two cannot be combined.
+    let e = create(&["--insecure-no-signature", "--keyring", &signer_s]);
+    assert!(e.contains("cannot be used with"), "{e}");
+
+    // Clear-signed, as Gentoo's DIGESTS are.
+    let o = Command::new("gpg")
+        .arg("--homedir")
+        .arg(&signer_home)
+        .args(["--batch", "--quiet", "--yes", "--digest-algo", "SHA512", "--clearsign", "--output"])
+        .arg(format!("{}.signed", digests.display()))
+        .arg(&digests)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::rename(format!("{}.signed", digests.display()), &digests).unwrap();
+    // The wrong key: refused.
+    let e = create(&["--keyring", &other_s]);
+    assert!(!passed(&e) && e.contains("does not verify with the keyring") && e.contains("hint:"), "{e}");
+    // The right key: verified, no warning.
+    let e = create(&["--keyring", &signer_s]);
+    assert!(passed(&e) && !e.contains("NOT verified"), "{e}");
 }
 
 #[test]

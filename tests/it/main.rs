@@ -5,6 +5,7 @@
 mod binhost;
 mod binpkg;
 mod cli;
+mod conventions;
 mod cross;
 mod distcc;
 mod image;

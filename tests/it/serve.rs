@@ -22,6 +22,10 @@ pub struct Serve {
 impl Serve {
     /// `dir: None` serves the default, `$DBH_HOME/binhost`.
     pub fn start(home: &Path, dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Serve {
+        Serve::start_with(home, dir, args, env, |_| {})
+    }
+    /// [`Serve::start`], with a last say on the command (e.g. a seccomp filter in `pre_exec`).
+    pub fn start_with(home: &Path, dir: Option<&Path>, args: &[&str], env: &[(&str, &str)], adjust: impl FnOnce(&mut Command)) -> Serve {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_dbh"));
         cmd.arg("--home").arg(home).arg("serve");
         if let Some(dir) = dir {
@@ -37,6 +41,7 @@ impl Serve {
             }
         }
         cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        adjust(&mut cmd);
         let mut child = cmd.spawn().expect("spawn dbh serve");
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
@@ -539,6 +544,43 @@ fn conditional_requests_head_405_pages_conf_and_key() {
 fn traversal_attempts_never_leave_dir() {
     let tree = Tree::new();
     let srv = tree.serve(&[], &[]);
+    assert_traversals_refused(&tree, &srv);
+}
+
+/// Under a seccomp filter that answers openat2 with EPERM (what container runtimes and systemd's
+/// SystemCallFilter= do for syscalls they do not know), serve falls back to canonicalize +
+/// O_NOFOLLOW: it still serves files and still refuses every traversal.
+#[test]
+fn traversal_refused_and_files_served_when_seccomp_denies_openat2() {
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+    use std::os::unix::process::CommandExt;
+    let arch = TargetArch::try_from(std::env::consts::ARCH).expect("seccompiler knows this architecture");
+    let filter = SeccompFilter::new(
+        [(libc::SYS_openat2, vec![])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .unwrap();
+    let program: BpfProgram = filter.try_into().unwrap();
+    let tree = Tree::new();
+    let srv = Serve::start_with(&tree.home(), Some(&tree.dir()), &[], &[("RUST_LOG", "dbh=info")], move |cmd| {
+        // SAFETY: apply_filter only calls prctl/seccomp on the already compiled program.
+        unsafe {
+            cmd.pre_exec(move || seccompiler::apply_filter(&program).map_err(|e| std::io::Error::other(e.to_string())));
+        }
+    });
+    let log = srv.log.lock().unwrap().clone();
+    assert!(log.contains("openat2 is not available"), "serve did not notice the filter:\n{log}");
+    // Serve's log lines carry an RFC 3339 UTC timestamp (OpenRC's log file adds none).
+    let line = log.lines().find(|l| l.contains("on http://")).unwrap();
+    let stamp = line.split_whitespace().next().unwrap();
+    assert!(stamp.len() >= 20 && stamp.ends_with('Z') && stamp[..4].bytes().all(|b| b.is_ascii_digit()) && &stamp[10..11] == "T", "{line}");
+    assert_eq!(get(&srv.addr, BIN).body, tree.big);
+    assert_traversals_refused(&tree, &srv);
+}
+
+fn assert_traversals_refused(tree: &Tree, srv: &Serve) {
     let attempts = [
         "/../secret",
         "/amd64/../../secret",
