@@ -11,6 +11,7 @@ pub mod conf;
 pub mod deps;
 pub mod index;
 pub mod scan;
+pub mod trust;
 
 use std::fs::File;
 use std::io::Write;
