@@ -15,7 +15,7 @@ packages=(
 	qemu-system-arm qemu-system-x86 qemu-system-misc qemu-system-ppc qemu-utils
 	qemu-efi-aarch64 ovmf
 	mtools dosfstools e2fsprogs cpio zstd xz-utils bzip2 squashfs-tools skopeo
-	gnupg wget curl socat pax-utils git
+	gnupg openssl wget curl socat pax-utils git
 	nettle-dev libclang-dev clang pkg-config
 	gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu
 	distcc nginx wrk chromium bubblewrap

@@ -63,12 +63,10 @@ const KEY_END: &str = "DBH_BINHOST_KEY_END";
 /// What the script does, in the words the stanza, the HTML page and the script's header use.
 pub fn summary(fingerprint: &str) -> Vec<String> {
     vec![
-        "Run as root on the client (ROOT=/path for another root, as getuto honours it).".into(),
-        "If ${ROOT}/etc/portage/gnupg does not exist: runs getuto when installed (Gentoo's keyring with".into(),
-        "  the release keys), otherwise creates the keyring the way getuto does.".into(),
-        format!("Imports the binhost key only if its fingerprint is {fingerprint}, and locally signs it"),
-        "  with getuto's local trust key (gnupg/pass), so Portage trusts it and getuto keeps it trusted.".into(),
-        "Safe to run again; needs no network; a damaged key or wrong fingerprint stops it with an error.".into(),
+        "Runs as root on the client; ROOT=/path works on another root, as with getuto.".into(),
+        "If ${ROOT}/etc/portage/gnupg does not exist: runs getuto when it is installed (Gentoo's keyring with the release keys), otherwise creates that keyring the way getuto does.".into(),
+        format!("Imports the binhost key only if its fingerprint is {fingerprint}, and locally signs it with getuto's local trust key (gnupg/pass), so Portage trusts it and later getuto runs keep it trusted."),
+        "Safe to run again; needs no network; a damaged key or a wrong fingerprint stops it with an error.".into(),
     ]
 }
 
