@@ -143,6 +143,9 @@ pub enum BinhostCommand {
         /// The binhost is served unsigned: write verify-signature = false
         #[arg(long)]
         unsigned: bool,
+        /// Print the client's trust script (what GET /<target>/trust.sh serves) instead of the stanza
+        #[arg(long, conflicts_with = "unsigned")]
+        trust_script: bool,
     },
 }
 

@@ -1,5 +1,6 @@
 //! `dbh binhost conf`: the `binrepos.conf` stanza a client needs for a target's binhost, and, as
-//! comments, how to make Portage trust the signing key (what `getuto` does on Gentoo systems).
+//! comments, how to make Portage trust the signing key: the trust script ([`super::trust`]), which
+//! leaves `/etc/portage/gnupg` to getuto.
 
 use super::BinhostError;
 
@@ -40,22 +41,19 @@ pub fn render(input: &ConfInput<'_>) -> Result<String, BinhostError> {
             out.push_str(&format!(
                 "#\n\
                  # Packages are signed with the OpenPGP key {fpr}.\n\
-                 # Portage accepts them only when that key is in /etc/portage/gnupg with full or\n\
-                 # ultimate trust. The key: `dbh key export` on the binhost, or {uri}key.asc\n\
-                 # As root on the client:\n\
-                 #   wget -O /tmp/dbh-{t}.asc {uri}key.asc\n\
-                 #   gpg --show-keys --with-fingerprint /tmp/dbh-{t}.asc   # must show {fpr}\n\
-                 #   install -d -m 0755 /etc/portage/gnupg\n\
-                 #   gpg --homedir /etc/portage/gnupg --batch --import /tmp/dbh-{t}.asc\n\
-                 #   echo {fpr}:6: | gpg --homedir /etc/portage/gnupg --batch --import-ownertrust\n\
-                 #   gpg --homedir /etc/portage/gnupg --batch --check-trustdb\n\
-                 #   chmod -R go+rX /etc/portage/gnupg   # Portage verifies as user nobody\n\
-                 # Or, where app-portage/getuto manages /etc/portage/gnupg, import the key there\n\
-                 # and locally sign it with getuto's key instead of setting ownertrust:\n\
-                 #   gpg --homedir /etc/portage/gnupg --batch --import /tmp/dbh-{t}.asc\n\
-                 #   gpg --homedir /etc/portage/gnupg --batch --yes --quick-lsign-key {fpr}\n\
-                 #\n",
+                 # Portage accepts them only when its keyring, /etc/portage/gnupg, trusts that key.\n\
+                 # Do not create that directory by hand: getuto (Portage's trust helper) sets it up\n\
+                 # with Gentoo's release keys only when it does not exist. Run the trust script, as root:\n\
+                 #   wget -O /tmp/dbh-{t}-trust.sh {uri}trust.sh\n\
+                 #   DBH_FINGERPRINT={fpr} sh /tmp/dbh-{t}-trust.sh\n\
+                 # (on the binhost: dbh binhost conf --target {t} --url URL --trust-script). It:\n",
                 t = input.target
+            ));
+            for line in super::trust::summary(fpr) {
+                out.push_str(&format!("#   {line}\n"));
+            }
+            out.push_str(&format!(
+                "# The configuration the packages were built with (make.conf, package.use, …): {uri}portage/\n#\n"
             ));
         }
         None => out.push_str(
@@ -90,8 +88,10 @@ mod tests {
         let text = render(&ConfInput { target: "arm64", url: "http://h:8080/", priority: 10, fingerprint: Some(fpr) })
             .unwrap();
         assert!(text.ends_with("[dbh-arm64]\nsync-uri = http://h:8080/arm64/\npriority = 10\nverify-signature = true\n"));
-        assert!(text.contains(&format!("echo {fpr}:6: | gpg --homedir /etc/portage/gnupg")));
-        assert!(text.contains("http://h:8080/arm64/key.asc"));
+        // The stanza never tells anyone to create /etc/portage/gnupg (getuto must do that).
+        assert!(!text.contains("import-ownertrust") && !text.contains("install -d"));
+        assert!(text.contains("http://h:8080/arm64/trust.sh") && text.contains(&format!("DBH_FINGERPRINT={fpr} sh")));
+        assert!(text.contains("http://h:8080/arm64/portage/"));
         // Every line but the stanza is a comment, so the output can be saved as is.
         assert!(text.lines().filter(|l| !l.starts_with('#')).all(|l| l.starts_with('[') || l.contains(" = ")));
         insta::assert_snapshot!("conf_signed", text);

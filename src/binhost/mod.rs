@@ -7,10 +7,12 @@
 
 pub mod add;
 pub mod check;
+pub mod clientconf;
 pub mod conf;
 pub mod deps;
 pub mod index;
 pub mod scan;
+pub mod trust;
 
 use std::fs::File;
 use std::io::Write;
@@ -64,6 +66,8 @@ pub enum BinhostError {
     Sign(#[from] crate::sign::SignError),
     #[error("binhost URL {url:?} is not an http(s) URL")]
     BadUrl { url: String },
+    #[error(transparent)]
+    Trust(#[from] trust::TrustError),
 }
 
 impl Hint for BinhostError {
@@ -78,6 +82,7 @@ impl Hint for BinhostError {
                     .into(),
             ),
             BinhostError::WrongChost { .. } => Some("pass the --target the package was built for".into()),
+            BinhostError::Trust(e) => e.hint(),
             BinhostError::LockTimeout { path, .. } => {
                 Some(format!("if no dbh is running, something else holds {}", path.display()))
             }

@@ -1,7 +1,7 @@
 //! `dbh binhost index|check|add|conf`.
 
 use super::{out, Context};
-use crate::binhost::{add, check, conf, scan, BinhostError};
+use crate::binhost::{add, check, conf, scan, trust, BinhostError};
 use crate::sign::KeyStore;
 use crate::target::Targets;
 use crate::cli::BinhostCommand;
@@ -70,7 +70,7 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             }
             out(&text)
         }
-        BinhostCommand::Conf { target, url, unsigned } => {
+        BinhostCommand::Conf { target, url, unsigned, trust_script } => {
             let targets = Targets::load()?;
             let target = targets.get(&target)?;
             let home = ctx.settings.home();
@@ -83,6 +83,18 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
                 }
                 Some(keys.fingerprint()?)
             };
+            if trust_script {
+                let keys = KeyStore::new(home.keys());
+                let public = keys.public_armored()?;
+                let uri = conf::sync_uri(&url, &target.name)?;
+                let script = trust::script(&trust::TrustInput {
+                    target: &target.name,
+                    sync_uri: Some(&uri),
+                    public_key: &public,
+                })
+                .map_err(BinhostError::from)?;
+                return out(&script);
+            }
             let priority = ctx.settings.int("binhost.priority").unwrap_or(10);
             let text = conf::render(&conf::ConfInput {
                 target: &target.name,

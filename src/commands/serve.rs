@@ -27,6 +27,7 @@ pub fn run(ctx: &Context, _args: ServeArgs) -> Result<(), Error> {
         public_url: s.str("serve.public_url").map(str::to_owned),
         priority: s.int("binhost.priority").unwrap_or(10),
         key_file: s.home().keys().join("public.asc"),
+        target_config: Some(s.home().root().join("targets")),
         limits,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

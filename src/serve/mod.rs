@@ -11,7 +11,10 @@
 //! - `/` and `/<target>/`: HTML overview pages ([`pages`]);
 //! - `/<target>/Packages`, `/<target>/Packages.gz`: Last-Modified = the index TIMESTAMP;
 //! - `/<target>/<PATH>`: the binpkgs; `Range`, `If-Range`, `If-Modified-Since`, `If-None-Match`;
-//! - `/<target>/binrepos.conf` (generated) and `/<target>/key.asc` (`<DBH_HOME>/keys/public.asc`).
+//! - `/<target>/binrepos.conf` (generated) and `/<target>/key.asc` (`<DBH_HOME>/keys/public.asc`);
+//! - `/<target>/trust.sh`: the client's trust script for that key ([`crate::binhost::trust`]);
+//! - `/<target>/portage/` and `/<target>/portage/<file>`: the build configuration
+//!   ([`crate::binhost::clientconf`]).
 //!
 //! Consistency: every body is served from one descriptor opened for that request, and validators
 //! come from that descriptor ([`fs`]). The binhost writer replaces `Packages` and `Packages.gz` by
@@ -125,6 +128,8 @@ pub struct Config {
     pub priority: i64,
     /// The armored public key served as `/<target>/key.asc`.
     pub key_file: PathBuf,
+    /// `$DBH_HOME/targets`: each target's build configuration for `/<target>/portage/`.
+    pub target_config: Option<PathBuf>,
     pub limits: Limits,
 }
 
@@ -134,6 +139,7 @@ struct Shared {
     public_url: Option<String>,
     priority: i64,
     key_file: PathBuf,
+    target_config: Option<PathBuf>,
     limits: Limits,
     /// Parsed indexes for the pages, keyed by target and the index file's identity.
     summaries: Mutex<HashMap<String, (FileKey, Arc<pages::IndexSummary>)>>,
@@ -188,6 +194,7 @@ impl Server {
                 public_url,
                 priority: config.priority,
                 key_file: config.key_file,
+                target_config: config.target_config,
                 limits: config.limits,
                 summaries: Mutex::default(),
                 fingerprint: Mutex::default(),
@@ -556,6 +563,32 @@ async fn respond(
                 }
             }
         }
+        [t, name] if name == "trust.sh" => {
+            if !is_target(shared, t) {
+                return text(404, "no such target\n").await;
+            }
+            let Some(base) = base() else { return text(400, "invalid Host header\n").await };
+            match trust_script(shared, t, &base) {
+                Ok(script) => {
+                    let headers = [("Content-Type", "text/x-shellscript; charset=utf-8")];
+                    send_bytes(stream, 200, keep, &headers, script.as_bytes(), get, limits).await
+                }
+                Err(reason) => text(404, &format!("{reason}\n")).await,
+            }
+        }
+        [t, dir, name] if dir == "portage" => {
+            if !is_target(shared, t) {
+                return text(404, "no such target\n").await;
+            }
+            let body = if name.is_empty() {
+                crate::binhost::clientconf::listing(t)
+            } else if let Some(text) = portage_files(shared, t).remove(name.as_str()) {
+                text
+            } else {
+                return text(404, "no such configuration file\n").await;
+            };
+            send_bytes(stream, 200, keep, &[("Content-Type", "text/plain; charset=utf-8")], body.as_bytes(), get, limits).await
+        }
         [.., last] if last.is_empty() => text(404, "not found\n").await,
         [_, rest @ ..] => {
             let rel = segments.join("/");
@@ -773,6 +806,41 @@ fn summary(shared: &Shared, target: &str) -> Option<Arc<pages::IndexSummary>> {
     let s = Arc::new(pages::load_index(file)?);
     shared.summaries.lock().ok()?.insert(target.to_string(), (key, s.clone()));
     Some(s)
+}
+
+/// `/<target>/portage/*`: built per request from the target's config, definition and index.
+fn portage_files(shared: &Shared, target: &str) -> std::collections::BTreeMap<&'static str, String> {
+    let index = fs::open_beneath(&shared.root, &shared.root_path, &format!("{target}/Packages"))
+        .ok()
+        .and_then(|f| {
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut io::BufReader::new(f), &mut bytes).ok()?;
+            crate::binhost::Index::parse(&bytes).ok()
+        });
+    let targets = crate::target::Targets::load().ok();
+    let def = targets.as_ref().and_then(|ts| ts.get(target).ok());
+    let config_dir = shared.target_config.as_ref().map(|d| d.join(target).join("portage"));
+    crate::binhost::clientconf::files(&crate::binhost::clientconf::Sources {
+        target,
+        config_dir: config_dir.as_deref().filter(|d| d.is_dir()),
+        chost: def.map(|d| d.chost.as_str()),
+        keyword: def.map(|d| d.keyword.as_str()),
+        profile: def.map(|d| d.profile.as_str()),
+        index: index.as_ref(),
+    })
+}
+
+/// `/<target>/trust.sh` from the published key (read per request: it is small and rarely asked for).
+fn trust_script(shared: &Shared, target: &str, base: &str) -> Result<String, String> {
+    let key = std::fs::read_to_string(&shared.key_file).map_err(|_| {
+        format!(
+            "this binhost has no published signing key ({} does not exist): run `dbh key generate` on the server",
+            shared.key_file.display()
+        )
+    })?;
+    let uri = crate::binhost::conf::sync_uri(base, target).map_err(|e| e.to_string())?;
+    crate::binhost::trust::script(&crate::binhost::trust::TrustInput { target, sync_uri: Some(&uri), public_key: &key })
+        .map_err(|e| e.to_string())
 }
 
 /// The signing key's fingerprint for the import steps, re-read when the key file changes.

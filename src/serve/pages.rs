@@ -13,6 +13,8 @@ pub struct PackageRow {
     pub size: u64,
     pub build_time: u64,
     pub path: String,
+    /// The package's flags as built: every IUSE flag, `-` when off.
+    pub use_flags: String,
 }
 
 /// What the pages show of an index.
@@ -21,6 +23,27 @@ pub struct IndexSummary {
     pub timestamp: Option<u64>,
     pub header_count: Option<u64>,
     pub packages: Vec<PackageRow>,
+    /// The index's generation/revision as its header records it (`GENERATION` once binhost
+    /// generations exist, else `REPO_REVISIONS`): [`generation_text`].
+    pub generation: Option<String>,
+}
+
+/// What the page shows as the binhost's generation/revision: the header's `GENERATION` (written
+/// by binhost generations) and the repositories' revisions the packages were built from.
+pub fn generation_text(index: &crate::binhost::Index) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(g) = index.header("GENERATION").filter(|v| !v.is_empty()) {
+        parts.push(format!("generation {g}"));
+    }
+    if let Some(revs) = index
+        .header("REPO_REVISIONS")
+        .and_then(|v| serde_json::from_str::<std::collections::BTreeMap<String, String>>(v).ok())
+    {
+        for (repo, rev) in revs {
+            parts.push(format!("{repo} at {rev}"));
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
 }
 
 /// The page's view of an index parsed by the binhost module's parser.
@@ -37,8 +60,13 @@ pub fn summarize(index: &crate::binhost::Index) -> IndexSummary {
                 size: e.size().unwrap_or(0),
                 build_time: e.get("BUILD_TIME").and_then(|v| v.parse().ok()).unwrap_or(0),
                 path: e.effective_path(),
+                use_flags: {
+                    let (on, iuse) = crate::binhost::clientconf::entry_flags(e);
+                    iuse.iter().map(|f| if on.contains(f) { f.clone() } else { format!("-{f}") }).collect::<Vec<_>>().join(" ")
+                },
             })
             .collect(),
+        generation: generation_text(index),
     }
 }
 
@@ -160,16 +188,22 @@ pub fn target_page(target: &str, summary: Option<&IndexSummary>, conf: &str, bas
                 s.packages.len(),
                 time_text(s.timestamp.unwrap_or(0))
             );
-            b.push_str("<table><tr><th>Package</th><th>Version</th><th>Build id</th><th>Size</th><th>Built</th></tr>\n");
+            if let Some(g) = &s.generation {
+                let _ = writeln!(b, "<p>Built from: {}.</p>", escape(g));
+            }
+            b.push_str("<p>The <a href=\"portage/\">build configuration</a> (make.conf, package.use, keywords, profile, repositories): \
+a package's binpkg is used only where your USE, keywords and CHOST match it. <code>dbh client explain</code> says why one is not.</p>\n");
+            b.push_str("<table><tr><th>Package</th><th>Version</th><th>Build id</th><th>USE</th><th>Size</th><th>Built</th></tr>\n");
             for p in &s.packages {
                 let (name, version) = split_cpv(&p.cpv);
                 let _ = writeln!(
                     b,
-                    "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+                    "<tr><td><a href=\"{}\">{}</a></td><td>{}</td><td class=\"n\">{}</td><td><code>{}</code></td><td class=\"n\">{}</td><td>{}</td></tr>",
                     escape(&p.path),
                     escape(name),
                     escape(version),
                     escape(&p.build_id),
+                    escape(&p.use_flags),
                     human_size(p.size),
                     time_text(p.build_time)
                 );
@@ -188,15 +222,18 @@ pub fn target_page(target: &str, summary: Option<&IndexSummary>, conf: &str, bas
     let fpr = fingerprint.unwrap_or("FINGERPRINT");
     let _ = writeln!(
         b,
-        "<p>2. Trust the signing key (<a href=\"key.asc\">key.asc</a>{}) in Portage's keyring:</p>\n<pre><code>wget -O /tmp/dbh-{t}.asc {}/key.asc\n\
-gpg --homedir /etc/portage/gnupg --import /tmp/dbh-{t}.asc\n\
-echo '{}:6:' | gpg --homedir /etc/portage/gnupg --import-ownertrust\n\
-gpg --homedir /etc/portage/gnupg --check-trustdb\n\
-chmod -R go+rX /etc/portage/gnupg   # Portage verifies as the unprivileged user</code></pre>",
+        "<p>2. Trust the signing key (<a href=\"key.asc\">key.asc</a>{}) with the <a href=\"trust.sh\">trust script</a>, as root. \
+Do not create <code>/etc/portage/gnupg</code> by hand: getuto, Portage's trust helper, sets it up with Gentoo's release keys \
+only when it does not exist.</p>\n<pre><code>wget -O /tmp/dbh-{t}-trust.sh {}/trust.sh\nless /tmp/dbh-{t}-trust.sh\n\
+DBH_FINGERPRINT={} sh /tmp/dbh-{t}-trust.sh</code></pre>\n<p>What it does:</p>\n<ul>",
         fingerprint.map(|f| format!(", fingerprint <code>{}</code>", escape(f))).unwrap_or_else(|| ", <span class=\"muted\">not published yet</span>".into()),
         escape(&url),
         escape(fpr)
     );
+    for line in crate::binhost::trust::summary(fpr) {
+        let _ = writeln!(b, "<li>{}</li>", escape(line.trim_start()));
+    }
+    b.push_str("</ul>\n");
     b.push_str("<p>3. Install from it: <code>emerge --getbinpkg …</code> (or <code>--getbinpkgonly</code>).</p>\n");
     page(&format!("dbh binhost {target}"), &b)
 }

@@ -13,6 +13,7 @@ mod portage;
 mod publish;
 mod rootfs;
 mod serve;
+mod trust;
 mod vm;
 mod vm_build;
 
