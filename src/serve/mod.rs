@@ -530,6 +530,7 @@ async fn respond(
             let fpr = fingerprint(shared);
             let conf = pages::binrepos_conf(t, &base, shared.priority, fpr.as_deref());
             let html = pages::target_page(t, summary.as_deref(), &conf, &base, fpr.as_deref());
+            let html = pages::insert_section(html, &generations_html(shared, t));
             send_html(stream, keep, get, &html, limits).await
         }
         [t, name] if name == "binrepos.conf" => {
@@ -772,6 +773,18 @@ fn summary(shared: &Shared, target: &str) -> Option<Arc<pages::IndexSummary>> {
     let s = Arc::new(pages::load_index(file)?);
     shared.summaries.lock().ok()?.insert(target.to_string(), (key, s.clone()));
     Some(s)
+}
+
+/// The target page's generations section (binhost lifecycle), from the generation records.
+fn generations_html(shared: &Shared, target: &str) -> String {
+    use crate::binhost::generations;
+    let dir = shared.root_path.join(target);
+    let gens = generations::list(&dir).unwrap_or_default();
+    let current = match generations::state(&dir) {
+        Ok(generations::State::Published(n) | generations::State::GzAhead(n)) => Some(n),
+        _ => None,
+    };
+    pages::generations_section(&gens, current)
 }
 
 /// The signing key's fingerprint for the import steps, re-read when the key file changes.

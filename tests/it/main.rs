@@ -8,6 +8,7 @@ mod cli;
 mod cross;
 mod distcc;
 mod image;
+mod lifecycle;
 mod portage;
 mod publish;
 mod rootfs;
