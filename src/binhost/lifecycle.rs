@@ -9,8 +9,8 @@
 //! `prune`, and only when neither the published index nor any kept generation lists it.
 //!
 //! Prune's crash safety: the new index is published first; the files to delete are then written
-//! to the journal `.dbh-prune` before any is deleted, so a kill leaves files that `check` knows
-//! are being pruned (and the next prune finishes). Generation records go before their files.
+//! to the journal `.dbh-prune` before any record or file is deleted, so a kill leaves files that
+//! `check` knows are being pruned (and the next prune finishes). Records go before their files.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -404,8 +404,10 @@ pub fn prune(dir: &Path, opts: &PruneOptions, reporter: &dyn Reporter) -> Result
         out.generation = Some(republish(dir, new, index.timestamp(), "prune")?);
     }
     let keep_n = kept_numbers.len() + usize::from(out.generation.is_some());
-    out.generations_dropped = generations::drop_older(dir, keep_n)?;
+    // The journal before the records go: from then on every doomed file is either listed by a
+    // record or journaled.
     write_journal(dir, &doomed)?;
+    out.generations_dropped = generations::drop_older(dir, keep_n)?;
     delete_files(dir, &doomed)?;
     fs_err::remove_file(dir.join(PRUNE_JOURNAL))?;
     super::sync_dir(dir)?;
