@@ -133,6 +133,53 @@ pub enum BinhostCommand {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// List the generations of a target's published index, oldest first
+    Generations {
+        #[arg(long, short)]
+        target: String,
+        /// One JSON array of objects (generation, time, timestamp, op, packages, added, removed)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish an earlier generation's index as a new generation (TIMESTAMP still moves forward)
+    Rollback {
+        #[arg(long, short)]
+        target: String,
+        /// The generation to republish [default: the one before the current]
+        #[arg(long, value_name = "N")]
+        to: Option<u64>,
+    },
+    /// Take packages out of a target's index (a new generation); files stay until `prune`
+    Rm {
+        #[arg(long, short)]
+        target: String,
+        /// Only list what would be taken out
+        #[arg(long)]
+        dry_run: bool,
+        /// CATEGORY/PN (every version), a CPV (every BUILD_ID) or CPV-BUILD_ID
+        #[arg(required = true, value_name = "ATOM|CPV[-BUILD_ID]")]
+        packages: Vec<String>,
+    },
+    /// Drop old BUILD_IDs (and with --unreferenced packages the repositories no longer have), delete files no kept generation lists, old logs
+    Prune {
+        #[arg(long, short)]
+        target: String,
+        /// BUILD_IDs kept per CPV, newest first
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        keep: usize,
+        /// Generations whose files are kept (and that stay available to rollback), counting the new one
+        #[arg(long, default_value_t = 5, value_name = "M")]
+        keep_generations: usize,
+        /// Also drop packages whose ebuild is no longer in their repository (eclean-pkg's rule), at the revision REPO_REVISIONS records
+        #[arg(long)]
+        unreferenced: bool,
+        /// A repository to consult for --unreferenced (repeatable) [default: the target's repos.conf locations]
+        #[arg(long, value_name = "PATH")]
+        repo: Vec<PathBuf>,
+        /// Only list what would go
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print a binrepos.conf stanza for a target and the steps to trust its key
     Conf {
         #[arg(long, short)]

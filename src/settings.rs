@@ -88,6 +88,7 @@ const KEYS: &[KeyDef] = &[
     KeyDef { name: "serve.header_timeout", kind: Kind::Int, doc: "seconds a client may take to send a request head" },
     KeyDef { name: "serve.max_connections", kind: Kind::Int, doc: "connections `dbh serve` handles at once" },
     KeyDef { name: "binhost.priority", kind: Kind::Int, doc: "priority in generated binrepos.conf stanzas" },
+    KeyDef { name: "binhost.log_max_age_days", kind: Kind::Int, doc: "`dbh binhost prune` deletes files in logs/<target>/ older than this many days [default: 30]" },
     KeyDef { name: "build.jobs", kind: Kind::Int, doc: "parallel jobs for builds (MAKEOPTS -j)" },
     KeyDef { name: "build.distcc", kind: Kind::Bool, doc: "offload guest compiles to the host's distccd" },
     KeyDef { name: "distcc.hosts", kind: Kind::List, doc: "extra distcc hosts for builds" },

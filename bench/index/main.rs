@@ -8,10 +8,12 @@
 //!    from the test venv, PKGDIR = that directory) — and checks that every one of its entries
 //!    equals ours,
 //! 3. `dbh binhost index` again with nothing changed (incremental no-op),
-//! 4. `dbh binhost add --unsigned` of one more package into the N-package binhost.
+//! 4. `dbh binhost add --unsigned` of one more package into the N-package binhost,
+//! 5. `dbh binhost rm` of that package again (both record a generation and re-compress only the
+//!    changed gzip member of Packages.gz).
 //!
 //! Prints the times and the ratios against the targets (full index ≥ 20× faster than emaint,
-//! incremental add ≤ 1 % of a full index). `DBH_BENCH_SKIP_EMAINT=1` skips step 2,
+//! incremental add and rm each ≤ 1 % of a full index). `DBH_BENCH_SKIP_EMAINT=1` skips step 2,
 //! `DBH_BENCH_KEEP=1` keeps the generated binhost.
 
 use std::io::Write;
@@ -64,6 +66,21 @@ fn main() {
     });
     let check = std::fs::read_to_string(dir.join("Packages")).unwrap();
     assert!(check.contains("CPV: bench-extra/extra-9.9\n"), "the added package is not indexed");
+    let rm = time("dbh binhost rm (1 package)", || {
+        run(Command::new(&dbh)
+            .arg("--home")
+            .arg(&home)
+            .args(["-q", "binhost", "rm", "--target", "amd64", "bench-extra/extra-9.9"]))
+    });
+    let check = std::fs::read_to_string(dir.join("Packages")).unwrap();
+    assert!(!check.contains("CPV: bench-extra/extra-9.9\n"), "the removed package is still indexed");
+    let gz = {
+        use std::io::Read;
+        let mut s = String::new();
+        flate2::read::MultiGzDecoder::new(std::fs::File::open(dir.join("Packages.gz")).unwrap()).read_to_string(&mut s).unwrap();
+        s
+    };
+    assert_eq!(gz, check, "Packages.gz does not decompress to Packages");
 
     if std::env::var_os("DBH_BENCH_KEEP").is_some() {
         println!("keeping {}", work.keep().display());
@@ -85,6 +102,11 @@ fn main() {
     println!(
         "  dbh add, 1 package:     {:>7.3} s  {:>7.3} s   {pw:.2} % (wall) / {pc:.2} % (CPU) of a full index (target <= 1 %: {})",
         add.wall, add.cpu, verdict(pw <= 1.0 && pc <= 1.0)
+    );
+    let (rw, rc) = (100.0 * rm.wall / cold.wall, 100.0 * rm.cpu / cold.cpu);
+    println!(
+        "  dbh rm, 1 package:      {:>7.3} s  {:>7.3} s   {rw:.2} % (wall) / {rc:.2} % (CPU) of a full index (target <= 1 %: {})",
+        rm.wall, rm.cpu, verdict(rw <= 1.0 && rc <= 1.0)
     );
 }
 

@@ -201,7 +201,7 @@ pub fn add_with_header(
             super::sync_dir(parent)?;
         }
         match new_text {
-            Some(text) => super::write_index_text(dir, &text, Some(ts)),
+            Some(text) => super::write_index_as(dir, &text, Some(ts), "add").map(|_| ()),
             None => {
                 let opts = Options { full: false, target: Some(target) };
                 scan::reindex_locked(dir, old_index, opts, reporter).map(|_| ())

@@ -73,7 +73,15 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
         (Err(e), _) => problem(&gz_path, format!("cannot be decompressed: {e}")),
         (Ok(gz), Some(plain)) if gz != *plain => {
             let interrupted = !pending.is_empty() && interrupted_commit_is_sound(dir, &gz_path, &gz);
-            if interrupted {
+            if let Ok(super::generations::State::GzAhead(n)) = super::generations::state(dir) {
+                gz_ahead = true;
+                reporter.event(Event::Note {
+                    message: format!(
+                        "{}: generation {n}, Packages still the one before: a publish was interrupted between the two renames (both are whole generations; the next writer finishes it)",
+                        gz_path.display()
+                    ),
+                });
+            } else if interrupted {
                 gz_ahead = true;
                 reporter.event(Event::Note {
                     message: format!(
@@ -146,6 +154,9 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
         }
     }
 
+    // Files a kept generation lists, or an interrupted prune is deleting, may be unindexed.
+    let retained = super::generations::retained_paths(dir)?;
+    let pruning = super::lifecycle::pruning(dir);
     // Every file: readable, verified, indexed, and indexed with the values its metadata gives.
     let all: Vec<&Found> = files.iter().collect();
     let fresh = scan::read_entries(dir, &all, reporter, "check");
@@ -168,6 +179,14 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
                 reporter.event(Event::Note {
                     message: format!(
                         "{}: not indexed yet, an add was interrupted (clients cannot see it); the next `dbh binhost add` or `dbh binhost index` indexes it",
+                        path.display()
+                    ),
+                });
+            } else if retained.contains(&found.rel) || pruning.contains(&found.rel) {
+                // Kept for rollback (binhost lifecycle): clients of the current index never ask.
+                reporter.event(Event::Note {
+                    message: format!(
+                        "{}: not in the current index, kept because a kept generation lists it (or a prune is deleting it)",
                         path.display()
                     ),
                 });

@@ -10,7 +10,9 @@ pub mod check;
 pub mod clientconf;
 pub mod conf;
 pub mod deps;
+pub mod generations;
 pub mod index;
+pub mod lifecycle;
 pub mod scan;
 pub mod trust;
 
@@ -68,6 +70,14 @@ pub enum BinhostError {
     BadUrl { url: String },
     #[error(transparent)]
     Trust(#[from] trust::TrustError),
+    #[error("generation record {path} {reason}")]
+    Generation { path: PathBuf, reason: String },
+    #[error("{dir} has no generation {generation}{}", if .known.is_empty() { String::new() } else { format!(" (it has {})", .known) })]
+    NoGeneration { dir: PathBuf, generation: u64, known: String },
+    #[error("generation {generation} of {dir} lists {path}, which is no longer on disk")]
+    GenerationIncomplete { dir: PathBuf, generation: u64, path: String },
+    #[error("nothing in the index of {dir} matches `{pattern}`")]
+    NoMatch { dir: PathBuf, pattern: String },
 }
 
 impl Hint for BinhostError {
@@ -87,6 +97,12 @@ impl Hint for BinhostError {
                 Some(format!("if no dbh is running, something else holds {}", path.display()))
             }
             BinhostError::BadUrl { .. } => Some("pass e.g. --url http://binhost.example.org:8080".into()),
+            BinhostError::NoGeneration { .. } => {
+                Some("`dbh binhost generations --target T` lists the generations that are kept".into())
+            }
+            BinhostError::NoMatch { .. } => Some(
+                "give a CATEGORY/PN, a CPV or CPV-BUILD_ID as the index lists it (see the target's page or Packages)".into(),
+            ),
             _ => None,
         }
     }
@@ -303,23 +319,17 @@ pub fn write_index(dir: &Path, index: &Index) -> Result<(), BinhostError> {
 
 /// [`write_index`] for an already rendered index whose header says TIMESTAMP `timestamp`.
 pub fn write_index_text(dir: &Path, text: &str, timestamp: Option<u64>) -> Result<(), BinhostError> {
-    let mut plain = TempFile::new(dir, "Packages")?;
-    plain.file().write_all(text.as_bytes()).map_err(|e| io_at(plain.path(), "cannot write", e))?;
-    let mut gz = TempFile::new(dir, "Packages.gz")?;
-    {
-        let gz_path = gz.path().to_owned();
-        let mut enc = flate2::GzBuilder::new()
-            .mtime(timestamp.unwrap_or(0) as u32)
-            // Level 3: on a 10 000-package index 12 % larger than level 6 but about three times
-            // cheaper, and this runs on every `add` (measured with bench/index).
-            .write(std::io::BufWriter::new(gz.file()), flate2::Compression::new(3));
-        enc.write_all(text.as_bytes()).map_err(|e| io_at(&gz_path, "cannot write", e))?;
-        let mut buf = enc.finish().map_err(|e| io_at(&gz_path, "cannot write", e))?;
-        buf.flush().map_err(|e| io_at(&gz_path, "cannot write", e))?;
-    }
-    gz.sync(timestamp)?;
-    plain.sync(timestamp)?;
-    gz.rename(&dir.join("Packages.gz"))?;
-    plain.rename(&dir.join("Packages"))?;
-    sync_dir(dir)
+    write_index_as(dir, text, timestamp, "index").map(|_| ())
+}
+
+/// [`write_index_text`], recording the new generation as made by `op` (see [`generations`]:
+/// `Packages.gz` is written as gzip members per block of stanzas, only changed blocks are
+/// compressed again).
+pub fn write_index_as(
+    dir: &Path,
+    text: &str,
+    timestamp: Option<u64>,
+    op: &str,
+) -> Result<generations::Generation, BinhostError> {
+    generations::publish(dir, text, timestamp.unwrap_or(0), op)
 }

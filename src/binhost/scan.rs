@@ -490,8 +490,9 @@ fn files_match(dir: &Path, text: &str, ts: u64) -> bool {
         && gunzip(&dir.join("Packages.gz")).is_ok_and(|b| b == text.as_bytes())
 }
 
+/// Decompresses a whole gzip file, every member of it (dbh writes one member per block).
 pub fn gunzip(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(std::io::BufReader::new(std::fs::File::open(path)?)).read_to_end(&mut out)?;
+    flate2::read::MultiGzDecoder::new(std::io::BufReader::new(std::fs::File::open(path)?)).read_to_end(&mut out)?;
     Ok(out)
 }

@@ -1,7 +1,7 @@
-//! `dbh binhost index|check|add|conf`.
+//! `dbh binhost index|check|add|generations|rollback|rm|prune|conf`.
 
 use super::{out, Context};
-use crate::binhost::{add, check, conf, scan, trust, BinhostError};
+use crate::binhost::{add, check, conf, generations, lifecycle, scan, trust, BinhostError};
 use crate::sign::KeyStore;
 use crate::target::Targets;
 use crate::cli::BinhostCommand;
@@ -70,6 +70,110 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             }
             out(&text)
         }
+        BinhostCommand::Generations { target, json } => {
+            let dir = target_dir(ctx, &target)?;
+            let gens = generations::list(&dir)?;
+            if json {
+                let list: Vec<serde_json::Value> = gens
+                    .iter()
+                    .map(|g| {
+                        serde_json::json!({
+                            "generation": g.generation, "time": g.time, "timestamp": g.timestamp, "op": g.op,
+                            "packages": g.packages, "added": g.added, "removed": g.removed,
+                        })
+                    })
+                    .collect();
+                let mut text = serde_json::to_string_pretty(&list).expect("json serializes");
+                text.push('\n');
+                return out(&text);
+            }
+            let current = match generations::state(&dir)? {
+                generations::State::Published(n) | generations::State::GzAhead(n) => Some(n),
+                _ => None,
+            };
+            let mut text = String::new();
+            for g in &gens {
+                let mark = if Some(g.generation) == current { "*" } else { " " };
+                text.push_str(&format!(
+                    "{mark}{:>5}  {}  {:<14} {:>6} packages  +{} -{}{}\n",
+                    g.generation,
+                    g.time,
+                    g.op,
+                    g.packages,
+                    g.added.len(),
+                    g.removed.len(),
+                    summary(&g.added, &g.removed)
+                ));
+            }
+            out(&text)
+        }
+        BinhostCommand::Rollback { target, to } => {
+            let dir = target_dir(ctx, &target)?;
+            let g = lifecycle::rollback(&dir, to, &ctx.reporter)?;
+            out(&format!(
+                "generation {}: {} ({} packages, TIMESTAMP {}){}\n",
+                g.generation, g.op, g.packages, g.timestamp, summary(&g.added, &g.removed)
+            ))
+        }
+        BinhostCommand::Rm { target, dry_run, packages } => {
+            let dir = target_dir(ctx, &target)?;
+            let r = lifecycle::rm(&dir, &packages, dry_run, &ctx.reporter)?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            let mut text = String::new();
+            let verb = if dry_run { "would remove" } else { "removed" };
+            for (id, path) in &r.removed {
+                text.push_str(&format!("{verb} {id} ({path})\n"));
+            }
+            if let Some(g) = &r.generation {
+                text.push_str(&format!("generation {}: {} packages; the files stay until `dbh binhost prune`\n", g.generation, g.packages));
+            }
+            out(&text)
+        }
+        BinhostCommand::Prune { target, keep, keep_generations, unreferenced, repo, dry_run } => {
+            let dir = target_dir(ctx, &target)?;
+            let home = ctx.settings.home();
+            let repos = if unreferenced { Some(prune_repos(ctx, &target, &repo)?) } else { None };
+            let days = ctx.settings.int("binhost.log_max_age_days").unwrap_or(30).max(0) as u64;
+            let opts = lifecycle::PruneOptions {
+                keep,
+                keep_generations,
+                unreferenced: repos,
+                dry_run,
+                logs: Some((home.logs(&target), std::time::Duration::from_secs(days * 86_400))),
+            };
+            let r = lifecycle::prune(&dir, &opts, &ctx.reporter)?;
+            let (would, verb) = if dry_run { ("would ", "would delete") } else { ("", "deleted") };
+            let mut text = String::new();
+            for (id, why) in &r.dropped {
+                let _ = id;
+                text.push_str(&format!("{would}drop {why}\n"));
+            }
+            for (path, size) in &r.deleted {
+                text.push_str(&format!("{verb} {path} ({size} bytes)\n"));
+            }
+            for n in &r.generations_dropped {
+                text.push_str(&format!("{verb} generation {n}\n"));
+            }
+            let log_bytes: u64 = r.logs_deleted.iter().map(|(_, s)| s).sum();
+            for (path, size) in &r.logs_deleted {
+                text.push_str(&format!("{verb} log {} ({size} bytes, older than {days} days)\n", path.display()));
+            }
+            if let Some(g) = &r.generation {
+                text.push_str(&format!("generation {}: {} packages\n", g.generation, g.packages));
+            }
+            text.push_str(&format!(
+                "{} {} package(s) from the index, {} file(s); {}freed {} bytes ({} in logs)\n",
+                if dry_run { "would drop" } else { "dropped" },
+                r.dropped.len(),
+                r.deleted.len(),
+                would,
+                r.bytes_freed + log_bytes,
+                log_bytes
+            ));
+            out(&text)
+        }
         BinhostCommand::Conf { target, url, unsigned, trust_script } => {
             let targets = Targets::load()?;
             let target = targets.get(&target)?;
@@ -105,4 +209,52 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             out(&text)
         }
     }
+}
+
+/// The target's binhost directory, the target checked to exist.
+fn target_dir(ctx: &Context, target: &str) -> Result<std::path::PathBuf, Error> {
+    let targets = Targets::load()?;
+    let target = targets.get(target)?;
+    Ok(ctx.settings.home().binhost(&target.name))
+}
+
+/// ` (+a b, -c)` for a short change list, empty otherwise.
+fn summary(added: &[String], removed: &[String]) -> String {
+    let show = |l: &[String]| if l.len() <= 3 { l.join(" ") } else { format!("{} …", l[..3].join(" ")) };
+    match (added.is_empty(), removed.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => format!("  (+ {})", show(added)),
+        (true, false) => format!("  (- {})", show(removed)),
+        (false, false) => format!("  (+ {}; - {})", show(added), show(removed)),
+    }
+}
+
+/// Repositories for `prune --unreferenced`: every --repo, else the `location`s of the target's
+/// repos.conf.
+fn prune_repos(ctx: &Context, target: &str, given: &[std::path::PathBuf]) -> Result<Vec<lifecycle::Repo>, Error> {
+    let mut paths: Vec<std::path::PathBuf> = given.to_vec();
+    if paths.is_empty() {
+        let home = ctx.settings.home();
+        let config = crate::build::PortageConfig::load_or_create(&home, target)?;
+        for (_, body) in crate::build::repos_conf_sections(&config.repos_conf) {
+            for line in body.lines() {
+                if let Some((k, v)) = line.split_once('=')
+                    && k.trim() == "location"
+                {
+                    paths.push(v.trim().into());
+                }
+            }
+        }
+    }
+    if paths.is_empty() {
+        return Err(Error::Failed(format!(
+            "--unreferenced needs the repositories to consult: the target `{target}` has none in its repos.conf; pass --repo PATH"
+        )));
+    }
+    let mut repos = Vec::new();
+    for p in paths {
+        let name = crate::build::repo_name(&p)?;
+        repos.push(lifecycle::Repo { name, path: p });
+    }
+    Ok(repos)
 }

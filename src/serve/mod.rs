@@ -538,6 +538,7 @@ async fn respond(
             let fpr = fingerprint(shared);
             let conf = pages::binrepos_conf(t, &base, shared.priority, fpr.as_deref());
             let html = pages::target_page(t, summary.as_deref(), &conf, &base, fpr.as_deref());
+            let html = pages::insert_section(html, &generations_html(shared, t));
             send_html(stream, keep, get, &html, limits).await
         }
         [t, name] if name == "binrepos.conf" => {
@@ -841,6 +842,16 @@ fn trust_script(shared: &Shared, target: &str, base: &str) -> Result<String, Str
     let uri = crate::binhost::conf::sync_uri(base, target).map_err(|e| e.to_string())?;
     crate::binhost::trust::script(&crate::binhost::trust::TrustInput { target, sync_uri: Some(&uri), public_key: &key })
         .map_err(|e| e.to_string())
+/// The target page's generations section (binhost lifecycle), from the generation records.
+fn generations_html(shared: &Shared, target: &str) -> String {
+    use crate::binhost::generations;
+    let dir = shared.root_path.join(target);
+    let gens = generations::list(&dir).unwrap_or_default();
+    let current = match generations::state(&dir) {
+        Ok(generations::State::Published(n) | generations::State::GzAhead(n)) => Some(n),
+        _ => None,
+    };
+    pages::generations_section(&gens, current)
 }
 
 /// The signing key's fingerprint for the import steps, re-read when the key file changes.

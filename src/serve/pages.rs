@@ -238,6 +238,51 @@ DBH_FINGERPRINT={} sh /tmp/dbh-{t}-trust.sh</code></pre>\n<p>What it does:</p>\n
     page(&format!("dbh binhost {target}"), &b)
 }
 
+/// The generations section of a target's page: which generation is published and the recent
+/// history (newest first), from the binhost's generation records.
+pub fn generations_section(gens: &[crate::binhost::generations::Generation], current: Option<u64>) -> String {
+    let mut b = String::from("<h2>Generations</h2>\n");
+    let Some(last) = gens.last() else {
+        b.push_str("<p class=\"muted\">No generation recorded yet.</p>\n");
+        return b;
+    };
+    match current {
+        Some(n) => {
+            let _ = writeln!(b, "<p>Published: generation <strong>{n}</strong> of {}. <code>dbh binhost rollback --target T [--to N]</code> republishes an earlier one.</p>", last.generation);
+        }
+        None => b.push_str("<p>The published index is not one of the recorded generations.</p>\n"),
+    }
+    b.push_str("<table><tr><th>Generation</th><th>Published</th><th>Change</th><th>Packages</th><th>Added</th><th>Removed</th></tr>\n");
+    let list = |l: &[String]| {
+        let shown: Vec<String> = l.iter().take(5).map(|x| escape(x)).collect();
+        let more = if l.len() > 5 { format!(" … ({} in all)", l.len()) } else { String::new() };
+        format!("{}{more}", shown.join("<br>"))
+    };
+    for g in gens.iter().rev().take(10) {
+        let mark = if Some(g.generation) == current { " (current)" } else { "" };
+        let _ = writeln!(
+            b,
+            "<tr><td class=\"n\">{}{mark}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td></tr>",
+            g.generation,
+            time_text(g.time),
+            escape(&g.op),
+            g.packages,
+            list(&g.added),
+            list(&g.removed)
+        );
+    }
+    b.push_str("</table>\n");
+    b
+}
+
+/// Puts `section` into a target page before its "Use this binhost" part.
+pub fn insert_section(html: String, section: &str) -> String {
+    match html.find("<h2>Use this binhost</h2>") {
+        Some(at) => format!("{}{section}{}", &html[..at], &html[at..]),
+        None => html,
+    }
+}
+
 /// The generated `binrepos.conf` for one target: `dbh binhost conf`'s stanza (with the key
 /// import steps as comments) when the public key is published. Without a key it still says
 /// `verify-signature = true`: a binhost is meant to be signed, and a client must not silently

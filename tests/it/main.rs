@@ -9,6 +9,7 @@ mod conventions;
 mod cross;
 mod distcc;
 mod image;
+mod lifecycle;
 mod portage;
 mod publish;
 mod rootfs;

@@ -198,7 +198,7 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 
 pub fn gunzip(data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(data).read_to_end(&mut out)?;
+    flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out)?;
     Ok(out)
 }
 
