@@ -43,18 +43,21 @@ pub use error::Error;
 /// Runs the command line and maps the outcome to dbh's exit codes:
 /// 0 success, 1 user/config error or failed build, 2 a bug (panic).
 pub fn main() -> ExitCode {
+    // The hook only reports. Whether a panic ends the program is up to where it happens: on the
+    // main thread it unwinds to the `catch_unwind` below (exit 2); `dbh serve` catches a panic
+    // in one connection's task, closes that connection and keeps serving everyone else.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: dbh hit a bug: {info}");
         eprintln!("hint: this is not your fault; please report it with the command line and `-v` output");
-        std::process::exit(2);
     }));
     let cli = cli::parse();
     progress::init_tracing(cli.global.verbose, cli.global.quiet);
-    match commands::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commands::run(cli))) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(err)) => {
             error::report(&err);
             ExitCode::from(err.exit_code())
         }
+        Err(_) => ExitCode::from(2),
     }
 }

@@ -74,4 +74,12 @@ if [ ! -x "$venv/bin/emerge" ]; then
 	python3 -m venv "$venv"
 	"$venv/bin/pip" install -q "portage==$PORTAGE_VERSION"
 fi
+# Test only: REDbot (PyPI `redbot`) lints dbh serve's HTTP caching and validators (tests/it/harden.rs).
+REDBOT_VERSION=2.7.1
+redbot=$cache/venv-redbot
+if [ ! -x "$redbot/bin/redbot" ]; then
+	mkdir -p "$cache"
+	python3 -m venv "$redbot"
+	"$redbot/bin/pip" install -q "redbot==$REDBOT_VERSION"
+fi
 echo "setup-host: system packages and Portage $PORTAGE_VERSION ($venv) are ready"

@@ -7,6 +7,7 @@ mod binpkg;
 mod cli;
 mod cross;
 mod distcc;
+mod harden;
 mod image;
 mod portage;
 mod publish;
