@@ -70,6 +70,10 @@ pub fn parse_head(head: &[u8]) -> Result<Request, HeadError> {
     else {
         return Err(HeadError::Bad("malformed request line"));
     };
+    // A bare CR, NUL or other control byte in the request line is never valid (RFC 9112 §3).
+    if line.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err(HeadError::Bad("control character in the request line"));
+    }
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
         return Err(HeadError::Bad("malformed method"));
     }
