@@ -691,7 +691,7 @@ async fn respond(
                 Some(_) => "max-age=60, must-revalidate",
                 // A multi-instance binpkg (`PF-BUILD_ID.*`) never changes once published: a new
                 // build gets a new BUILD_ID, hence a new name.
-                None if crate::binhost::deps::parse_build_id(name) > 0 => "public, max-age=31536000, immutable",
+                None if crate::binhost::deps::parse_build_id(name) > 0 => "max-age=31536000, immutable",
                 None => "max-age=3600",
             };
             serve_file(stream, req, keep, file, meta, content_type(name), kind, cache, limits).await
