@@ -253,13 +253,15 @@ fn far_future_index_timestamps_are_reported_with_line_and_fix() {
 fn check_reports_leftover_temp_dirs() {
     let (h, dir) = seeded_home();
     std::fs::create_dir(dir.join(".dbh-tmp-4242-0-0.d")).unwrap();
-    let out = run(h.path(), &["binhost", "check", dir.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "{}", combined(&out));
+    let check = || dbh().env_remove("DBH_HOME").arg("--home").arg(h.path()).args(["binhost", "check"]).arg(&dir).output().unwrap();
+    // Reported, not an inconsistency (a SIGKILLed add may leave one; clients never see it).
+    let out = check();
+    assert!(out.status.success(), "{}", combined(&out));
     assert!(combined(&out).contains(".dbh-tmp-4242-0-0.d") && combined(&out).contains("leftover"), "{}", combined(&out));
     let out = run(h.path(), &["binhost", "index", dir.to_str().unwrap()]);
     assert!(out.status.success(), "{}", combined(&out));
-    let out = run(h.path(), &["binhost", "check", dir.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", combined(&out));
+    let out = check();
+    assert!(out.status.success() && !combined(&out).contains("leftover"), "{}", combined(&out));
 }
 
 // ---------------------------------------------------------------------------------------------
