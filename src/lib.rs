@@ -44,10 +44,12 @@ pub use error::Error;
 /// Runs the command line; the exit status is decided in [`error`]: 0 success, 1 user/config
 /// error or failed build, 2 usage error, 101 a bug (panic), or a passed-through guest status.
 pub fn main() -> ExitCode {
+    // The hook only reports. Whether a panic ends the program is up to where it happens: on the
+    // main thread it unwinds to the `catch_unwind` below (exit 101); `dbh serve` catches a panic
+    // in one connection's task, closes that connection and keeps serving everyone else.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: dbh hit a bug: {info}");
         eprintln!("hint: this is not your fault; please report it with the command line and `-v` output");
-        std::process::exit(i32::from(error::EXIT_BUG));
     }));
     let cli = match cli::parse() {
         Ok(cli) => cli,
@@ -61,11 +63,12 @@ pub fn main() -> ExitCode {
     });
     let timestamps = matches!(cli.command, cli::Command::Serve(_));
     progress::init_tracing(cli.global.verbose, cli.global.quiet, color, timestamps);
-    match commands::run(cli) {
-        Ok(()) => ExitCode::from(error::EXIT_OK),
-        Err(err) => {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commands::run(cli))) {
+        Ok(Ok(())) => ExitCode::from(error::EXIT_OK),
+        Ok(Err(err)) => {
             error::report(&err);
             ExitCode::from(err.exit_code())
         }
+        Err(_) => ExitCode::from(error::EXIT_BUG),
     }
 }

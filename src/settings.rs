@@ -87,6 +87,7 @@ const KEYS: &[KeyDef] = &[
     KeyDef { name: "serve.public_url", kind: Kind::Str, doc: "base URL written into served binrepos.conf" },
     KeyDef { name: "serve.header_timeout", kind: Kind::Int, doc: "seconds a client may take to send a request head" },
     KeyDef { name: "serve.max_connections", kind: Kind::Int, doc: "connections `dbh serve` handles at once" },
+    KeyDef { name: "serve.max_per_ip", kind: Kind::Int, doc: "connections one client address may hold in `dbh serve`" },
     KeyDef { name: "binhost.priority", kind: Kind::Int, doc: "priority in generated binrepos.conf stanzas" },
     KeyDef { name: "binhost.log_max_age_days", kind: Kind::Int, doc: "`dbh binhost prune` deletes files in logs/<target>/ older than this many days [default: 30]" },
     KeyDef { name: "build.jobs", kind: Kind::Int, doc: "parallel jobs for builds (MAKEOPTS -j)" },
@@ -186,6 +187,7 @@ impl Settings {
         self.default("serve.listen", toml::Value::Array(vec!["127.0.0.1:8080".into()]));
         self.default("serve.header_timeout", toml::Value::Integer(10));
         self.default("serve.max_connections", toml::Value::Integer(4096));
+        self.default("serve.max_per_ip", toml::Value::Integer(1024));
         self.default("binhost.priority", toml::Value::Integer(10));
         let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         self.default("build.jobs", toml::Value::Integer(jobs as i64));

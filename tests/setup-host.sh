@@ -115,4 +115,14 @@ if [ ! -x "$venv/bin/emerge" ]; then
 	"$venv/bin/pip" install -q "portage==$PORTAGE_VERSION"
 fi
 "$venv/bin/python" -c "import portage" || die "Portage in $venv does not run (remove the directory and run again)"
+if $tests; then
+	# Test only: REDbot (PyPI `redbot`) lints dbh serve's HTTP caching and validators (tests/it/harden.rs).
+	REDBOT_VERSION=2.7.1
+	redbot=$cache/venv-redbot
+	if [ ! -x "$redbot/bin/redbot" ]; then
+		mkdir -p "$cache"
+		python3 -m venv "$redbot"
+		"$redbot/bin/pip" install -q "redbot==$REDBOT_VERSION"
+	fi
+fi
 echo "setup-host: system packages$($tests && echo ' (with the test tools)'), QEMU $version and Portage $PORTAGE_VERSION ($venv) are ready"

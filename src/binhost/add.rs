@@ -99,7 +99,10 @@ pub fn add_with_header(
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             // Not UTF-8: let the parser say where.
             let bytes = fs_err::read(&index_path)?;
-            let source = Index::parse(&bytes).expect_err("invalid UTF-8 does not parse");
+            let source = match Index::parse(&bytes) {
+                Err(e) => e,
+                Ok(_) => super::index::ParseError { line: 1, message: "is not valid UTF-8".into() },
+            };
             return Err(BinhostError::Parse { path: index_path, source });
         }
         Err(e) => return Err(e.into()),
@@ -109,22 +112,31 @@ pub fn add_with_header(
         Index::parse(text.as_bytes()).map_err(|source| BinhostError::Parse { path: index_path.clone(), source })
     };
 
-    // BUILD_IDs: the largest known for the CPV (index, disk, this batch) + 1.
-    let mut next: HashMap<String, u64> = HashMap::new();
+    // BUILD_IDs: the largest known for the CPV (index, disk, this batch) + 1, all u64 up to
+    // MAX_BUILD_ID, with checked arithmetic. `next` remembers where the largest came from, so
+    // that running out names the file responsible instead of the input.
+    let mut next: HashMap<String, (u64, PathBuf)> = HashMap::new();
     for input in &inputs {
         let cpv = format!("{}/{}", input.category, input.pf);
-        let mut max = old_text.as_deref().map_or(0, |t| max_build_id(t, &cpv));
-        for id in ids_on_disk(dir, input)? {
-            max = max.max(id);
+        let mut max = (old_text.as_deref().map_or(0, |t| max_build_id(t, &cpv)), index_path.clone());
+        for (id, path) in ids_on_disk(dir, input)? {
+            if id > max.0 {
+                max = (id, path);
+            }
         }
-        let slot = next.entry(cpv).or_insert(0);
-        *slot = (*slot).max(max);
+        let slot = next.entry(cpv).or_insert((0, PathBuf::new()));
+        if max.0 > slot.0 {
+            *slot = max;
+        }
     }
     let mut plan = Vec::new();
     for input in &inputs {
         let cpv = format!("{}/{}", input.category, input.pf);
-        let id = next.get(&cpv).copied().unwrap_or(0) + 1;
-        next.insert(cpv.clone(), id);
+        let (last, from) = next.get(&cpv).cloned().unwrap_or((0, PathBuf::new()));
+        let Some(id) = last.checked_add(1).filter(|id| *id <= binpkg::MAX_BUILD_ID) else {
+            return Err(BinhostError::BuildIdExhausted { cpv, path: from, id: last, max: binpkg::MAX_BUILD_ID });
+        };
+        next.insert(cpv.clone(), (id, input.src.clone()));
         let rel = format!("{}/{}/{}-{id}.gpkg.tar", input.category, input.pn, input.pf);
         plan.push((input, cpv, id, rel));
     }
@@ -172,7 +184,7 @@ pub fn add_with_header(
     // edited and rendered); with one, the directory is rescanned after placing, which also
     // indexes what the interrupted run placed.
     let old_ts = old_text.as_deref().and_then(header_timestamp);
-    let ts = old_ts.map_or(super::now(), |t| super::now().max(t + 1));
+    let ts = super::next_timestamp(old_ts);
     let new_text = if !pending.is_empty() {
         None
     } else {
@@ -244,6 +256,10 @@ fn check_input(src: &Path, target: &Target) -> Result<Input, BinhostError> {
     }
     let pkg = binpkg::read(src).map_err(|source| BinhostError::Package { path: src.to_owned(), source: Box::new(source) })?;
     binpkg::verify(src, None).map_err(|source| BinhostError::Package { path: src.to_owned(), source: Box::new(source) })?;
+    if pkg.format == Format::Gpkg {
+        // XPAK images are checked by the same rules while they are converted.
+        binpkg::check_image(src).map_err(|source| BinhostError::Package { path: src.to_owned(), source: Box::new(source) })?;
+    }
     let get = |k: &str| pkg.metadata.get(k).map(super::index::normalize).unwrap_or_default();
     let (category, pf, slot) = (get("CATEGORY"), get("PF"), get("SLOT"));
     let invalid = |reason: String| BinhostError::Invalid { path: src.to_owned(), reason };
@@ -269,8 +285,10 @@ fn check_input(src: &Path, target: &Target) -> Result<Input, BinhostError> {
     Ok(Input { src: src.to_owned(), format: pkg.format, category, pf, pn })
 }
 
-/// BUILD_IDs of files of the same PF already in `cat/pn/` (indexed or not).
-fn ids_on_disk(dir: &Path, input: &Input) -> Result<Vec<u64>, BinhostError> {
+/// BUILD_IDs of files of the same PF already in `cat/pn/` (indexed or not), with their paths.
+/// Any decimal suffix counts, however large: a file that would shadow our numbering must stop
+/// the add with its name, not be skipped.
+fn ids_on_disk(dir: &Path, input: &Input) -> Result<Vec<(u64, PathBuf)>, BinhostError> {
     let pkg_dir = dir.join(&input.category).join(&input.pn);
     let entries = match fs_err::read_dir(&pkg_dir) {
         Ok(e) => e,
@@ -284,9 +302,12 @@ fn ids_on_disk(dir: &Path, input: &Input) -> Result<Vec<u64>, BinhostError> {
         let stem = scan::SUFFIXES.iter().find_map(|s| name.strip_suffix(s));
         if let Some((pf, id)) = stem.and_then(|s| s.rsplit_once('-'))
             && pf == input.pf
-            && let Ok(id) = id.parse()
+            && !id.is_empty()
+            && id.bytes().all(|b| b.is_ascii_digit())
         {
-            ids.push(id);
+            // Beyond u64: as exhausted as it gets.
+            let id = id.parse().unwrap_or(u64::MAX);
+            ids.push((id, pkg_dir.join(name)));
         }
     }
     Ok(ids)
@@ -340,7 +361,7 @@ fn index_text(
 /// TIMESTAMP from an index's header, without parsing the rest.
 fn header_timestamp(text: &str) -> Option<u64> {
     let header = text.split_once("\n\n").map_or(text, |(h, _)| h);
-    header.lines().find_map(|l| l.strip_prefix("TIMESTAMP: ")?.parse().ok())
+    header.lines().find_map(|l| l.strip_prefix("TIMESTAMP: ")?.parse().ok()).filter(|t| *t <= binpkg::MAX_TIME)
 }
 
 /// The largest BUILD_ID the index text has for `cpv` (0 if none), by searching the text.
@@ -351,7 +372,11 @@ fn max_build_id(text: &str, cpv: &str) -> u64 {
         let start = text[..at].rfind("\n\n").map_or(0, |i| i + 2);
         let end = text[at..].find("\n\n").map_or(text.len(), |i| at + i);
         let stanza = &text[start..end];
-        if let Some(id) = stanza.lines().find_map(|l| l.strip_prefix("BUILD_ID: ")?.parse::<u64>().ok()) {
+        if let Some(id) = stanza.lines().find_map(|l| {
+            let v = l.strip_prefix("BUILD_ID: ")?;
+            // Digits only; a value beyond u64 is as large as it gets.
+            (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then(|| v.parse::<u64>().unwrap_or(u64::MAX))
+        }) {
             max = max.max(id);
         }
     }

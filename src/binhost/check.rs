@@ -41,6 +41,21 @@ pub fn check(dir: &Path, reporter: &dyn Reporter) -> Result<Vec<Problem>, Binhos
     let packages_path = dir.join("Packages");
     let gz_path = dir.join("Packages.gz");
     let files = scan::walk(dir)?;
+    // With the shared lock held no writer is running, so any temp entry is one a killed run left.
+    for entry in fs_err::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(super::TMP_PREFIX) {
+            let what = if entry.file_type()?.is_dir() { "directory" } else { "file" };
+            // Reported, but not an inconsistency: clients never see dot names, and a SIGKILLed
+            // add is allowed to leave one (the kill -9 tests require `check` to pass then).
+            reporter.event(Event::Note {
+                message: format!(
+                    "{}: leftover temporary {what} of an interrupted write (the next `dbh binhost add` or `dbh binhost index` removes it)",
+                    entry.path().display()
+                ),
+            });
+        }
+    }
     let pending: Vec<String> = match fs_err::read_to_string(dir.join(super::JOURNAL)) {
         Ok(text) => text.lines().map(str::to_owned).collect(),
         Err(_) => Vec::new(),

@@ -81,16 +81,20 @@ pub fn pkgsplit(pf: &str) -> Option<(&str, &str, &str)> {
     None
 }
 
-/// Portage's `_parse_build_id`: the trailing `-N` of a binpkg file name, or -1.
-pub fn parse_build_id(file_name: &str) -> i64 {
+/// Portage's `_parse_build_id`: the trailing `-N` of a binpkg file name, or 0 when there is
+/// none. BUILD_IDs are u64 everywhere in dbh, at most [`crate::binpkg::MAX_BUILD_ID`] (a larger
+/// suffix is not a BUILD_ID: 0).
+pub fn parse_build_id(file_name: &str) -> u64 {
     let stem = file_name
         .strip_suffix(".gpkg.tar")
         .or_else(|| file_name.strip_suffix(".xpak"))
         .or_else(|| file_name.strip_suffix(".tbz2"));
-    let Some(stem) = stem else { return -1 };
+    let Some(stem) = stem else { return 0 };
     match stem.rsplit_once('-') {
-        Some((pf, id)) if pkgsplit(pf).is_some() => id.parse().unwrap_or(-1),
-        _ => -1,
+        Some((pf, id)) if pkgsplit(pf).is_some() && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => {
+            id.parse().ok().filter(|n| *n <= crate::binpkg::MAX_BUILD_ID).unwrap_or(0)
+        }
+        _ => 0,
     }
 }
 
@@ -309,10 +313,13 @@ mod tests {
     #[test]
     fn build_ids_in_file_names() {
         assert_eq!(parse_build_id("hello-1.0-1.gpkg.tar"), 1);
-        assert_eq!(parse_build_id("hello-1.0.gpkg.tar"), -1);
-        assert_eq!(parse_build_id("hello-1.0-r1.gpkg.tar"), -1);
+        assert_eq!(parse_build_id("hello-1.0.gpkg.tar"), 0);
+        assert_eq!(parse_build_id("hello-1.0-r1.gpkg.tar"), 0);
         assert_eq!(parse_build_id("hello-1.0-r1-17.xpak"), 17);
-        assert_eq!(parse_build_id("hello-1.0.tbz2"), -1);
+        assert_eq!(parse_build_id("hello-1.0.tbz2"), 0);
+        assert_eq!(parse_build_id("hello-1.0-9223372036854775807.gpkg.tar"), 9_223_372_036_854_775_807);
+        assert_eq!(parse_build_id("hello-1.0-9223372036854775808.gpkg.tar"), 0);
+        assert_eq!(parse_build_id("hello-1.0-+5.gpkg.tar"), 0);
     }
 
     #[test]

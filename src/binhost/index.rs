@@ -216,6 +216,22 @@ impl Index {
                 }
             },
         }
+        if let Some(ts) = header.get("TIMESTAMP") {
+            // Every later step adds to it, formats it as a date or sets it as an mtime: a value
+            // no date can show is refused here, with the line, rather than panicking there.
+            let ok = !ts.is_empty() && ts.bytes().all(|b| b.is_ascii_digit());
+            if !ok || ts.parse::<u64>().map_or(true, |t| t > crate::binpkg::MAX_TIME) {
+                let line = text.lines().position(|l| l.starts_with("TIMESTAMP:")).map_or(header_line, |i| i + 1);
+                return Err(err(
+                    line,
+                    format!(
+                        "TIMESTAMP {:?} is not a time in seconds up to {} (9999-12-31)",
+                        clip(ts),
+                        crate::binpkg::MAX_TIME
+                    ),
+                ));
+            }
+        }
         if header.contains_key("CPV") {
             return Err(err(header_line, "the header contains CPV: the index has no header"));
         }

@@ -78,6 +78,8 @@ pub enum BinhostError {
     GenerationIncomplete { dir: PathBuf, generation: u64, path: String },
     #[error("nothing in the index of {dir} matches `{pattern}`")]
     NoMatch { dir: PathBuf, pattern: String },
+    #[error("cannot number a new build of {cpv}: {path} already has BUILD_ID {id}, the largest there is ({max})")]
+    BuildIdExhausted { cpv: String, path: PathBuf, id: u64, max: u64 },
 }
 
 impl Hint for BinhostError {
@@ -103,6 +105,10 @@ impl Hint for BinhostError {
             BinhostError::NoMatch { .. } => Some(
                 "give a CATEGORY/PN, a CPV or CPV-BUILD_ID as the index lists it (see the target's page or Packages)".into(),
             ),
+            BinhostError::BuildIdExhausted { path, .. } => Some(format!(
+                "{} is not a build dbh numbered: remove it (and run `dbh binhost index` if it is indexed), then add again",
+                path.display()
+            )),
             _ => None,
         }
     }
@@ -222,7 +228,10 @@ impl TempFile {
         let file = self.file();
         file.flush().map_err(|e| io_at(&path, "cannot write", e))?;
         if let Some(t) = mtime {
-            let t = std::time::UNIX_EPOCH + Duration::from_secs(t);
+            let t = std::time::UNIX_EPOCH
+                .checked_add(Duration::from_secs(t))
+                .filter(|_| t <= crate::binpkg::MAX_TIME)
+                .ok_or_else(|| io_at(&path, &format!("mtime {t} is out of range for"), std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
             file.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(t))
                 .map_err(|e| io_at(&path, "cannot set the mtime of", e))?;
         }
@@ -297,6 +306,14 @@ pub fn read_index(dir: &Path) -> Result<Option<Index>, BinhostError> {
         Err(e) => return Err(e.into()),
     };
     Index::parse(&bytes).map(Some).map_err(|source| BinhostError::Parse { path, source })
+}
+
+/// The TIMESTAMP of a new index: now, but never below the old one + 1 (clients compare them),
+/// and never past [`crate::binpkg::MAX_TIME`] whatever the old index said. Checked arithmetic:
+/// the old value comes from disk.
+pub fn next_timestamp(old: Option<u64>) -> u64 {
+    let floor = old.map_or(0, |t| t.saturating_add(1));
+    now().max(floor).min(crate::binpkg::MAX_TIME)
 }
 
 /// Seconds since the epoch.

@@ -151,7 +151,11 @@ pub fn entry_for_file(path: &Path, found: &Found) -> Result<Entry, Skip> {
         }
     }
     if let Some(id) = entry.get("BUILD_ID") {
-        let id: u64 = id.parse().map_err(|_| Skip::Invalid(format!("invalid BUILD_ID {id:?}")))?;
+        let id: u64 = id
+            .parse()
+            .ok()
+            .filter(|id| *id <= crate::binpkg::MAX_BUILD_ID)
+            .ok_or_else(|| Skip::Invalid(format!("invalid BUILD_ID {id:?}")))?;
         entry.set("BUILD_ID", id.to_string());
     }
     eval_use_flags(&mut entry).map_err(Skip::Invalid)?;
@@ -192,7 +196,7 @@ fn check_location(rel: &str, cat: &str, pf: &str) -> Result<(), Skip> {
     }
     let build_id = deps::parse_build_id(file);
     let multi_instance = if file.ends_with(".xpak") {
-        if build_id < 1 || file != format!("{pf}-{build_id}.xpak") {
+        if build_id == 0 || file != format!("{pf}-{build_id}.xpak") {
             return bad("the file name is not PF-BUILD_ID.xpak");
         }
         true
@@ -475,7 +479,7 @@ fn commit(dir: &Path, old: &Index, had_index: bool, mut index: Index) -> Result<
             return Ok(false);
         }
     }
-    let ts = old_ts.map_or(super::now(), |t| super::now().max(t + 1));
+    let ts = super::next_timestamp(old_ts);
     index.header.insert("TIMESTAMP".into(), ts.to_string());
     super::write_index(dir, &index)?;
     Ok(true)

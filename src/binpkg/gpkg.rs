@@ -105,6 +105,9 @@ pub(crate) fn layout<S: Source + ?Sized>(src: &S) -> Result<Layout, Fault> {
     }
     let mut top: Option<(String, String)> = None;
     let mut members: Vec<Member> = Vec::new();
+    // Name lookups go through sets: a hostile package may have 100 000 members, and every
+    // check below is one pass (a search per member made this quadratic).
+    let mut names: std::collections::HashSet<String> = std::collections::HashSet::new();
     for e in &entries {
         let full = e.name.as_str();
         if full.starts_with('/') {
@@ -128,7 +131,7 @@ pub(crate) fn layout<S: Source + ?Sized>(src: &S) -> Result<Layout, Fault> {
             return Err(Fault::bad(format!("member `{full}` is not a regular file")));
         }
         let name = parts[1];
-        if members.iter().any(|m| m.name == name) {
+        if !names.insert(name.to_owned()) {
             return Err(Fault::bad(format!("member `{full}` is listed twice")));
         }
         let role = classify(name, full)?;
@@ -147,9 +150,11 @@ pub(crate) fn layout<S: Source + ?Sized>(src: &S) -> Result<Layout, Fault> {
             return Err(Fault::bad(format!("it has {n} `{what}` members instead of one")));
         }
     }
+    let signed_members: std::collections::HashSet<&str> =
+        members.iter().filter(|m| m.role != Role::Signature).map(|m| m.name.as_str()).collect();
     for m in members.iter().filter(|m| m.role == Role::Signature) {
         let base = &m.name[..m.name.len() - 4];
-        if !members.iter().any(|o| o.name == base && o.role != Role::Signature) {
+        if !signed_members.contains(base) {
             return Err(Fault::bad(format!("signature `{top}/{}` belongs to no member", m.name)));
         }
     }
@@ -164,8 +169,9 @@ pub(crate) fn layout<S: Source + ?Sized>(src: &S) -> Result<Layout, Fault> {
         return Err(Fault::truncated("inside the Manifest"));
     }
     let lines = manifest::parse(&manifest::cleartext(&manifest_raw)?)?;
+    let by_name: std::collections::HashMap<&str, &Line> = lines.iter().map(|l| (l.name.as_str(), l)).collect();
     for m in members.iter().filter(|m| m.role != Role::Manifest) {
-        match lines.iter().find(|l| l.name == m.name) {
+        match by_name.get(m.name.as_str()) {
             None => {
                 return Err(Fault::Digest { member: m.name.clone(), reason: "is not listed in the Manifest".into() });
             }
@@ -178,7 +184,9 @@ pub(crate) fn layout<S: Source + ?Sized>(src: &S) -> Result<Layout, Fault> {
             Some(_) => {}
         }
     }
-    if let Some(l) = lines.iter().find(|l| !members.iter().any(|m| m.name == l.name && m.role != Role::Manifest)) {
+    let listed: std::collections::HashSet<&str> =
+        members.iter().filter(|m| m.role != Role::Manifest).map(|m| m.name.as_str()).collect();
+    if let Some(l) = lines.iter().find(|l| !listed.contains(l.name.as_str())) {
         return Err(Fault::Digest { member: l.name.clone(), reason: "is listed in the Manifest but missing from the package".into() });
     }
     let signed = manifest::is_signed(&manifest_raw) || members.iter().any(|m| m.role == Role::Signature);
@@ -188,7 +196,7 @@ pub(crate) fn layout<S: Source + ?Sized>(src: &S) -> Result<Layout, Fault> {
 /// Reads a member whole (only for the small ones: metadata, signatures).
 pub(crate) fn member_bytes<S: Source + ?Sized>(src: &S, m: &Member, limit: u64) -> Result<Vec<u8>, Fault> {
     if m.size > limit {
-        return Err(Fault::bad(format!("member `{}` is {} bytes long, more than dbh accepts", m.name, m.size)));
+        return Err(Fault::bad(format!("member `{}` is {} bytes long, more than the {limit}-byte cap for it", m.name, m.size)));
     }
     let mut buf = vec![0u8; m.size as usize];
     if !src.read_exact_at(m.offset, &mut buf).map_err(Fault::Io)? {
@@ -227,13 +235,17 @@ pub(crate) fn parse_metadata_tar(data: impl Read, member: &str, path: &Path) -> 
             let Some(key) = name.strip_prefix("metadata/") else {
                 return Err(Fault::bad(format!("`{member}` holds `{name}`, which is not under `metadata/`")));
             };
+            // The cap is checked on the announced size, before a byte is read into memory.
+            super::limits::check_len(key, entry.size())?;
             let mut value = Vec::with_capacity(entry.size().min(1 << 20) as usize);
             entry.read_to_end(&mut value).map_err(bad)?;
             md.add(key, value)?;
         }
     }
     if limited.limit() == 0 {
-        return Err(Fault::bad(format!("`{member}` unpacks to more than {MAX_METADATA} bytes")));
+        return Err(Fault::bad(format!(
+            "`{member}` unpacks to more than {MAX_METADATA} bytes, the per-package metadata cap (binpkg::MAX_METADATA): a decompression bomb or a package dbh will not index"
+        )));
     }
     Ok(md)
 }
@@ -317,13 +329,15 @@ pub(crate) fn verify_source<S: Source + Sync + ?Sized>(
         layout.manifest = signed_lines;
     }
     let mut members = Vec::new();
+    let by_name: std::collections::HashMap<&str, &Member> = layout.members.iter().map(|m| (m.name.as_str(), m)).collect();
+    let lines: std::collections::HashMap<&str, &Line> = layout.manifest.iter().map(|l| (l.name.as_str(), l)).collect();
     for m in layout.members.iter().filter(|m| m.role != Role::Manifest) {
         let reader = Hashing { inner: member_reader(src, m), hasher: manifest::Hasher::new() };
         let needs_sig = certs.is_some() && matches!(m.role, Role::Metadata(_) | Role::Image(_));
         let line = if needs_sig {
             let certs = certs.expect("needs_sig");
             let sig_name = format!("{}.sig", m.name);
-            let Some(sig) = layout.member(&sig_name) else {
+            let Some(sig) = by_name.get(sig_name.as_str()).copied() else {
                 return Err(Fault::Unsigned(format!("`{}` has no signature member `{sig_name}`", m.name)));
             };
             let sig = member_bytes(src, sig, manifest::MAX_MANIFEST)?;
@@ -339,11 +353,41 @@ pub(crate) fn verify_source<S: Source + Sync + ?Sized>(
             std::io::copy(&mut reader, &mut std::io::sink()).map_err(Fault::Io)?;
             reader.hasher.line(&m.name)
         };
-        check_digest(&layout, &m.name, &line)?;
+        let want = lines.get(m.name.as_str()).ok_or_else(|| Fault::Digest {
+            member: m.name.clone(),
+            reason: "is not listed in the Manifest".into(),
+        })?;
+        manifest::check(want, &line).map_err(|reason| Fault::Digest { member: m.name.clone(), reason })?;
         members.push(m.name.clone());
     }
     metadata(src, &layout, path)?;
     Ok(Verified { format, signed: layout.signed, signatures_checked: certs.is_some(), members })
+}
+
+/// Walks the image of a GPKG (decompressing it, nothing is written) and refuses any member that
+/// could leave the image root when extracted: the rules of [`super::limits::ImageCheck`], which
+/// are Portage's extraction checks plus the symlink rules. `binhost add` runs this before it
+/// signs anything, so what it publishes extracts cleanly with Portage and `rootfs build`.
+pub fn check_image(path: &Path) -> Result<(), super::BinpkgError> {
+    let src = super::open(path)?;
+    check_image_source(&src).map_err(|f| f.at(path))
+}
+
+pub(crate) fn check_image_source<S: Source + ?Sized>(src: &S) -> Result<(), Fault> {
+    let layout = layout(src)?;
+    let image = layout.image_member();
+    let Role::Image(comp) = image.role else { unreachable!("image_member") };
+    let dec = comp.decoder(member_reader(src, image), &image.name)?;
+    let mut ar = tar::Archive::new(dec);
+    let bad = |e: std::io::Error| Fault::bad(format!("`{}` cannot be read: {e}", image.name));
+    let mut check = super::limits::ImageCheck::gpkg();
+    for entry in ar.entries().map_err(bad)? {
+        let entry = entry.map_err(bad)?;
+        let kind = super::limits::Kind::of(entry.header().entry_type());
+        let link = entry.link_name_bytes();
+        check.entry(&entry.path_bytes(), kind, link.as_deref())?;
+    }
+    Ok(())
 }
 
 /// How [`rewrite_gpkg`] and [`xpak_to_gpkg`] change a package.
@@ -537,7 +581,7 @@ pub fn xpak_to_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super:
     if let Some(id) = opts.build_id {
         md.set("BUILD_ID", id.to_string());
     }
-    let mtime = md.get("BUILD_TIME").and_then(|t| t.trim().parse().ok()).unwrap_or(0);
+    let mtime = md.build_time().unwrap_or(0);
     let comp = xl.image_compression.ok_or_else(|| {
         Fault::bad("the XPAK image is not compressed with a format dbh recognises".into()).at(src)
     })?;
@@ -563,8 +607,17 @@ pub fn xpak_to_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super:
             }
             Ok(if rel.is_empty() || rel == "." { "image".into() } else { format!("image/{rel}") })
         };
+        let mut check = super::limits::ImageCheck::xpak();
         for entry in ar.entries().map_err(rerr)? {
             let mut entry = entry.map_err(rerr)?;
+            // The same image rules as GPKG (absolute names were silently made relative here).
+            check
+                .entry(
+                    &entry.path_bytes(),
+                    super::limits::Kind::of(entry.header().entry_type()),
+                    entry.link_name_bytes().as_deref(),
+                )
+                .map_err(|f| f.at(src))?;
             let mut header = entry.header().clone();
             let path = prefixed(&entry.path_bytes())?;
             let kind = header.entry_type();

@@ -77,6 +77,7 @@ pub(crate) fn cleartext(data: &[u8]) -> Result<String, Fault> {
 /// Parses DATA lines like Portage's `_load_manifest`: blank lines skipped, anything else refused.
 pub(crate) fn parse(text: &str) -> Result<Vec<Line>, Fault> {
     let mut lines: Vec<Line> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (no, raw) in text.lines().enumerate() {
         let words: Vec<&str> = raw.split_whitespace().collect();
         if words.is_empty() {
@@ -87,7 +88,7 @@ pub(crate) fn parse(text: &str) -> Result<Vec<Line>, Fault> {
             return Err(bad("not a `DATA name size …` line"));
         }
         let name = words[1].to_owned();
-        if lines.iter().any(|l| l.name == name) {
+        if !seen.insert(name.clone()) {
             return Err(bad("the file is listed twice"));
         }
         let size: u64 = words[2].parse().map_err(|_| bad("the size is not a number"))?;

@@ -8,6 +8,7 @@
 
 mod compression;
 pub mod gpkg;
+pub mod limits;
 pub mod manifest;
 mod tarfmt;
 pub mod xpak;
@@ -17,7 +18,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use compression::Compression;
-pub use gpkg::{rewrite_gpkg, verify, xpak_to_gpkg, Rewrite, Verified};
+pub use limits::{MAX_BUILD_ID, MAX_INDEX_VALUE, MAX_TIME, MAX_VALUE};
+pub use gpkg::{check_image, rewrite_gpkg, verify, xpak_to_gpkg, Rewrite, Verified};
 
 use crate::hint::Hint;
 use crate::sign::SignError;
@@ -177,8 +179,9 @@ pub struct Metadata {
     order: Vec<String>,
 }
 
-/// Largest total of metadata values dbh accepts (real packages: a few KiB to a few MiB).
-pub(crate) const MAX_METADATA: u64 = 256 * 1024 * 1024;
+/// Largest total of metadata values dbh accepts per package (real packages: a few KiB to a few
+/// MiB; `environment.bz2` dominates).
+pub const MAX_METADATA: u64 = 64 * 1024 * 1024;
 
 impl Metadata {
     pub(crate) fn new(path: &Path) -> Metadata {
@@ -194,6 +197,7 @@ impl Metadata {
         if self.text.contains_key(key) || self.binary.contains_key(key) {
             return Err(Fault::bad(format!("metadata entry `{key}` is listed twice")));
         }
+        limits::check_value(key, &value)?;
         self.order.push(key.to_owned());
         match String::from_utf8(value) {
             Ok(text) => {
@@ -250,9 +254,14 @@ impl Metadata {
         Ok(format!("{}/{}", get("CATEGORY")?, get("PF")?))
     }
 
-    /// `BUILD_ID` as a number, if present and numeric.
+    /// `BUILD_ID` as a number, if present, numeric and at most [`MAX_BUILD_ID`].
     pub fn build_id(&self) -> Option<u64> {
-        self.get("BUILD_ID")?.trim().parse().ok()
+        self.get("BUILD_ID")?.trim().parse().ok().filter(|id| *id <= MAX_BUILD_ID)
+    }
+
+    /// `BUILD_TIME` as seconds, if present and within [`MAX_TIME`] (checked when read).
+    pub fn build_time(&self) -> Option<u64> {
+        self.get("BUILD_TIME")?.trim().parse().ok().filter(|t| *t <= MAX_TIME)
     }
 }
 
@@ -301,6 +310,11 @@ pub fn read_gpkg_bytes(bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
 /// [`read`] on an XPAK held in memory (fuzzing, tests); never panics.
 pub fn read_xpak_bytes(bytes: &[u8]) -> Result<BinPkg, BinpkgError> {
     read_source(bytes, Path::new("<memory>.xpak"), Format::Xpak)
+}
+
+/// [`check_image`] on a GPKG held in memory (fuzzing, tests); never panics.
+pub fn check_image_bytes(bytes: &[u8]) -> Result<(), BinpkgError> {
+    gpkg::check_image_source(bytes).map_err(|f| f.at(Path::new("<memory>.gpkg.tar")))
 }
 
 /// [`verify`] (hashes only, no signatures) on a GPKG held in memory (fuzzing); never panics.

@@ -545,3 +545,136 @@ fn write_fuzz_seeds() {
     let image = bz2(&inner_tar(&[("./usr/bin/hello", b"x")]));
     std::fs::write(root.join("xpak/plain"), xpak_file(&image, XMETA)).unwrap();
 }
+
+/// A tar written field by field, so that it can hold what the `tar` crate refuses to write
+/// (`..`, absolute names, links pointing anywhere): the hostile images of a build guest.
+fn raw_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, kind, link, data) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+fn gpkg_with_image(image: &[u8]) -> Vec<u8> {
+    let mut members = standard_members(META);
+    members[2].1 = zst(image);
+    container("hello-1.0-3", &members)
+}
+
+/// Issue 13, case 7: image paths and link targets are confined to the image root, as Portage's
+/// extraction (and more) requires; these are the exact hostile members of the report.
+#[test]
+fn hostile_image_members_are_refused() {
+    use tar::EntryType as E;
+    let ok = raw_tar(&[
+        ("image/", E::Directory, "", b""),
+        ("image/usr/bin/hello", E::Regular, "", b"x"),
+        ("image/usr/bin/hi", E::Symlink, "hello", b""),
+        ("image/etc/localtime", E::Symlink, "/usr/share/zoneinfo/UTC", b""),
+        ("image/usr/bin/hey", E::Link, "image/usr/bin/hello", b""),
+    ]);
+    check_image_bytes(&gpkg_with_image(&ok)).unwrap();
+    for (image, rule) in [
+        (raw_tar(&[("image/../../../../etc/cron.d/evil", E::Regular, "", b"* * * * * root sh")]), "`..`"),
+        (raw_tar(&[("../../../../etc/cron.d/evil", E::Regular, "", b"x")]), "`..`"),
+        (raw_tar(&[("/etc/abs-evil", E::Regular, "", b"x")]), "absolute path"),
+        (raw_tar(&[("image/etc/shadow", E::Symlink, "../../../../../etc/shadow", b"")]), "leaves the image root"),
+        (raw_tar(&[("image/etc", E::Symlink, "/etc", b""), ("image/etc/shadow", E::Regular, "", b"x")]), "below a symlink"),
+        (raw_tar(&[("image/shadow", E::Link, "/etc/shadow", b"")]), "absolute path"),
+        (raw_tar(&[("image/null", E::Char, "", b"")]), "device node"),
+        (raw_tar(&[("image/fifo", E::Fifo, "", b"")]), "device node or FIFO"),
+    ] {
+        let e = check_image_bytes(&gpkg_with_image(&image)).unwrap_err().to_string();
+        assert!(e.contains(rule) && e.contains("<memory>.gpkg.tar"), "{rule}: {e}");
+    }
+}
+
+/// Issue 13, cases 1 and 6: out-of-range times and oversized values are refused when the
+/// package is read, with the key and the cap in the error (so `add` never signs them).
+#[test]
+fn hostile_metadata_values_are_refused() {
+    for (key, value, want) in [
+        ("metadata/BUILD_TIME", b"253402300800\n".to_vec(), "BUILD_TIME"),
+        ("metadata/BUILD_TIME", b"18446744073709551615\n".to_vec(), "MAX_TIME"),
+        ("metadata/BUILD_ID", b"9223372036854775808".to_vec(), "MAX_BUILD_ID"),
+        ("metadata/KEYWORDS", vec![b'~'; 200 << 20], "MAX_INDEX_VALUE"),
+    ] {
+        let mut meta: Vec<(&str, &[u8])> = META.iter().filter(|(k, _)| *k != key).copied().collect();
+        meta.push((key, &value));
+        let e = err_text(read_gpkg_bytes(&container("hello-1.0-3", &standard_members(&meta))));
+        assert!(e.contains(want), "{key}: {e}");
+    }
+    let e = err_text(read_xpak_bytes(&xpak_file(&bz2(&inner_tar(&[("./x", b"x")])), &[
+        ("CATEGORY", b"a\n"),
+        ("PF", b"b-1\n"),
+        ("BUILD_TIME", b"253402300800"),
+    ])));
+    assert!(e.contains("BUILD_TIME"), "{e}");
+}
+
+/// A GPKG with `n` `.sig` members that belong to no member (each listed in the Manifest).
+fn many_sigs(n: usize) -> Vec<u8> {
+    let members = standard_members(META);
+    let mut w = Writer::new(Vec::new());
+    let mut manifest = String::new();
+    for (name, data) in &members {
+        w.member(&format!("hello-1.0-3/{name}"), data, 1).unwrap();
+        manifest.push_str(&Hasher::of(name, data).to_text());
+    }
+    for i in 0..n {
+        w.member(&format!("hello-1.0-3/f{i}.sig"), b"", 1).unwrap();
+    }
+    w.member("hello-1.0-3/Manifest", manifest.as_bytes(), 1).unwrap();
+    w.finish().unwrap()
+}
+
+/// CPU time of this thread (wall time means little on a shared, loaded machine).
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Issue 13, case 9: 100 000 `.sig` members cost 15.8 s of CPU (25 000: 0.64 s), quadratic.
+/// Now 4x the members cost about 4x the time, not 16x.
+#[test]
+fn many_signature_members_are_checked_in_linear_time() {
+    let mut cost = Vec::new();
+    for n in [25_000, 100_000] {
+        let bytes = many_sigs(n);
+        let t = thread_cpu();
+        let e = err_text(read_gpkg_bytes(&bytes));
+        cost.push(thread_cpu() - t);
+        assert!(e.contains("belongs to no member"), "{e}");
+    }
+    assert!(cost[1] < cost[0] * 8 + std::time::Duration::from_millis(50), "25 000: {:?}, 100 000: {:?}", cost[0], cost[1]);
+}
+
+/// Seeded mutations of images with links: the image walk never panics.
+#[test]
+fn mutated_images_never_panic() {
+    use tar::EntryType as E;
+    let image = raw_tar(&[
+        ("image/a", E::Regular, "", b"x"),
+        ("image/b", E::Symlink, "../a", b""),
+        ("image/c", E::Link, "image/a", b""),
+    ]);
+    let mut rng = Rng(0x1a2b_3c4d);
+    for _ in 0..300 {
+        let m = mutate(&mut rng, &image);
+        let _ = check_image_bytes(&gpkg_with_image(&m));
+    }
+}

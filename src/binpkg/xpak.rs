@@ -62,7 +62,9 @@ pub(crate) fn read<S: Source + ?Sized>(src: &S, path: &Path) -> Result<(Layout, 
         )));
     }
     if data_len > MAX_METADATA {
-        return Err(Fault::bad(format!("XPAK data is {data_len} bytes, more than dbh accepts")));
+        return Err(Fault::bad(format!(
+            "XPAK data is {data_len} bytes, more than the per-package metadata cap of {MAX_METADATA} bytes (binpkg::MAX_METADATA)"
+        )));
     }
     let mut index = vec![0u8; index_len as usize];
     let mut data = vec![0u8; data_len as usize];

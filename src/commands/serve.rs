@@ -21,6 +21,9 @@ pub fn run(ctx: &Context, _args: ServeArgs) -> Result<(), Error> {
     if let Some(n) = s.int("serve.max_connections").filter(|v| *v > 0) {
         limits.max_connections = n as usize;
     }
+    if let Some(n) = s.int("serve.max_per_ip").filter(|v| *v > 0) {
+        limits.max_per_ip = n as usize;
+    }
     let config = Config {
         dir,
         listen: s.list("serve.listen"),

@@ -14,7 +14,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
+#[cfg(test)]
+use std::time::UNIX_EPOCH;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -51,7 +53,9 @@ fn openat2(root: &OwnedFd, rel: &str) -> io::Result<File> {
     let fd = rustix::fs::openat2(
         root,
         rel,
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
+        // NONBLOCK: opening a FIFO (or a device) planted in the tree must not block the async
+        // worker; regular files ignore the flag, and `open_file` refuses everything else.
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
         Mode::empty(),
         ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
     )?;
@@ -81,13 +85,42 @@ fn open_canonical(root_path: &Path, rel: &str) -> io::Result<File> {
         return Err(io::Error::from(io::ErrorKind::PermissionDenied));
     }
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&canonical)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&canonical)?;
     let meta = file.metadata()?;
     let again = std::fs::symlink_metadata(&canonical)?;
     if meta.ino() != again.ino() || meta.dev() != again.dev() {
         return Err(io::Error::from(io::ErrorKind::PermissionDenied));
     }
     Ok(file)
+}
+
+/// [`open_beneath`] for a body to serve: only a regular file (checked with fstat on the opened
+/// descriptor, so no swap after the check) is returned; FIFOs, sockets, device nodes and
+/// directories are `NotFound`. The open itself never blocks (O_NONBLOCK).
+pub fn open_file(root: &OwnedFd, root_path: &Path, rel: &str) -> io::Result<(File, std::fs::Metadata)> {
+    let file = open_beneath(root, root_path, rel)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::from(io::ErrorKind::NotFound));
+    }
+    Ok((file, meta))
+}
+
+/// Opens a file outside the served root (the public key) with the same rules as [`open_file`].
+pub fn open_path(path: &Path) -> io::Result<(File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::from(io::ErrorKind::NotFound));
+    }
+    Ok((file, meta))
 }
 
 /// Opens the served root as a directory descriptor for [`open_beneath`].
@@ -113,16 +146,22 @@ pub struct FileInfo {
 
 pub fn file_info(file: &File, index_kind: Option<IndexKind>) -> io::Result<FileInfo> {
     let m = file.metadata()?;
-    let mtime = UNIX_EPOCH + Duration::new(m.mtime().max(0) as u64, m.mtime_nsec().clamp(0, 999_999_999) as u32);
+    Ok(file_info_of(file, &m, index_kind))
+}
+
+/// [`file_info`] from metadata already taken from `file`.
+pub fn file_info_of(file: &File, m: &std::fs::Metadata, index_kind: Option<IndexKind>) -> FileInfo {
+    // Clamped: any mtime a file can carry (negative, far future) gives a valid HTTP date.
+    let mtime = super::http::time_from_secs(m.mtime().max(0) as u64);
     let etag = format!("\"{:x}-{:x}-{:x}-{:x}.{:x}\"", m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
     let mut last_modified = mtime;
     if let Some(kind) = index_kind
         && m.is_file()
-        && let Some(ts) = index_timestamp(file, kind, &m)
+        && let Some(ts) = index_timestamp(file, kind, m)
     {
-        last_modified = UNIX_EPOCH + Duration::from_secs(ts);
+        last_modified = super::http::time_from_secs(ts);
     }
-    Ok(FileInfo { size: m.size(), last_modified, etag, is_file: m.is_file() })
+    FileInfo { size: m.size(), last_modified, etag, is_file: m.is_file() }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,12 +181,12 @@ fn index_timestamp(file: &File, kind: IndexKind, m: &std::fs::Metadata) -> Optio
     type Key = (u64, u64, u64, i64, i64);
     static CACHE: Mutex<Option<HashMap<Key, Option<u64>>>> = Mutex::new(None);
     let key = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
-    if let Some(hit) = CACHE.lock().ok()?.get_or_insert_with(HashMap::new).get(&key) {
+    if let Some(hit) = CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert_with(HashMap::new).get(&key) {
         return *hit;
     }
     let head = read_head(file, kind).ok()?;
     let ts = timestamp_in(&head);
-    let mut cache = CACHE.lock().ok()?;
+    let mut cache = CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let map = cache.get_or_insert_with(HashMap::new);
     if map.len() > 1024 {
         map.clear();

@@ -70,6 +70,10 @@ pub fn parse_head(head: &[u8]) -> Result<Request, HeadError> {
     else {
         return Err(HeadError::Bad("malformed request line"));
     };
+    // A bare CR, NUL or other control byte in the request line is never valid (RFC 9112 §3).
+    if line.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err(HeadError::Bad("control character in the request line"));
+    }
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_') {
         return Err(HeadError::Bad("malformed method"));
     }
@@ -98,6 +102,7 @@ pub fn parse_head(head: &[u8]) -> Result<Request, HeadError> {
     };
     let mut connection_close = false;
     let mut connection_keep_alive = false;
+    let mut content_length: Option<u64> = None;
     for line in lines {
         if line.is_empty() {
             continue;
@@ -110,6 +115,11 @@ pub fn parse_head(head: &[u8]) -> Result<Request, HeadError> {
             return Err(HeadError::Bad("malformed header name"));
         }
         let value = value.trim_matches([' ', '\t']);
+        // RFC 9110 §5.5: NUL, CR and LF are never valid in a field value; other controls
+        // (except tab) are refused too, so nothing downstream ever sees them.
+        if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(HeadError::Bad("control character in a header value"));
+        }
         let set = |slot: &mut Option<String>| -> Result<(), HeadError> {
             if slot.is_some() {
                 return Err(HeadError::Bad("repeated header"));
@@ -137,8 +147,19 @@ pub fn parse_head(head: &[u8]) -> Result<Request, HeadError> {
                 connection_keep_alive |= token.eq_ignore_ascii_case("keep-alive");
             }
         } else if name.eq_ignore_ascii_case("content-length") {
-            let n: u64 = value.parse().map_err(|_| HeadError::Bad("malformed Content-Length"))?;
-            req.has_body |= n > 0;
+            // RFC 9112 §6.3: differing Content-Length values (in one field or several) are an
+            // unrecoverable framing error; a request smuggler relies on servers picking one.
+            for part in value.split(',').map(|p| p.trim_matches([' ', '\t'])) {
+                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(HeadError::Bad("malformed Content-Length"));
+                }
+                let n: u64 = part.parse().map_err(|_| HeadError::Bad("malformed Content-Length"))?;
+                match content_length {
+                    Some(prev) if prev != n => return Err(HeadError::Bad("differing Content-Length values")),
+                    _ => content_length = Some(n),
+                }
+                req.has_body |= n > 0;
+            }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             req.has_body = true;
         }
@@ -349,11 +370,23 @@ pub fn if_range_matches(header: &str, etag: &str, last_modified: SystemTime) -> 
 
 pub fn whole_seconds(t: SystemTime) -> SystemTime {
     let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    UNIX_EPOCH + Duration::from_secs(secs)
+    time_from_secs(secs)
 }
 
+/// The last second an HTTP date can name (9999-12-31T23:59:59Z): `httpdate` panics beyond it,
+/// and a file's mtime or an index TIMESTAMP can be anything.
+pub const MAX_HTTP_SECS: u64 = 253_402_300_799;
+
+/// `secs` after the epoch as a time an HTTP date can show (clamped to [`MAX_HTTP_SECS`]).
+pub fn time_from_secs(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.min(MAX_HTTP_SECS))
+}
+
+/// An HTTP date for any time: before the epoch shows as the epoch, after year 9999 as the
+/// last second of 9999. Never panics.
 pub fn http_date(t: SystemTime) -> String {
-    httpdate::fmt_http_date(t)
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    httpdate::fmt_http_date(time_from_secs(secs))
 }
 
 /// The `Date` header value, formatted at most once per second per thread.
@@ -367,7 +400,7 @@ pub fn now_date() -> String {
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs || c.1.is_empty() {
-            *c = (secs, httpdate::fmt_http_date(now));
+            *c = (secs, http_date(now));
         }
         c.1.clone()
     })
@@ -487,6 +520,95 @@ mod tests {
         assert_eq!(parse_head(b"GET / HTTP/1.1\r\n\r\n"), Err(HeadError::Bad("HTTP/1.1 request without Host")));
         assert_eq!(parse_head(b"GET / HTTP/2.0\r\n\r\n"), Err(HeadError::Version));
         assert!(parse_head(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n").unwrap().has_body);
+    }
+
+    #[test]
+    fn differing_content_lengths_and_control_bytes_are_refused() {
+        let cl2 = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n";
+        assert_eq!(parse_head(cl2), Err(HeadError::Bad("differing Content-Length values")));
+        let list = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 4\r\n\r\n";
+        assert_eq!(parse_head(list), Err(HeadError::Bad("differing Content-Length values")));
+        // The same value twice is one length (RFC 9112 §6.3 lets a recipient accept it).
+        let same = b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n";
+        assert!(!parse_head(same).unwrap().has_body);
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n"),
+            Err(HeadError::Bad("malformed Content-Length"))
+        );
+        for v in ["a\0b", "a\x01b", "a\x7fb"] {
+            let h = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Y: {v}\r\n\r\n");
+            assert_eq!(parse_head(h.as_bytes()), Err(HeadError::Bad("control character in a header value")), "{v:?}");
+        }
+        assert!(parse_head(b"GET / HTTP/1.1\r\nHost: x\r\nX-Y: a\tb\r\n\r\n").is_ok());
+    }
+
+    #[test]
+    fn dates_never_panic_and_clamp_to_year_9999() {
+        assert_eq!(http_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 GMT");
+        let last = "Fri, 31 Dec 9999 23:59:59 GMT";
+        for secs in [253_402_300_799, 253_402_300_800, i64::MAX as u64, u64::MAX] {
+            assert_eq!(http_date(time_from_secs(secs)), last, "{secs}");
+        }
+        let far = UNIX_EPOCH + Duration::from_secs(i64::MAX as u64 / 2);
+        assert_eq!(http_date(far), last);
+        assert_eq!(whole_seconds(far), time_from_secs(MAX_HTTP_SECS));
+        assert!(!not_modified_since("Fri, 31 Dec 9999 23:59:58 GMT", far));
+    }
+
+    /// Seeded random heads, targets and Range headers (mutations of real ones and noise): no
+    /// panic, and the invariants the server relies on hold for whatever is accepted.
+    #[test]
+    fn random_network_input_never_panics() {
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        let seeds: [&[u8]; 4] = [
+            b"GET /amd64/Packages HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9,-5\r\nIf-None-Match: \"a\"\r\n\r\n",
+            b"HEAD /a/%2e%2E/b%00?x HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 1,1\r\n\r\n",
+            b"GET /a/b HTTP/1.1\nHost: [::1]:80\nTransfer-Encoding: chunked\n\n",
+            b"bytes=-0,0-,5-1,99999999999999999999-1,1-18446744073709551615",
+        ];
+        let alphabet = b"GET /%.:-,=\r\n\t\0\xff0123456789abcdefHTPbytes";
+        for round in 0..20_000u32 {
+            let seed = seeds[round as usize % seeds.len()];
+            let mut input = seed.to_vec();
+            for _ in 0..(next() % 8) {
+                let pos = (next() % (input.len() as u64 + 1)) as usize;
+                let b = alphabet[(next() % alphabet.len() as u64) as usize];
+                match next() % 3 {
+                    0 if pos < input.len() => input[pos] = b,
+                    1 => input.insert(pos, b),
+                    _ if pos < input.len() => {
+                        input.remove(pos);
+                    }
+                    _ => {}
+                }
+            }
+            let size = next() % 200;
+            if let Some(end) = head_end(&input)
+                && let Ok(req) = parse_head(&input[..end])
+            {
+                assert!(!req.target.contains(['\r', '\n']));
+                if let Ok(segs) = decode_target(&req.target) {
+                    for s in segs {
+                        assert!(s != "." && s != ".." && !s.contains(['/', '\\', '\0']), "{s:?}");
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&input);
+            if let Ok(segs) = decode_target(&text) {
+                assert!(segs.iter().all(|s| s != ".." && !s.contains('/')));
+            }
+            if let Ranges::Partial(parts) = parse_ranges(&text, size) {
+                assert!(parts.iter().all(|p| p.start < p.end && p.end <= size), "{text:?} {size}: {parts:?}");
+                assert!(parts.len() <= MAX_RANGES);
+            }
+            let _ = http_date(time_from_secs(next()));
+        }
     }
 
     #[test]

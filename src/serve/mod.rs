@@ -97,6 +97,12 @@ pub struct Limits {
     pub max_head: usize,
     /// Connections served at once; further ones wait in the kernel's listen backlog.
     pub max_connections: usize,
+    /// Connections one client address may hold at once; more are answered 503 and closed, so
+    /// one client cannot take the slots everyone shares.
+    pub max_per_ip: usize,
+    /// When more than 3/4 of `max_connections` are in use, connections idle between requests
+    /// are closed after this long instead of `header_timeout` (idle slots go first).
+    pub busy_idle: Duration,
     /// A client that takes no byte of a response for this long is dropped.
     pub send_stall: Duration,
     /// On SIGINT/SIGTERM, in-flight responses get this long to finish.
@@ -109,6 +115,8 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(10),
             max_head: 16 * 1024,
             max_connections: 4096,
+            max_per_ip: 1024,
+            busy_idle: Duration::from_secs(1),
             send_stall: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -122,7 +130,9 @@ pub struct Config {
     pub dir: PathBuf,
     /// Listen addresses as given (`127.0.0.1:8080`, `[::1]:8080`, `localhost:8080`).
     pub listen: Vec<String>,
-    /// Base URL written into binrepos.conf; else built from the request's Host header.
+    /// Base URL written into binrepos.conf and the pages (`serve.public_url`); else derived from
+    /// the first listen address. Never the request's Host header: a shared cache in front would
+    /// hand one client's Host to everyone.
     pub public_url: Option<String>,
     /// `priority` of the generated binrepos.conf.
     pub priority: i64,
@@ -136,7 +146,7 @@ pub struct Config {
 struct Shared {
     root: OwnedFd,
     root_path: PathBuf,
-    public_url: Option<String>,
+    public_url: String,
     priority: i64,
     key_file: PathBuf,
     target_config: Option<PathBuf>,
@@ -144,6 +154,11 @@ struct Shared {
     /// Parsed indexes for the pages, keyed by target and the index file's identity.
     summaries: Mutex<HashMap<String, (FileKey, Arc<pages::IndexSummary>)>>,
     fingerprint: Mutex<Option<(FileKey, Option<String>)>>,
+    /// Open connections per client address (for `max_per_ip`).
+    per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
+    /// Connections open now, and a signal to idle ones when slots run low.
+    open: std::sync::atomic::AtomicUsize,
+    pressure: tokio::sync::Notify,
 }
 
 /// Identifies one version of a file: device, inode, mtime seconds and nanoseconds.
@@ -185,7 +200,11 @@ impl Server {
                 listeners.push(listen(addr).map_err(|source| ServeError::Bind { addr, source })?);
             }
         }
-        let public_url = config.public_url.map(|u| u.trim_end_matches('/').to_string()).filter(|u| !u.is_empty());
+        let public_url = config
+            .public_url
+            .map(|u| u.trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| default_public_url(listeners.first().and_then(|l| l.local_addr().ok())));
         Ok(Server {
             listeners,
             shared: Arc::new(Shared {
@@ -198,6 +217,9 @@ impl Server {
                 limits: config.limits,
                 summaries: Mutex::default(),
                 fingerprint: Mutex::default(),
+                per_ip: Mutex::default(),
+                open: std::sync::atomic::AtomicUsize::new(0),
+                pressure: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -236,11 +258,33 @@ impl Server {
                     };
                     match accepted {
                         Ok((stream, peer)) => {
+                            let Some(slot) = Slot::take(&shared, peer) else {
+                                // Over the per-address cap: a short 503 off the accept loop.
+                                let shared = shared.clone();
+                                tokio::spawn(async move {
+                                    let o = simple(&stream, 503, false, "too many connections from your address\n", &shared.limits).await;
+                                    log_access(peer, "-", "-", &o, Instant::now());
+                                    drop(permit);
+                                });
+                                continue;
+                            };
                             let shared = shared.clone();
                             let stop = stop.clone();
                             let alive = alive.clone();
                             tokio::spawn(async move {
-                                connection(stream, peer, &shared, stop).await;
+                                use futures_util::FutureExt as _;
+                                // A bug in one connection must not end the server: the panic hook
+                                // has reported it; log it here, drop that connection, go on.
+                                let run = std::panic::AssertUnwindSafe(connection(stream, peer, &shared, stop));
+                                if let Err(panic) = run.catch_unwind().await {
+                                    let what = panic
+                                        .downcast_ref::<&str>()
+                                        .map(|s| s.to_string())
+                                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                                        .unwrap_or_default();
+                                    tracing::error!("connection from {peer} panicked and was closed: {what}");
+                                }
+                                drop(slot);
                                 drop(permit);
                                 drop(alive);
                             });
@@ -267,6 +311,68 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// One connection's claim on the per-address and the global counts, released on drop (also
+/// when the connection's task unwinds).
+struct Slot {
+    shared: Arc<Shared>,
+    ip: std::net::IpAddr,
+}
+
+impl Slot {
+    fn take(shared: &Arc<Shared>, peer: SocketAddr) -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        let ip = peer.ip();
+        {
+            let mut map = shared.per_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = map.entry(ip).or_insert(0);
+            if *n >= shared.limits.max_per_ip {
+                return None;
+            }
+            *n += 1;
+        }
+        shared.open.fetch_add(1, Ordering::Relaxed);
+        if busy(shared) {
+            // Slots run low: wake every connection idling between requests, which then leaves.
+            shared.pressure.notify_waiters();
+        }
+        Some(Slot { shared: shared.clone(), ip })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.shared.open.fetch_sub(1, Ordering::Relaxed);
+        let mut map = self.shared.per_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// More than 3/4 of the connection slots are taken.
+fn busy(shared: &Shared) -> bool {
+    shared.open.load(std::sync::atomic::Ordering::Relaxed) * 4 > shared.limits.max_connections * 3
+}
+
+/// The base URL when `serve.public_url` is not set: the first listen address, with the host's
+/// name for a wildcard address (`0.0.0.0`, `[::]`), which no client can connect to.
+fn default_public_url(addr: Option<SocketAddr>) -> String {
+    let Some(addr) = addr else { return "http://localhost".into() };
+    if addr.ip().is_unspecified() {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| http::valid_host(h) && !h.contains(':'))
+            .unwrap_or_else(|| "localhost".into());
+        return format!("http://{host}:{}", addr.port());
+    }
+    format!("http://{addr}")
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -328,7 +434,9 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, mu
     let local = stream.local_addr().ok();
     let limits = &shared.limits;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut served = 0u64;
     loop {
+        served += 1;
         // Read one request head (it may already be in `buf`, pipelined behind the last one).
         let deadline = tokio::time::Instant::now() + limits.header_timeout;
         let head_len = loop {
@@ -346,9 +454,20 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, mu
                 return;
             }
             buf.reserve(4096);
+            let idle = buf.is_empty();
+            // A keep-alive connection idle between requests, while slots run low, gives its slot
+            // up after `busy_idle` (or at once when the pressure signal comes): the client may
+            // always retry a request on a new connection (RFC 9112 §9.3.1), a waiting one may not.
+            let keepalive_idle = idle && served > 1;
+            let deadline = if keepalive_idle && busy(shared) {
+                deadline.min(tokio::time::Instant::now() + limits.busy_idle)
+            } else {
+                deadline
+            };
             let read = tokio::select! {
                 r = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)) => r,
-                _ = stop.changed(), if buf.is_empty() => return,
+                _ = stop.changed(), if idle => return,
+                _ = shared.pressure.notified(), if keepalive_idle => return,
             };
             match read {
                 Ok(Ok(0)) | Ok(Err(_)) => return,
@@ -383,6 +502,12 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, mu
             }
         };
         let stopping = *stop.borrow();
+        // Debug builds only: lets the tests prove that a panicking connection is logged and
+        // closed while the server keeps serving (no release binary has this).
+        #[cfg(debug_assertions)]
+        if req.target == "/.dbh-debug-panic" && std::env::var_os("DBH_SERVE_DEBUG_PANIC").is_some() {
+            panic!("panic requested by the test hook");
+        }
         let mut outcome = match respond(&stream, &req, shared, local, stopping).await {
             Ok(o) => o,
             Err(e) => {
@@ -507,20 +632,12 @@ async fn respond(
         Err(PathError::BadRequest) => return text(400, "bad request path\n").await,
         Err(PathError::NotFound) => return text(404, "not found\n").await,
     };
-    let base = || -> Option<String> {
-        if let Some(u) = &shared.public_url {
-            return Some(u.clone());
-        }
-        match &req.host {
-            Some(h) if http::valid_host(h) => Some(format!("http://{h}")),
-            Some(_) => None,
-            None => local.map(|a| format!("http://{a}")),
-        }
-    };
+    let _ = local;
+    let base = &shared.public_url;
     match segments.as_slice() {
         [] => {
             let html = pages::root_page(&target_rows(shared));
-            send_html(stream, keep, get, &html, limits).await
+            send_html(stream, req, keep, get, &html, limits).await
         }
         [t] => {
             if !is_target(shared, t) {
@@ -533,28 +650,29 @@ async fn respond(
             if !is_target(shared, t) {
                 return text(404, "no such target\n").await;
             }
-            let Some(base) = base() else { return text(400, "invalid Host header\n").await };
             let summary = summary(shared, t);
             let fpr = fingerprint(shared);
-            let conf = pages::binrepos_conf(t, &base, shared.priority, fpr.as_deref());
-            let html = pages::target_page(t, summary.as_deref(), &conf, &base, fpr.as_deref());
+            let conf = pages::binrepos_conf(t, base, shared.priority, fpr.as_deref());
+            let html = pages::target_page(t, summary.as_deref(), &conf, base, fpr.as_deref());
             let html = pages::insert_section(html, &generations_html(shared, t));
-            send_html(stream, keep, get, &html, limits).await
+            send_html(stream, req, keep, get, &html, limits).await
         }
         [t, name] if name == "binrepos.conf" => {
             if !is_target(shared, t) {
                 return text(404, "no such target\n").await;
             }
-            let Some(base) = base() else { return text(400, "invalid Host header\n").await };
-            let conf = pages::binrepos_conf(t, &base, shared.priority, fingerprint(shared).as_deref());
-            send_bytes(stream, 200, keep, &[("Content-Type", "text/plain; charset=utf-8")], conf.as_bytes(), get, limits).await
+            let conf = pages::binrepos_conf(t, base, shared.priority, fingerprint(shared).as_deref());
+            send_generated(stream, req, keep, get, "text/plain; charset=utf-8", &conf, limits).await
         }
         [t, name] if name == "key.asc" => {
             if !is_target(shared, t) {
                 return text(404, "no such target\n").await;
             }
-            match File::open(&shared.key_file) {
-                Ok(file) => serve_file(stream, req, keep, file, "application/pgp-keys", None, limits).await,
+            match fs::open_path(&shared.key_file) {
+                // The key can be rotated: an hour, then revalidate.
+                Ok((file, meta)) => {
+                    serve_file(stream, req, keep, file, meta, "application/pgp-keys", None, "max-age=3600", limits).await
+                }
                 Err(_) => {
                     text(404, &format!(
                         "this binhost has no published signing key ({} does not exist): run `dbh key generate` on the server\n",
@@ -593,7 +711,7 @@ async fn respond(
         [.., last] if last.is_empty() => text(404, "not found\n").await,
         [_, rest @ ..] => {
             let rel = segments.join("/");
-            let file = match fs::open_beneath(&shared.root, &shared.root_path, &rel) {
+            let (file, meta) = match fs::open_file(&shared.root, &shared.root_path, &rel) {
                 Ok(f) => f,
                 Err(_) => return text(404, "not found\n").await,
             };
@@ -603,35 +721,66 @@ async fn respond(
                 [n] if n == "Packages.gz" => Some(fs::IndexKind::Gzip),
                 _ => None,
             };
-            serve_file(stream, req, keep, file, content_type(name), kind, limits).await
+            let cache = match kind {
+                // The index changes on every add: short freshness, then revalidate (304s are cheap).
+                Some(_) => "max-age=60, must-revalidate",
+                // A multi-instance binpkg (`PF-BUILD_ID.*`) never changes once published: a new
+                // build gets a new BUILD_ID, hence a new name.
+                None if crate::binhost::deps::parse_build_id(name) > 0 => "max-age=31536000, immutable",
+                None => "max-age=3600",
+            };
+            serve_file(stream, req, keep, file, meta, content_type(name), kind, cache, limits).await
         }
     }
 }
 
-async fn send_html(stream: &TcpStream, keep: bool, get: bool, html: &str, limits: &Limits) -> io::Result<Outcome> {
+async fn send_html(stream: &TcpStream, req: &Request, keep: bool, get: bool, html: &str, limits: &Limits) -> io::Result<Outcome> {
+    send_generated(stream, req, keep, get, "text/html; charset=utf-8", html, limits).await
+}
+
+/// A generated body (pages, binrepos.conf) with a validator: a strong ETag from its bytes, so a
+/// revalidation (`no-cache`) costs a 304 when nothing changed.
+async fn send_generated(
+    stream: &TcpStream,
+    req: &Request,
+    keep: bool,
+    get: bool,
+    ctype: &str,
+    body: &str,
+    limits: &Limits,
+) -> io::Result<Outcome> {
+    let etag = format!("\"g-{:016x}-{:x}\"", fxhash(body), body.len());
+    if req.if_none_match.as_deref().is_some_and(|inm| http::none_match(inm, &etag)) {
+        let head = http::response_head(304, keep, None, &[("ETag", &etag), ("Cache-Control", "no-cache")]);
+        fs::send_all(stream, &head, limits.send_stall).await?;
+        return Ok(Outcome { status: 304, bytes: 0, keep_alive: keep });
+    }
     send_bytes(
         stream,
         200,
         keep,
-        &[("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-cache")],
-        html.as_bytes(),
+        &[("Content-Type", ctype), ("Cache-Control", "no-cache"), ("ETag", &etag)],
+        body.as_bytes(),
         get,
         limits,
     )
     .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_file(
     stream: &TcpStream,
     req: &Request,
     keep: bool,
     file: File,
+    meta: std::fs::Metadata,
     ctype: &str,
     kind: Option<fs::IndexKind>,
+    cache: &str,
     limits: &Limits,
 ) -> io::Result<Outcome> {
     let get = req.method == Method::Get;
-    let info = fs::file_info(&file, kind)?;
+    let info = fs::file_info_of(&file, &meta, kind);
     if !info.is_file {
         return send_bytes(stream, 404, keep, &[("Content-Type", "text/plain; charset=utf-8")], b"not found\n", get, limits).await;
     }
@@ -642,7 +791,7 @@ async fn serve_file(
         (None, None) => false,
     };
     if not_modified {
-        let head = http::response_head(304, keep, None, &[("ETag", &info.etag), ("Last-Modified", &lm)]);
+        let head = http::response_head(304, keep, None, &[("ETag", &info.etag), ("Last-Modified", &lm), ("Cache-Control", cache)]);
         fs::send_all(stream, &head, limits.send_stall).await?;
         return Ok(Outcome { status: 304, bytes: 0, keep_alive: keep });
     }
@@ -654,7 +803,7 @@ async fn serve_file(
         (Some(r), _) => http::parse_ranges(r, info.size),
         (None, _) => Ranges::Full,
     };
-    let common = [("ETag", info.etag.as_str()), ("Last-Modified", lm.as_str()), ("Accept-Ranges", "bytes")];
+    let common = [("ETag", info.etag.as_str()), ("Last-Modified", lm.as_str()), ("Accept-Ranges", "bytes"), ("Cache-Control", cache)];
     match ranges {
         Ranges::Full => {
             let mut h = vec![("Content-Type", ctype)];
@@ -794,18 +943,24 @@ fn target_rows(shared: &Shared) -> Vec<pages::TargetRow> {
         .collect()
 }
 
+/// Largest `Packages` the pages summarize (a 10 000-package index is about 7 MiB).
+const MAX_PAGE_INDEX: u64 = 256 << 20;
+
 /// The parsed `Packages` of a target, re-read only when the index file was replaced.
 fn summary(shared: &Shared, target: &str) -> Option<Arc<pages::IndexSummary>> {
-    let file = fs::open_beneath(&shared.root, &shared.root_path, &format!("{target}/Packages")).ok()?;
-    let m = file.metadata().ok()?;
+    let (file, m) = fs::open_file(&shared.root, &shared.root_path, &format!("{target}/Packages")).ok()?;
+    // The pages parse the index in memory: an absurd one is not worth the RSS.
+    if m.len() > MAX_PAGE_INDEX {
+        return None;
+    }
     let key = (m.dev(), m.ino(), m.mtime(), m.mtime_nsec());
-    if let Some((k, s)) = shared.summaries.lock().ok()?.get(target)
+    if let Some((k, s)) = shared.summaries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(target)
         && *k == key
     {
         return Some(s.clone());
     }
     let s = Arc::new(pages::load_index(file)?);
-    shared.summaries.lock().ok()?.insert(target.to_string(), (key, s.clone()));
+    shared.summaries.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(target.to_string(), (key, s.clone()));
     Some(s)
 }
 
@@ -859,15 +1014,20 @@ fn fingerprint(shared: &Shared) -> Option<String> {
     use sequoia_openpgp::parse::Parse;
     let m = std::fs::metadata(&shared.key_file).ok()?;
     let key = (m.dev(), m.ino(), m.mtime(), m.mtime_nsec());
-    if let Some((k, f)) = shared.fingerprint.lock().ok()?.as_ref()
+    if let Some((k, f)) = shared.fingerprint.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref()
         && *k == key
     {
         return f.clone();
     }
-    let f = std::fs::read(&shared.key_file)
+    let f = fs::open_path(&shared.key_file)
         .ok()
+        .filter(|(_, m)| m.len() <= 1 << 20)
+        .and_then(|(f, _)| {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut &f, &mut b).ok().map(|_| b)
+        })
         .and_then(|b| sequoia_openpgp::Cert::from_bytes(&b).ok())
         .map(|c| c.fingerprint().to_hex());
-    *shared.fingerprint.lock().ok()? = Some((key, f.clone()));
+    *shared.fingerprint.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((key, f.clone()));
     f
 }

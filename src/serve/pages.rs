@@ -3,7 +3,6 @@
 
 use std::fmt::Write as _;
 use std::io::Read;
-use std::time::{Duration, UNIX_EPOCH};
 
 /// One package line of the per-target page.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -123,9 +122,9 @@ fn time_text(secs: u64) -> String {
     if secs == 0 {
         return "—".into();
     }
-    let t = UNIX_EPOCH + Duration::from_secs(secs);
-    // RFC 3339-ish in UTC, derived from the HTTP date to avoid a date dependency.
-    let d = httpdate::HttpDate::from(t).to_string();
+    // RFC 3339-ish in UTC, derived from the HTTP date to avoid a date dependency; clamped, so a
+    // package's BUILD_TIME after year 9999 cannot panic the formatter.
+    let d = super::http::http_date(super::http::time_from_secs(secs));
     d.trim_end_matches(" GMT").to_string() + " UTC"
 }
 

@@ -8,6 +8,7 @@ mod cli;
 mod conventions;
 mod cross;
 mod distcc;
+mod harden;
 mod image;
 mod lifecycle;
 mod portage;
