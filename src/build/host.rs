@@ -125,7 +125,7 @@ pub fn emerge_and_publish(
         Some(build_dirs.join(cat).join(pf).join("temp/build.log"))
     })?;
     if status != 0 && failed.is_empty() {
-        return Err(BuildError::HostEmergeFailed { backend, target: target.name.clone(), status, tail }.into());
+        return Err(BuildError::HostEmergeFailed { backend, target: target.name.clone(), status, tail });
     }
     let files = staged_binpkgs(staging)?;
     let published = prep.publish(target, &files, reporter)?;

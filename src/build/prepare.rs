@@ -26,7 +26,7 @@ pub struct Prepared {
 pub fn prepare(home: &Home, target: &Target, req: &Request) -> Result<Prepared, BuildError> {
     let keys = KeyStore::new(home.keys());
     if !keys.exists() {
-        return Err(BuildError::NoKey { dir: home.keys() }.into());
+        return Err(BuildError::NoKey { dir: home.keys() });
     }
     let signer = keys.signer()?;
     let profile = req.profile.clone().unwrap_or_else(|| target.profile.clone());
@@ -39,7 +39,7 @@ pub fn prepare(home: &Home, target: &Target, req: &Request) -> Result<Prepared, 
     let config = PortageConfig::load_or_create(home, &target.name)?;
     if req.atoms.is_empty() && config.world_atoms().is_empty() {
         let world = PortageConfig::dir(home, &target.name).join("world");
-        return Err(BuildError::NothingToBuild { target: target.name.clone(), world }.into());
+        return Err(BuildError::NothingToBuild { target: target.name.clone(), world });
     }
     let log_dir = home.logs(&target.name).join(timestamp());
     std::fs::create_dir_all(&log_dir).map_err(io("create", &log_dir))?;
