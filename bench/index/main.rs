@@ -15,6 +15,7 @@
 //! Prints the times and the ratios against the targets (full index ≥ 20× faster than emaint,
 //! incremental add and rm each ≤ 1 % of a full index). `DBH_BENCH_SKIP_EMAINT=1` skips step 2,
 //! `DBH_BENCH_KEEP=1` keeps the generated binhost.
+#![allow(clippy::unwrap_used, reason = "a benchmark program: a failed step aborts the run")]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -123,6 +124,7 @@ struct Took {
 }
 
 fn children_cpu() -> f64 {
+    // SAFETY: rusage is plain old data (integers and timevals); all zeroes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage fills the struct we own.
     unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };

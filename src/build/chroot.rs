@@ -170,7 +170,7 @@ fn ensure_root(home: &Home, target: &Target, reporter: &dyn Reporter) -> Result<
         hex::encode(h.finalize())
     };
     if !sha512.eq_ignore_ascii_case(&info.stage.sha512) {
-        return Err(BuildError::from(ChrootError::StageChanged { target: target.name.clone(), path: stage, expected: info.stage.sha512 }).into());
+        return Err(BuildError::from(ChrootError::StageChanged { target: target.name.clone(), path: stage, expected: info.stage.sha512 }));
     }
     std::fs::create_dir_all(&base).map_err(io("create", &base))?;
     let tmp = base.join("root.new");
@@ -194,7 +194,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, 
     preflight(target).map_err(BuildError::from)?;
     let image_dir = home.images(&target.name);
     if !image_dir.join("image.toml").is_file() {
-        return Err(BuildError::from(ChrootError::NoStage { target: target.name.clone(), image_dir }).into());
+        return Err(BuildError::from(ChrootError::NoStage { target: target.name.clone(), image_dir }));
     }
     let base = dir(home, &target.name);
     let _lock = super::lock_dir(&base, &target.name)?;

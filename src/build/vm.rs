@@ -224,7 +224,7 @@ fn bundle(
     );
     append_file(&mut b, "etc/portage/make.conf.dbh-tail", tail.as_bytes())?;
     append_binhost(&mut b, binhost_dir, Path::new(GUEST_PKGDIR.trim_start_matches('/')))?;
-    Ok(b.into_inner().map_err(|source| BuildError::Io { doing: "pack", path: binhost_dir.to_owned(), source })?)
+    b.into_inner().map_err(|source| BuildError::Io { doing: "pack", path: binhost_dir.to_owned(), source })
 }
 
 /// Run in the guest with the bundle on stdin (after `rm -rf` of the repositories' directories):
@@ -434,7 +434,7 @@ async fn in_guest(
         let _ = std::fs::remove_file(&fetched);
     }
     if status != 0 && failed.is_empty() {
-        return Err(BuildError::EmergeFailed { target: target.name.clone(), status, tail }.into());
+        return Err(BuildError::EmergeFailed { target: target.name.clone(), status, tail });
     }
 
     // Pull back what is new.

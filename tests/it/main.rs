@@ -1,6 +1,7 @@
 //! dbh's integration tests: one binary, one module per area. Tests drive the real `dbh` binary
 //! and real programs (Portage from PyPI, QEMU, HTTP clients); slow fixtures are cached under
 //! `~/.cache/dbh-tests` keyed by a hash of their recipe.
+#![allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test (clippy.toml covers #[test] fns, not the helpers)")]
 
 mod binhost;
 mod binpkg;
