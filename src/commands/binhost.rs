@@ -146,8 +146,7 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             let r = lifecycle::prune(&dir, &opts, &ctx.reporter)?;
             let (would, verb) = if dry_run { ("would ", "would delete") } else { ("", "deleted") };
             let mut text = String::new();
-            for (id, why) in &r.dropped {
-                let _ = id;
+            for (_, why) in &r.dropped {
                 text.push_str(&format!("{would}drop {why}\n"));
             }
             for (path, size) in &r.deleted {
