@@ -260,7 +260,7 @@ fn blocks_of(stanzas: &[&str]) -> Vec<(usize, usize)> {
     let mut out = Vec::new();
     let mut start = 0;
     for (i, s) in stanzas.iter().enumerate() {
-        if i + 1 - start >= BLOCK_MAX || boundary_hash(s) % BLOCK_TARGET == 0 {
+        if i + 1 - start >= BLOCK_MAX || boundary_hash(s).is_multiple_of(BLOCK_TARGET) {
             out.push((start, i + 1));
             start = i + 1;
         }

@@ -25,7 +25,7 @@
 //! It uses no network: the key is in the script; getuto is run with `GETUTO_EXTERNAL_REFRESH`
 //! defaulting to 0 (getuto's own default since 2025; when enabled getuto bounds it with `timeout`).
 
-use crate::error::Hint;
+use crate::hint::Hint;
 use crate::sign::Verifier;
 
 #[derive(Debug, thiserror::Error)]

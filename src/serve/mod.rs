@@ -686,8 +686,7 @@ async fn respond(
             if !is_target(shared, t) {
                 return text(404, "no such target\n").await;
             }
-            let Some(base) = base() else { return text(400, "invalid Host header\n").await };
-            match trust_script(shared, t, &base) {
+            match trust_script(shared, t, base) {
                 Ok(script) => {
                     let headers = [("Content-Type", "text/x-shellscript; charset=utf-8")];
                     send_bytes(stream, 200, keep, &headers, script.as_bytes(), get, limits).await
@@ -997,6 +996,8 @@ fn trust_script(shared: &Shared, target: &str, base: &str) -> Result<String, Str
     let uri = crate::binhost::conf::sync_uri(base, target).map_err(|e| e.to_string())?;
     crate::binhost::trust::script(&crate::binhost::trust::TrustInput { target, sync_uri: Some(&uri), public_key: &key })
         .map_err(|e| e.to_string())
+}
+
 /// The target page's generations section (binhost lifecycle), from the generation records.
 fn generations_html(shared: &Shared, target: &str) -> String {
     use crate::binhost::generations;
