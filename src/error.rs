@@ -107,6 +107,7 @@ fn hint_for(e: &(dyn StdError + 'static)) -> Option<String> {
         crate::process::ProcessError,
         crate::binpkg::BinpkgError,
         crate::binhost::BinhostError,
+        crate::binhost::trust::TrustError,
         crate::sign::SignError,
         crate::serve::ServeError,
         crate::uki::UkiError,

@@ -68,7 +68,7 @@ pub enum BinhostError {
     Sign(#[from] crate::sign::SignError),
     #[error("binhost URL {url:?} is not an http(s) URL")]
     BadUrl { url: String },
-    #[error(transparent)]
+    #[error("{0}")]
     Trust(#[from] trust::TrustError),
     #[error("generation record {path} {reason}")]
     Generation { path: PathBuf, reason: String },
