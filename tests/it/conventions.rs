@@ -56,7 +56,7 @@ fn bash_completion_offers_subcommands_and_zsh_fish_generate() {
         assert!(!deep || s.contains("insecure-no-signature"), "{shell}: {s}");
     }
     let bad = run_in(dir.path(), &["completions", "tcsh"]);
-    assert_eq!(bad.status.code(), Some(1));
+    assert_eq!(bad.status.code(), Some(2), "an unknown shell is a usage error");
 }
 
 #[test]
