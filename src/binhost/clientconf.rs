@@ -197,7 +197,7 @@ pub fn files(s: &Sources<'_>) -> BTreeMap<&'static str, String> {
 pub fn listing(target: &str) -> String {
     let mut out = format!(
         "# dbh target `{target}`: the build configuration of its binpkgs, as Portage files.\n\
-         # Fetch each as <this URL><name>; `dbh client explain --binhost URL` compares your system with it.\n"
+         # Fetch each as <this URL><name> and compare it with your /etc/portage.\n"
     );
     for f in FILES {
         out.push_str(f);

@@ -539,7 +539,7 @@ fn conditional_requests_head_405_pages_conf_and_key() {
     assert!(root.contains("href=\"/amd64/\"") && root.contains("href=\"/arm64/\""), "{root}");
     assert!(!root.contains("secret-in-root"), "{root}");
     let page = c.get(srv.url("/amd64/")).send().unwrap().text().unwrap();
-    for want in ["dbh-test/pkg00000", "1.0", "[dbh-amd64]", "key.asc", "--import-ownertrust"] {
+    for want in ["dbh-test/pkg00000", "1.0", "[dbh-amd64]", "key.asc", "trust.sh"] {
         assert!(page.contains(want), "`{want}` missing from the target page:\n{page}");
     }
     let r = c.get(srv.url("/amd64")).send().unwrap();
