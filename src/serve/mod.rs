@@ -138,6 +138,8 @@ struct Shared {
     /// Parsed indexes for the pages, keyed by target and the index file's identity.
     summaries: Mutex<HashMap<String, (FileKey, Arc<pages::IndexSummary>)>>,
     fingerprint: Mutex<Option<(FileKey, Option<String>)>>,
+    /// Where access lines also go, one per request (`dbh vm build` keeps one per build).
+    access_log: Mutex<Option<File>>,
 }
 
 /// Identifies one version of a file: device, inode, mtime seconds and nanoseconds.
@@ -190,6 +192,7 @@ impl Server {
                 limits: config.limits,
                 summaries: Mutex::default(),
                 fingerprint: Mutex::default(),
+                access_log: Mutex::default(),
             }),
         })
     }
@@ -201,6 +204,12 @@ impl Server {
 
     pub fn root(&self) -> &Path {
         &self.shared.root_path
+    }
+
+    /// Also writes every request's access line (`PEER METHOD TARGET STATUS BYTES`) to `file`:
+    /// a build keeps what its guest fetched beside its emerge.log.
+    pub fn log_access_to(&self, file: File) {
+        *self.shared.access_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight responses finish
@@ -386,6 +395,10 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, mu
             outcome.status = 499;
         }
         log_access(peer, &req.method_text, &req.target, &outcome, started);
+        if let Some(f) = shared.access_log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            use std::io::Write as _;
+            let _ = writeln!(f, "{peer} {} {} {} {}", req.method_text, req.target.escape_debug(), outcome.status, outcome.bytes);
+        }
         if req.has_body && outcome.status != 499 {
             linger_close(stream).await;
             return;
