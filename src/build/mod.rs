@@ -8,6 +8,7 @@ pub mod choice;
 pub mod chroot;
 pub mod cross;
 pub mod distcc;
+pub mod plan;
 pub mod toolchain;
 pub mod vm;
 
@@ -38,6 +39,11 @@ pub struct Request {
     pub emerge_args: Vec<String>,
     /// Offload the compiles through distcc (`--distcc`, setting `build.distcc`).
     pub distcc: Option<distcc::DistccOptions>,
+    /// Keep a binhost current: `--update --deep --newuse` with the binpkg checks (`--update`).
+    pub update: bool,
+    /// Keep the image's own binhosts (a stage3's `gentoobinhost.conf`) beside dbh's (setting
+    /// `build.gentoo_binhost`); by default the guest uses only dbh's.
+    pub gentoo_binhost: bool,
 }
 
 /// One package that did not build.
@@ -60,6 +66,8 @@ pub struct Outcome {
     pub log_dir: PathBuf,
     /// Binary packages that came back from the builder (new or changed ones only).
     pub transferred: u64,
+    /// The packages built from source and why the binhost's binpkg did not do (`cpv`, reason).
+    pub rebuilt: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +109,8 @@ pub enum BuildError {
     NoEmerge { looked: Option<PathBuf> },
     #[error("nothing to build for {target}: no atom given and {world} lists none")]
     NothingToBuild { target: String, world: PathBuf },
+    #[error("the {target} guest has no gpg: it cannot verify the binary packages it fetches from dbh's binhost")]
+    GuestNoGpg { target: String },
 }
 
 impl Hint for BuildError {
@@ -124,6 +134,9 @@ impl Hint for BuildError {
                 log_dir.display(),
                 if *backend == "cross" { "do not cross-compile" } else { "fail this way" },
                 packages.iter().map(|c| format!("={c}")).collect::<Vec<_>>().join(" ")
+            )),
+            BuildError::GuestNoGpg { target } => Some(format!(
+                "install app-crypt/gnupg into the image (a Gentoo stage3 has it), e.g. `dbh vm image update --target {target} app-crypt/gnupg`"
             )),
             BuildError::Busy { .. } => Some("wait for it to finish; builds of one target on the host run one at a time".into()),
             BuildError::NoEmerge { .. } => Some(
@@ -366,6 +379,46 @@ fn parse_counted(rest: &str) -> Option<EmergeLine> {
     }
 }
 
+/// One entry of emerge's merge list (`[ebuild  N    ] cat/pf::repo  USE="a -b* (c)" 0 KiB`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    /// `ebuild` or `binary`.
+    pub binary: bool,
+    pub cpv: String,
+    /// The flags shown enabled (marks `*`, `%` and parentheses removed), sorted.
+    pub use_enabled: Vec<String>,
+}
+
+/// Parses a merge-list line of `emerge --verbose`.
+pub fn parse_merge_list_line(line: &str) -> Option<Planned> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let (kind, rest) = rest.split_once(']')?;
+    let binary = match kind.split_whitespace().next()? {
+        "ebuild" => false,
+        "binary" => true,
+        _ => return None,
+    };
+    let mut words = rest.split_whitespace();
+    let cpv = words.next()?;
+    let cpv = cpv.split_once("::").map_or(cpv, |(c, _)| c).to_owned();
+    if !cpv.contains('/') {
+        return None;
+    }
+    let mut use_enabled = Vec::new();
+    if let Some((_, after)) = rest.split_once(" USE=\"") {
+        let flags = after.split('"').next().unwrap_or_default();
+        for f in flags.split_whitespace() {
+            let f = f.trim_matches(|c| c == '(' || c == ')').trim_end_matches(['*', '%']);
+            let f = f.trim_matches(|c| c == '(' || c == ')');
+            if !f.is_empty() && !f.starts_with('-') {
+                use_enabled.push(f.to_owned());
+            }
+        }
+    }
+    use_enabled.sort();
+    Some(Planned { binary, cpv, use_enabled })
+}
+
 /// Follows one emerge run line by line, whichever backend runs it: writes emerge.log, turns
 /// `Emerging`/`Completed` lines into progress events, keeps a tail for errors, and knows which
 /// packages started but never completed (the failed ones).
@@ -379,6 +432,10 @@ pub struct Follower {
     current: Option<(u64, String)>,
     started: Vec<String>,
     completed: BTreeSet<String>,
+    /// Started from source (not `Emerging binary`).
+    from_source: BTreeSet<String>,
+    /// The enabled USE flags of each package in emerge's merge list (`--verbose`).
+    planned_use: std::collections::BTreeMap<String, Vec<String>>,
     tail: VecDeque<String>,
 }
 
@@ -387,7 +444,7 @@ impl Follower {
     pub fn new(task: String, label: String, log_path: &Path, command: &str, echo: bool) -> Result<Follower, BuildError> {
         let mut log = std::fs::File::create(log_path).map_err(io("create", log_path))?;
         let _ = writeln!(log, "# {command}");
-        Ok(Follower { task, label, log: Some(log), echo, total: None, current: None, started: Vec::new(), completed: BTreeSet::new(), tail: VecDeque::new() })
+        Ok(Follower { task, label, log: Some(log), echo, total: None, current: None, started: Vec::new(), completed: BTreeSet::new(), from_source: BTreeSet::new(), planned_use: Default::default(), tail: VecDeque::new() })
     }
 
     /// A line for emerge.log only (e.g. which revision each repository is at).
@@ -415,6 +472,9 @@ impl Follower {
                     self.total = Some(m);
                 }
                 let what = if binary { "installing binary" } else { "building" };
+                if !binary {
+                    self.from_source.insert(cpv.clone());
+                }
                 reporter.event(Event::Progress { task: self.task.clone(), position: n - 1, message: Some(format!("{what} {cpv}")) });
                 self.current = Some((n, cpv.clone()));
                 self.started.push(cpv);
@@ -429,8 +489,22 @@ impl Follower {
                     reporter.event(Event::Progress { task: self.task.clone(), position: n - 1, message: Some(format!("{cpv}: {phase}")) });
                 }
             }
-            None => {}
+            None => {
+                if let Some(p) = parse_merge_list_line(line) {
+                    self.planned_use.insert(p.cpv, p.use_enabled);
+                }
+            }
         }
+    }
+
+    /// The packages built from source that completed, each with its enabled USE flags when the
+    /// merge list showed them.
+    pub fn built(&self) -> Vec<(String, Option<Vec<String>>)> {
+        self.from_source
+            .iter()
+            .filter(|c| self.completed.contains(*c))
+            .map(|c| (c.clone(), self.planned_use.get(c).cloned()))
+            .collect()
     }
 
     /// Closes the log and ends the progress task; returns the packages that started but did not
@@ -609,7 +683,7 @@ pub fn failed_package(cpv: &str, build_log: Option<&Path>, log_dir: &Path, repor
 /// emerge's options for the host-side backends. Their root (sysroot, unpacked stage) keeps what
 /// was built before, so `--update --changed-use` builds a requested package again only when a newer
 /// version or other USE flags call for it — the VM backend gets the same from `--usepkg` and its
-/// seeded PKGDIR; building the same thing twice publishes nothing the second time.
+/// served binhost; building the same thing twice publishes nothing the second time.
 pub const HOST_EMERGE_ARGS: &[&str] = &["--buildpkg", "--update", "--changed-use", "--jobs=1", "--keep-going", "--color=n", "--quiet-build=n"];
 
 /// An exclusive flock on `<dir>/.lock` for the duration of a host-side build (one sysroot or
@@ -676,7 +750,7 @@ pub fn emerge_and_publish(
     }
     let files = staged_binpkgs(staging)?;
     let published = prep.publish(target, &files, reporter)?;
-    Ok(Outcome { published, failed, log_dir: prep.log_dir, transferred: files.len() as u64 })
+    Ok(Outcome { published, failed, log_dir: prep.log_dir, transferred: files.len() as u64, rebuilt: Vec::new() })
 }
 
 /// Runs an emerge command on the host, following it; returns the failed packages (with their
@@ -711,6 +785,17 @@ pub fn run_emerge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_list_lines_name_the_package_and_its_use() {
+        let p = parse_merge_list_line("[ebuild  N     ] dbh-test/hello-1.1::dbh-test  USE=\"-debug* nls% (static)\" 0 KiB").unwrap();
+        assert_eq!(p, Planned { binary: false, cpv: "dbh-test/hello-1.1".into(), use_enabled: vec!["nls".into(), "static".into()] });
+        let p = parse_merge_list_line("[binary   R    ] dbh-test/greeter-1.0-1::dbh-test  0 KiB").unwrap();
+        assert!(p.binary && p.use_enabled.is_empty());
+        assert_eq!(parse_merge_list_line(">>> Emerging (1 of 2) a/b-1"), None);
+        assert_eq!(parse_merge_list_line("[blocks B      ] a/b"), None);
+    }
+
 
     #[test]
     fn profile_is_split_at_the_first_colon() {

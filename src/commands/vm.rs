@@ -15,7 +15,7 @@ use crate::vm::{self, Shutdown, StartOptions, Status, Vm};
 pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
     match cmd {
         VmCommand::Image(ImageCommand::Create(args)) => image_create(ctx, args),
-        VmCommand::Build(args) => vm_build(ctx, &args.common, args.keep_vm, args.distcc),
+        VmCommand::Build(args) => vm_build(ctx, &args.common, args.keep_vm, args.distcc, args.update),
         VmCommand::Start(t) => start(ctx, &t.target),
         VmCommand::Stop(t) => block_on(async {
             let home = ctx.settings.home();
@@ -176,10 +176,12 @@ fn block_on_code<F: std::future::Future<Output = Result<u32, Error>>>(fut: F) ->
 }
 
 /// `dbh vm build` (and `dbh build --backend vm|auto`): a thin shell over [`crate::build::vm`].
-pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool) -> Result<(), Error> {
+pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool, update: bool) -> Result<(), Error> {
     let targets = Targets::load()?;
     let target = targets.get(&common.target)?;
     let mut req = super::build::request(ctx, common);
+    req.update = update;
+    req.gentoo_binhost = ctx.settings.bool("build.gentoo_binhost");
     req.distcc = (distcc || ctx.settings.bool("build.distcc")).then(|| build::distcc::DistccOptions {
         distccd: ctx.settings.str("distcc.distccd").map(Into::into),
         jobs: None,
@@ -189,6 +191,7 @@ pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distc
         keep_vm,
         boot_deadline: start_options(ctx, keep_vm).boot_deadline,
         echo_output: ctx.verbose > 0,
+        emerge: Some(ctx.settings.str("portage.emerge").unwrap_or("emerge").into()),
     };
     let mut outcome = None;
     block_on(async {

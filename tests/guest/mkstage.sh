@@ -52,6 +52,9 @@ esac
 PACKAGES="base-files base-passwd bash dash coreutils diffutils findutils grep gzip sed tar util-linux mount
  hostname libc-bin mawk busybox-static kmod openssh-server python3 gcc make libc6-dev xz-utils zstd bzip2
  patch procps systemd-boot-efi distcc"
+# `dbh vm build` fetches binpkgs from the host's binhost with Portage's FETCHCOMMAND (wget) and
+# verifies their signatures with gpg, as on a Gentoo stage3.
+PACKAGES="$PACKAGES wget gnupg"
 
 # The mirror comes from the host's apt configuration (never hard-coded).
 MIRROR=$(awk 'BEGIN{RS=""} /(^|\n)Suites:[^\n]*bookworm( |\n|$)/ && !/security/ {
