@@ -38,6 +38,8 @@ pub enum Error {
     Build(#[from] crate::build::BuildError),
     #[error(transparent)]
     Rootfs(#[from] crate::rootfs::RootfsError),
+    #[error(transparent)]
+    Repo(#[from] crate::repo::RepoError),
     /// A check found problems and already printed them (e.g. `dbh binhost check`).
     #[error("{0}")]
     Failed(String),
@@ -61,6 +63,7 @@ impl Error {
             Error::Guest(e) => e.hint(),
             Error::Build(e) => e.hint(),
             Error::Rootfs(e) => e.hint(),
+            Error::Repo(e) => e.hint(),
             Error::Failed(_) | Error::Stdout(_) => None,
         }
     }

@@ -6,6 +6,7 @@ mod build;
 mod config;
 mod cross;
 mod key;
+mod repo;
 mod rootfs;
 mod serve;
 mod targets;
@@ -61,6 +62,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Cross(cmd) => cross::run(&ctx, cmd),
         Command::Build(args) => build::run(&ctx, args),
         Command::Rootfs(cmd) => rootfs::run(&ctx, cmd),
+        Command::Repo(cmd) => repo::run(&ctx, cmd),
     }
 }
 

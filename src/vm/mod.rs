@@ -162,6 +162,8 @@ pub struct StartOptions {
     pub accel: AccelChoice,
     /// Keep the previous run's overlay (the guest's changes) instead of a fresh one.
     pub keep_overlay: bool,
+    /// Read-only disks to attach (repository snapshots, see [`crate::repo`]).
+    pub disks: Vec<qemu::ReadOnlyDisk>,
 }
 
 /// The files of a target's image and run directory.
@@ -393,6 +395,7 @@ impl Vm {
             ssh_port: 0,
             version,
             cmdline,
+            disks: opts.disks.clone(),
         };
         prepare_run_files(target, &paths, &launch, opts.keep_overlay)?;
 

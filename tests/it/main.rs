@@ -10,6 +10,7 @@ mod distcc;
 mod image;
 mod portage;
 mod publish;
+mod repo;
 mod rootfs;
 mod serve;
 mod vm;
