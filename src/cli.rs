@@ -84,6 +84,28 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Ebuild repositories: dbh-managed trees (e.g. ::gentoo) and cached snapshots
+    #[command(subcommand)]
+    Repo(RepoCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Update a dbh-managed repository (under $DBH_HOME/repos/NAME) from a git or rsync URL
+    Sync {
+        /// Repository name, e.g. gentoo
+        name: String,
+        /// git URL, rsync://HOST/MODULE or a local directory [default: the URL of the last sync]
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// List dbh-managed repositories and cached snapshots
+    List,
+    /// Make (or find cached) the read-only snapshot builders get of a repository
+    Snapshot {
+        /// A repository directory, or the name of a dbh-managed repository
+        repo: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -94,6 +94,8 @@ pub enum BuildError {
     #[error("{0}")]
     Process(#[from] crate::process::ProcessError),
     #[error("{0}")]
+    Repo(#[from] crate::repo::RepoError),
+    #[error("{0}")]
     Sign(#[from] crate::sign::SignError),
     #[error("{0}")]
     Binhost(#[from] crate::binhost::BinhostError),

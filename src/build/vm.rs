@@ -1,5 +1,7 @@
-//! The VM backend: boot a throw-away guest of the target (fresh overlay), give it the ebuild
-//! repositories, the host's per-target Portage configuration and the target's binhost (so that
+//! The VM backend: boot a throw-away guest of the target (fresh overlay) with each ebuild
+//! repository attached as a read-only squashfs snapshot ([`crate::repo`]: made once per revision,
+//! cached on the host, mounted at `/var/db/repos/<name>`), give it the host's per-target Portage
+//! configuration and the target's binhost (so that
 //! `--usepkg` reuses what was built before), run `emerge --buildpkg --usepkg` over SSH, pull back
 //! only the binpkgs that are new (by path + size + MD5 against a listing taken before the build),
 //! check them against the guest's `Packages`, and publish them through [`binhost::add`] (signed,
@@ -32,6 +34,8 @@ pub struct VmOptions {
     pub boot_deadline: Option<Duration>,
     /// Pass every line of emerge's output on as a note (`-v`).
     pub echo_output: bool,
+    /// egencache for repositories without a metadata cache.
+    pub repo_tools: crate::repo::snapshot::Tools,
 }
 
 /// One binary package file in the guest's PKGDIR.
@@ -92,35 +96,6 @@ fn list_command() -> String {
 async fn list_pkgdir(guest: &Guest) -> Result<BTreeMap<String, Listed>, BuildError> {
     let out = guest.exec_ok(&list_command()).await?;
     Ok(parse_find_listing(&out.stdout_str()))
-}
-
-/// Appends the tree `dir` under `prefix`, skipping VCS metadata.
-fn append_tree(b: &mut tar::Builder<Vec<u8>>, dir: &Path, prefix: &Path) -> Result<(), BuildError> {
-    b.follow_symlinks(false);
-    b.mode(tar::HeaderMode::Deterministic);
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let abs = dir.join(&rel);
-        let mut entries: Vec<_> = std::fs::read_dir(&abs)
-            .map_err(|e| BuildError::Io { doing: "read", path: abs.clone(), source: e })?
-            .flatten()
-            .collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let name = e.file_name();
-            if name == ".git" || name == ".svn" {
-                continue;
-            }
-            let rel = rel.join(&name);
-            let path = e.path();
-            b.append_path_with_name(&path, prefix.join(&rel))
-                .map_err(|source| BuildError::Io { doing: "pack", path: path.clone(), source })?;
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(rel);
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Appends a root-owned 0644 file `path` holding `data`.
@@ -186,26 +161,21 @@ fn append_binhost(b: &mut tar::Builder<Vec<u8>>, dir: &Path, prefix: &Path) -> R
 }
 
 /// The host side of the sync, built before booting: one tar stream for `tar -C / -x` in the
-/// guest holding the repositories (`var/db/repos/<name>`), dbh's files under `etc/portage` (the
+/// guest holding dbh's files under `etc/portage` (the
 /// make.conf part as `make.conf.dbh-tail`, joined to the image's own by [`SYNC_SCRIPT`]) and the
 /// seeded binpkgs. One stream and one command instead of a dozen uploads: every process started
 /// in a TCG guest costs tens of milliseconds.
 fn bundle(
     target: &Target,
     req: &Request,
-    repos: &[(String, PathBuf)],
+    repos: &[String],
     config: &PortageConfig,
     profile_repo: &str,
     binhost_dir: &Path,
 ) -> Result<Vec<u8>, BuildError> {
     let mut b = tar::Builder::new(Vec::new());
-    let mut conf = format!("# written by dbh before each build\n[DEFAULT]\nmain-repo = {profile_repo}\n");
-    for (name, path) in repos {
-        let dest = format!("var/db/repos/{name}");
-        append_tree(&mut b, path, Path::new(&dest))?;
-        conf.push_str(&format!("\n[{name}]\nlocation = /{dest}\n"));
-    }
-    // The host's repos.conf first, the --repo ones after it (Portage reads the directory in name
+    let conf = crate::repo::guest_repos_conf(profile_repo, repos);
+    // The host's repos.conf first, the snapshots after it (Portage reads the directory in name
     // order, later sections win).
     append_file(&mut b, "etc/portage/repos.conf/50-dbh-host.conf", config.repos_conf.as_bytes())?;
     append_file(&mut b, "etc/portage/repos.conf/zz-dbh.conf", conf.as_bytes())?;
@@ -234,6 +204,32 @@ const SYNC_SCRIPT: &str = "tar -C / -xf - && cd /etc/portage \
     && { [ -e make.conf.dbh-base ] || cp make.conf make.conf.dbh-base 2>/dev/null || : > make.conf.dbh-base; } \
     && cat make.conf.dbh-base make.conf.dbh-tail > make.conf.dbh-part && mv -f make.conf.dbh-part make.conf \
     && rm -f make.conf.dbh-tail";
+
+/// The virtio serial of the `i`th snapshot disk: `repo-<name>` when that fits in virtio-blk's 20
+/// bytes, else `repo<i>-<start of the name>`.
+pub fn disk_serial(i: usize, name: &str) -> String {
+    let s = format!("repo-{name}");
+    if s.len() <= 20 { s } else { format!("repo{i}-{}", &name[..name.len().min(12)]) }
+}
+
+/// Mounts each snapshot disk (found by its serial in /sys/block) read-only at
+/// `/var/db/repos/<name>`, over whatever the image has there. squashfs is a module in Debian's and
+/// Gentoo's distribution kernels: modprobe, else insmod (a stage without depmod output has no
+/// modules.dep).
+pub fn mount_script(repos: &[(String, String)]) -> String {
+    let mut s = String::from(
+        "{ grep -qw squashfs /proc/filesystems || modprobe squashfs 2>/dev/null \
+         || insmod \"$(find /lib/modules/$(uname -r)/ -name 'squashfs.ko*' | head -n 1)\" \
+         || { echo 'dbh: the guest kernel cannot mount squashfs (needs CONFIG_SQUASHFS)' >&2; exit 1; }; } \
+         && m() { for b in /sys/block/*; do if [ \"$(cat $b/serial 2>/dev/null)\" = \"$1\" ]; then mkdir -p \"$2\" \
+         && { umount \"$2\" 2>/dev/null; mount -t squashfs -o ro \"/dev/${b##*/}\" \"$2\"; }; return; fi; done; \
+         echo \"dbh: no disk with serial $1 for $2\" >&2; return 1; }",
+    );
+    for (serial, name) in repos {
+        s.push_str(&format!(" && m {} {}", shell_quote(serial), shell_quote(&format!("/var/db/repos/{name}"))));
+    }
+    s
+}
 
 /// Runs `cmd` in the guest with `data` on its stdin; a non-zero exit is an error with its stderr.
 async fn exec_with_input(guest: &Guest, cmd: String, data: &[u8]) -> Result<(), BuildError> {
@@ -277,23 +273,30 @@ pub async fn build(
     }
     let req = &req;
     let mut timings = Timings::default();
+    // Every repository as a read-only snapshot at its revision, made once and cached.
+    let sources = crate::repo::plan(home, &prep.repos, &config.repos_conf, profile_repo);
     let mut revisions = BTreeMap::new();
-    for (name, path) in &prep.repos {
-        if let Some(rev) = super::repo_revision(path, reporter) {
-            revisions.insert(name.clone(), rev);
-        }
+    let mut mounts = Vec::new();
+    let mut disks = Vec::new();
+    for (i, src) in sources.iter().enumerate() {
+        let snap = crate::repo::snapshot(home, src, &sources, &opts.repo_tools, reporter)?;
+        revisions.insert(snap.name.clone(), snap.revision.recorded.clone());
+        let serial = disk_serial(i, &snap.name);
+        mounts.push((serial.clone(), snap.name.clone()));
+        disks.push(crate::vm::qemu::ReadOnlyDisk { path: snap.image, serial });
     }
-    let bundle = bundle(target, req, &prep.repos, config, profile_repo, &prep.binhost_dir)?;
-    let repo_names: Vec<String> = prep.repos.iter().map(|(n, _)| n.clone()).collect();
+    timings.lap("snapshot");
+    let repo_names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
+    let bundle = bundle(target, req, &repo_names, config, profile_repo, &prep.binhost_dir)?;
     let log_dir = prep.log_dir.clone();
     timings.lap("prepare");
 
     let mut distcc = req.distcc.as_ref().map(|o| super::distcc::Offload::start(target, o, &log_dir, reporter));
 
-    let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, ..Default::default() };
+    let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, disks, ..Default::default() };
     let vm = Vm::start(home, target, &start, reporter).await?;
     timings.lap("boot");
-    let inputs = GuestInputs { repos: &repo_names, revisions: &revisions, profile: (profile_repo, profile_path), bundle: &bundle };
+    let inputs = GuestInputs { repos: &mounts, revisions: &revisions, profile: (profile_repo, profile_path), bundle: &bundle };
     let result = in_guest(vm.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, distcc.as_mut(), reporter).await;
     if let Some(d) = distcc {
         d.finish(reporter);
@@ -357,8 +360,8 @@ impl Timings {
 
 /// What goes into the guest before emerge runs.
 struct GuestInputs<'a> {
-    /// The names of the repositories in the bundle.
-    repos: &'a [String],
+    /// `(disk serial, repository name)` of every attached snapshot.
+    repos: &'a [(String, String)],
     revisions: &'a BTreeMap<String, String>,
     /// The profile's repository and path in it.
     profile: (&'a str, &'a str),
@@ -389,10 +392,9 @@ async fn in_guest(
         total: None,
         unit: Unit::Spinner,
     });
-    let replace: Vec<String> = repos.iter().map(|n| shell_quote(&format!("/var/db/repos/{n}"))).collect();
-    let mut script = if replace.is_empty() { SYNC_SCRIPT.to_owned() } else { format!("rm -rf {} && {SYNC_SCRIPT}", replace.join(" ")) };
+    let mut script = if repos.is_empty() { SYNC_SCRIPT.to_owned() } else { format!("{} && {SYNC_SCRIPT}", mount_script(repos)) };
     let link = |loc: &str| format!("ln -sfn {} /etc/portage/make.profile", shell_quote(&format!("{loc}/profiles/{profile_path}")));
-    let own = repos.iter().any(|n| n == profile_repo);
+    let own = repos.iter().any(|(_, n)| n == profile_repo);
     if own {
         script.push_str(&format!(" && {}", link(&format!("/var/db/repos/{profile_repo}"))));
     }
@@ -505,17 +507,29 @@ mod tests {
     }
 
     #[test]
-    fn the_bundle_holds_repositories_configuration_and_no_vcs_metadata() {
+    fn serials_fit_virtio_blk() {
+        assert_eq!(disk_serial(0, "gentoo"), "repo-gentoo");
+        let long = disk_serial(3, "a-very-long-overlay-name");
+        assert!(long.len() <= 20 && long.starts_with("repo3-"), "{long}");
+    }
+
+    /// The mount script run by a real shell: a disk that is not there is an error naming it.
+    #[test]
+    fn the_mount_script_parses_and_names_a_missing_disk() {
+        let script = mount_script(&[("repo-nosuch-xyz".into(), "nosuch".into())]);
+        let out = std::process::Command::new("sh").arg("-n").arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(script.contains("m repo-nosuch-xyz /var/db/repos/nosuch"), "{script}");
+    }
+
+    #[test]
+    fn the_bundle_holds_the_configuration_and_no_repository() {
         let home = tempfile::tempdir().unwrap();
         let home = Home::new(home.path());
         let config = PortageConfig::load_or_create(&home, "arm64").unwrap();
         let target = crate::target::Targets::builtin().get("arm64").unwrap().clone();
-        let repo = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(repo.path().join("profiles")).unwrap();
-        std::fs::create_dir_all(repo.path().join(".git")).unwrap();
-        std::fs::write(repo.path().join("profiles/repo_name"), "r\n").unwrap();
         let req = Request { jobs: 3, ..Default::default() };
-        let data = bundle(&target, &req, &[("r".into(), repo.path().to_owned())], &config, "r", &home.binhost("arm64")).unwrap();
+        let data = bundle(&target, &req, &["r".into()], &config, "r", &home.binhost("arm64")).unwrap();
         let mut files = BTreeMap::new();
         for e in tar::Archive::new(&data[..]).entries().unwrap() {
             let mut e = e.unwrap();
@@ -533,12 +547,10 @@ mod tests {
                 "etc/portage/repos.conf/50-dbh-host.conf",
                 "etc/portage/repos.conf/zz-dbh.conf",
                 "etc/portage/sets/dbh-world",
-                "var/db/repos/r/profiles",
-                "var/db/repos/r/profiles/repo_name",
             ]
         );
         assert!(files["etc/portage/make.conf.dbh-tail"].contains("MAKEOPTS=\"-j3\""));
         assert!(files["etc/portage/make.conf.dbh-tail"].contains("ACCEPT_LICENSE"));
-        assert!(files["etc/portage/repos.conf/zz-dbh.conf"].contains("main-repo = r\n\n[r]\nlocation = /var/db/repos/r\n"));
+        assert!(files["etc/portage/repos.conf/zz-dbh.conf"].contains("main-repo = r\n\n[r]\nlocation = /var/db/repos/r\nauto-sync = no\n"));
     }
 }

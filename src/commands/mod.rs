@@ -7,6 +7,7 @@ mod completions;
 mod config;
 mod cross;
 mod key;
+mod repo;
 mod rootfs;
 mod serve;
 mod targets;
@@ -69,6 +70,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Build(args) => build::run(&ctx, args),
         Command::Rootfs(cmd) => rootfs::run(&ctx, cmd),
         Command::Completions { .. } | Command::Man { .. } => unreachable!("handled before settings load"),
+        Command::Repo(cmd) => repo::run(&ctx, cmd),
     }
 }
 

@@ -203,6 +203,7 @@ pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distc
         keep_vm,
         boot_deadline: start_options(ctx, keep_vm).boot_deadline,
         echo_output: ctx.verbose > 0,
+        repo_tools: crate::repo::snapshot::Tools::find(std::path::Path::new(ctx.settings.str("portage.emerge").unwrap_or("emerge"))),
     };
     let mut outcome = None;
     block_on(async {

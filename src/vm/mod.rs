@@ -160,6 +160,8 @@ pub struct StartOptions {
     pub accel: AccelChoice,
     /// Keep the previous run's overlay (the guest's changes) instead of a fresh one.
     pub keep_overlay: bool,
+    /// Read-only disks to attach (repository snapshots, see [`crate::repo`]).
+    pub disks: Vec<qemu::ReadOnlyDisk>,
 }
 
 /// The files of a target's image and run directory.
@@ -391,6 +393,7 @@ impl Vm {
             ssh_port: 0,
             version,
             cmdline,
+            disks: opts.disks.clone(),
         };
         prepare_run_files(target, &paths, &launch, opts.keep_overlay)?;
 

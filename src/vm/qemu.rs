@@ -111,6 +111,16 @@ pub struct Launch {
     pub version: QemuVersion,
     /// Direct-boot targets: the kernel command line (the image's `cmdline` file).
     pub cmdline: Option<String>,
+    /// Read-only raw disks after the root disk and the ESP (repository snapshots).
+    pub disks: Vec<ReadOnlyDisk>,
+}
+
+/// A raw image attached read-only, found in the guest by its virtio serial
+/// (`/sys/block/vdX/serial`; at most 20 bytes, VIRTIO_BLK_ID_BYTES).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOnlyDisk {
+    pub path: PathBuf,
+    pub serial: String,
 }
 
 impl Launch {
@@ -156,6 +166,11 @@ pub fn argv(target: &Target, l: &Launch) -> Vec<String> {
     } else {
         push(&["-kernel", &p(&l.image_dir.join("vmlinuz")), "-initrd", &p(&l.image_dir.join("initrd.img"))]);
         push(&["-append", l.cmdline.as_deref().unwrap_or_default()]);
+    }
+    // After the root disk and the ESP, so that those keep their names; never bootable.
+    for (i, d) in l.disks.iter().enumerate() {
+        push(&["-drive", &format!("if=none,id=ro{i},format=raw,readonly=on,file={}", p(&d.path))]);
+        push(&["-device", &format!("{},drive=ro{i},serial={}", q.disk_device, d.serial)]);
     }
     // One NIC, user-mode networking, SSH reachable only from this host.
     push(&["-netdev", &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", l.ssh_port)]);
@@ -276,7 +291,21 @@ mod tests {
             version: QemuVersion { major: 10, minor: 0, micro: 2 },
             cmdline: (!target.is_uefi())
                 .then(|| "root=LABEL=dbh-root rw console=hvc0 panic=-1".to_owned()),
+            disks: Vec::new(),
         }
+    }
+
+    /// Repository snapshots: read-only raw drives after the root disk and the ESP, with serials.
+    #[test]
+    fn argv_with_repository_disks() {
+        let t = Targets::builtin();
+        let target = t.get("arm64").unwrap();
+        let mut l = launch(target);
+        l.disks = vec![
+            ReadOnlyDisk { path: "/home/u/.local/share/dbh/repos/gentoo/snapshots/abc.sqfs".into(), serial: "repo-gentoo".into() },
+            ReadOnlyDisk { path: "/home/u/.local/share/dbh/repos/dbh-test/snapshots/def.sqfs".into(), serial: "repo-dbh-test".into() },
+        ];
+        insta::assert_snapshot!("argv_arm64_repository_disks", argv(target, &l).join("\n"));
     }
 
     #[test]

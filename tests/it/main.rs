@@ -14,6 +14,7 @@ mod image;
 mod lifecycle;
 mod portage;
 mod publish;
+mod repo;
 mod rootfs;
 mod serve;
 mod trust;

@@ -348,3 +348,87 @@ fn repo_revisions_survive_reindexing_by_dbh_and_by_portage() {
     assert_ne!(header(), before, "Portage rewrote the index");
     assert!(header().contains(both), "Portage keeps it:\n{}", header());
 }
+
+/// `dbh --home HOME ARGS` with the venv's Portage, whose egencache makes the metadata cache of
+/// the fixture repository (it has none) once per revision.
+fn run_with_portage(home: &Path, args: &[&str]) -> Output {
+    let out = command(home, args).env("DBH_PORTAGE_EMERGE", super::portage::portage().venv.join("bin/emerge")).output().unwrap();
+    eprintln!("dbh {args:?}: {}\n{}", out.status, combined(&out));
+    out
+}
+
+/// The repository reaches the guest as a read-only squashfs snapshot on its own virtio disk; a
+/// second build at the same revision reuses the cached image (not remade: same inode and mtime,
+/// no mksquashfs, no egencache), a new commit makes a new one and REPO_REVISIONS records it.
+#[test]
+fn vm_build_mounts_repositories_from_cached_read_only_snapshots() {
+    if super::image::image_home("arm64").is_none() {
+        return;
+    }
+    let home = product_home(None);
+    let home = home.path();
+    let work = tempfile::tempdir().unwrap();
+    let (repo, commit) = git_repo(work.path());
+    let key = run(home, &["key", "generate"]);
+    assert!(key.status.success(), "{}", combined(&key));
+
+    // 1. First build: snapshot made (with egencache), mounted read-only from a block device.
+    let mut args = build_args(&repo, &["dbh-test/hello"]);
+    args.insert(2, "--keep-vm");
+    let out = run_with_portage(home, &args);
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("generating one with egencache") && text.contains("made snapshot"), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/hello-1.0"), "{text}");
+    let image = home.join(format!("repos/dbh-test/snapshots/{commit}.sqfs"));
+    assert!(image.is_file(), "{text}");
+    let mnt = run(home, &["vm", "exec", "--target", "arm64", "--", "findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "/var/db/repos/dbh-test"]);
+    let line = stdout(&mnt);
+    eprintln!("findmnt in the guest: {line}");
+    assert!(mnt.status.success(), "{}", combined(&mnt));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert!(fields.len() == 3 && fields[0].starts_with("/dev/vd") && fields[1] == "squashfs", "{line}");
+    assert!(fields[2].split(',').any(|o| o == "ro"), "mounted read-only: {line}");
+    let serial = run(home, &["vm", "exec", "--target", "arm64", "--", "sh", "-c", &format!("cat /sys/block/{}/serial", fields[0].trim_start_matches("/dev/"))]);
+    assert_eq!(stdout(&serial).trim(), "repo-dbh-test");
+    let write = run(home, &["vm", "exec", "--target", "arm64", "--", "touch", "/var/db/repos/dbh-test/x"]);
+    assert!(!write.status.success() && combined(&write).contains("Read-only file system"), "{}", combined(&write));
+    let cache = run(home, &["vm", "exec", "--target", "arm64", "--", "cat", "/var/db/repos/dbh-test/metadata/md5-cache/dbh-test/hello-1.0"]);
+    assert!(stdout(&cache).contains("EAPI=8"), "the guest sees the generated metadata cache: {}", combined(&cache));
+    let stop = run(home, &["vm", "stop", "--target", "arm64"]);
+    assert!(stop.status.success(), "{}", combined(&stop));
+    assert_no_qemu(home);
+
+    // 2. The same revision: the cached snapshot, untouched.
+    let meta = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (std::os::unix::fs::MetadataExt::ino(&m), m.modified().unwrap())
+    };
+    let before = meta(&image);
+    let out = run_with_portage(home, &build_args(&repo, &["dbh-test/hello"]));
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("repository dbh-test at {commit}: using the cached snapshot")), "{text}");
+    assert!(!text.contains("made snapshot") && !text.contains("egencache"), "{text}");
+    assert_eq!(meta(&image), before, "the cached image is not remade");
+    assert_no_qemu(home);
+
+    // 3. A new commit: a new snapshot, recorded with what it built.
+    std::fs::write(repo.join("dbh-test/greeter/note.txt"), "a new commit\n").unwrap();
+    for args in [&["add", "-A"][..], &["-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-q", "-m", "two"]] {
+        assert!(std::process::Command::new("git").arg("-C").arg(&repo).args(args).status().unwrap().success());
+    }
+    let two = String::from_utf8(std::process::Command::new("git").arg("-C").arg(&repo).args(["rev-parse", "HEAD"]).output().unwrap().stdout).unwrap();
+    let two = two.trim();
+    let out = run_with_portage(home, &build_args(&repo, &["dbh-test/greeter"]));
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("repository dbh-test at {two}: made snapshot")), "{text}");
+    assert!(home.join(format!("repos/dbh-test/snapshots/{two}.sqfs")).is_file());
+    assert!(stdout(&out).contains("published dbh-test/greeter-1.0"), "{text}");
+    let index = std::fs::read_to_string(home.join("binhost/arm64/Packages")).unwrap();
+    let header = index.split("\n\n").next().unwrap();
+    assert!(header.contains(&format!("\nREPO_REVISIONS: {{\"dbh-test\": \"{two}\"}}\n")), "{header}");
+    assert!(last_emerge_log(home).contains(&format!("# repository dbh-test at {two}")));
+    assert_no_qemu(home);
+}
