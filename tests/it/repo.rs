@@ -166,6 +166,7 @@ fn repo_sync_from_a_local_git_url_and_an_rsync_source() {
     let upstream = work.path().join("gentoo");
     copy_tree(&fixture_repo(), &upstream);
     std::fs::write(upstream.join("profiles/repo_name"), "gentoo\n").unwrap();
+    std::fs::write(upstream.join("metadata/layout.conf"), "repo-name = gentoo\nmasters =\nthin-manifests = true\n").unwrap();
     git(&upstream, &["init", "-q"]);
     git(&upstream, &["add", "-A"]);
     git(&upstream, &["commit", "-q", "-m", "one"]);
@@ -208,6 +209,7 @@ fn repo_sync_from_a_local_git_url_and_an_rsync_source() {
     let plain = work.path().join("plain");
     copy_tree(&fixture_repo(), &plain);
     std::fs::write(plain.join("profiles/repo_name"), "plain\n").unwrap();
+    std::fs::write(plain.join("metadata/layout.conf"), "repo-name = plain\nmasters =\nthin-manifests = true\n").unwrap();
     let out = run(home.path(), &["repo", "sync", "plain", "--url", plain.to_str().unwrap()]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
