@@ -320,6 +320,26 @@ pub struct VmStatusArgs {
 pub enum ImageCommand {
     /// Make the target's guest image from a stage tarball
     Create(ImageCreateArgs),
+    /// Install packages from the target's binhost into its base image (default: the build tools
+    /// distcc and gnupg, where missing), so that every later guest starts with them
+    Update(ImageUpdateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImageUpdateArgs {
+    #[arg(long, short)]
+    pub target: String,
+    /// A local ebuild repository the packages' ebuilds and the profile come from; repeatable
+    #[arg(long = "repo", value_name = "PATH")]
+    pub repos: Vec<PathBuf>,
+    /// Portage profile as `eselect profile` names it, REPO:PATH [default: the target's]
+    #[arg(long, value_name = "REPO:PATH")]
+    pub profile: Option<String>,
+    /// Packages to install from the binhost [default: sys-devel/distcc and app-crypt/gnupg, where missing]
+    #[arg(value_name = "ATOM")]
+    pub atoms: Vec<String>,
+    #[command(flatten)]
+    pub size: VmSizeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -346,6 +366,10 @@ pub struct ImageCreateArgs {
     /// Kernel modules directory [default: from the stage's /lib/modules]
     #[arg(long, requires = "kernel")]
     pub modules: Option<PathBuf>,
+    /// systemd-stub for a UKI [default: the stage's or the host's; without one the firmware boots
+    /// the kernel's own EFI stub]
+    #[arg(long, value_name = "FILE")]
+    pub stub: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -376,9 +400,22 @@ pub struct VmBuildArgs {
     /// Offload the guest's compiles to the host's cross compilers through distcc
     #[arg(long)]
     pub distcc: bool,
-    /// Leave the guest running afterwards
+    /// Leave the guest running afterwards; the next build of the target reuses it warm
     #[arg(long)]
     pub keep_vm: bool,
+    #[command(flatten)]
+    pub size: VmSizeArgs,
+}
+
+/// Guest sizes on the command line (settings `vm.cpus`, `vm.memory`).
+#[derive(Debug, Args)]
+pub struct VmSizeArgs {
+    /// vCPUs of the guest [default: setting vm.cpus: every host core]
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// RAM of the guest, e.g. 8G or 4096M [default: setting vm.memory: half the host's RAM]
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
