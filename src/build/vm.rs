@@ -36,6 +36,63 @@ pub struct VmOptions {
     pub echo_output: bool,
     /// egencache for repositories without a metadata cache.
     pub repo_tools: crate::repo::snapshot::Tools,
+    /// vCPUs and RAM of the guest (settings `vm.cpus`, `vm.memory`).
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    /// A fresh sparse scratch disk of this size for PORTAGE_TMPDIR (setting `vm.scratch_size`).
+    pub scratch_bytes: Option<u64>,
+}
+
+/// Where the scratch disk goes in the guest: `$PORTAGE_TMPDIR/portage`, Portage's build trees.
+pub const GUEST_BUILD_DIR: &str = "/var/tmp/portage";
+
+/// The guest a build runs in: booted for it, or one a `--keep-vm` build left running.
+enum Running {
+    Own(Vm),
+    Warm(Guest),
+}
+
+impl Running {
+    fn guest(&self) -> &Guest {
+        match self {
+            Running::Own(vm) => vm.guest(),
+            Running::Warm(guest) => guest,
+        }
+    }
+}
+
+/// Boots the target's guest for a build, or reuses the one a `--keep-vm` build left running
+/// (warm: no boot, its scratch disk and downloaded binpkgs are still there).
+async fn guest_for_build(
+    home: &Home,
+    target: &Target,
+    opts: &VmOptions,
+    disks: Vec<crate::vm::qemu::ReadOnlyDisk>,
+    reporter: &dyn Reporter,
+) -> Result<Running, BuildError> {
+    if let crate::vm::Status::Running(state) = crate::vm::status(home, &target.name)?
+        && state.detached
+        && state.ssh_port != 0
+    {
+        let (_, guest) = crate::vm::connect_running(home, &target.name).await?;
+        reporter.event(Event::Note {
+            message: format!(
+                "reusing the running {} guest (pid {}, left by --keep-vm): no boot",
+                target.name, state.pid
+            ),
+        });
+        return Ok(Running::Warm(guest));
+    }
+    let start = StartOptions {
+        boot_deadline: opts.boot_deadline,
+        detached: opts.keep_vm,
+        cpus: opts.cpus,
+        memory_mib: opts.memory_mib,
+        scratch_bytes: opts.scratch_bytes,
+        disks,
+        ..Default::default()
+    };
+    Ok(Running::Own(Vm::start(home, target, &start, reporter).await?))
 }
 
 /// One binary package file in the guest's PKGDIR.
@@ -254,6 +311,36 @@ async fn exec_with_input(guest: &Guest, cmd: String, data: &[u8]) -> Result<(), 
     Ok(())
 }
 
+/// The repositories of a build as attached snapshots.
+struct Snapshots {
+    /// name → the revision `REPO_REVISIONS` records.
+    revisions: BTreeMap<String, String>,
+    /// `(disk serial, repository name)` for [`mount_script`].
+    mounts: Vec<(String, String)>,
+    disks: Vec<crate::vm::qemu::ReadOnlyDisk>,
+    names: Vec<String>,
+}
+
+/// Every repository of the build as a read-only snapshot at its revision, made once and cached.
+fn attach_snapshots(
+    home: &Home,
+    prep: &super::prepare::Prepared,
+    tools: &crate::repo::snapshot::Tools,
+    reporter: &dyn Reporter,
+) -> Result<Snapshots, BuildError> {
+    let sources = crate::repo::plan(home, &prep.repos, &prep.config.repos_conf, &prep.profile_repo);
+    let mut out = Snapshots { revisions: BTreeMap::new(), mounts: Vec::new(), disks: Vec::new(), names: Vec::new() };
+    for (i, src) in sources.iter().enumerate() {
+        let snap = crate::repo::snapshot(home, src, &sources, tools, reporter)?;
+        out.revisions.insert(snap.name.clone(), snap.revision.recorded.clone());
+        let serial = disk_serial(i, &snap.name);
+        out.mounts.push((serial.clone(), snap.name.clone()));
+        out.disks.push(crate::vm::qemu::ReadOnlyDisk { path: snap.image, serial });
+        out.names.push(snap.name);
+    }
+    Ok(out)
+}
+
 /// Builds `req.atoms` in a throw-away guest of `target` and publishes what was built.
 /// Returns the outcome also when packages failed (the caller turns `failed` into the exit code).
 pub async fn build(
@@ -273,39 +360,32 @@ pub async fn build(
     }
     let req = &req;
     let mut timings = Timings::default();
-    // Every repository as a read-only snapshot at its revision, made once and cached.
-    let sources = crate::repo::plan(home, &prep.repos, &config.repos_conf, profile_repo);
-    let mut revisions = BTreeMap::new();
-    let mut mounts = Vec::new();
-    let mut disks = Vec::new();
-    for (i, src) in sources.iter().enumerate() {
-        let snap = crate::repo::snapshot(home, src, &sources, &opts.repo_tools, reporter)?;
-        revisions.insert(snap.name.clone(), snap.revision.recorded.clone());
-        let serial = disk_serial(i, &snap.name);
-        mounts.push((serial.clone(), snap.name.clone()));
-        disks.push(crate::vm::qemu::ReadOnlyDisk { path: snap.image, serial });
-    }
+    let snaps = attach_snapshots(home, &prep, &opts.repo_tools, reporter)?;
+    let Snapshots { revisions, mounts, disks, names: repo_names } = snaps;
     timings.lap("snapshot");
-    let repo_names: Vec<String> = sources.iter().map(|s| s.name.clone()).collect();
     let bundle = bundle(target, req, &repo_names, config, profile_repo, &prep.binhost_dir)?;
     let log_dir = prep.log_dir.clone();
     timings.lap("prepare");
 
     let mut distcc = req.distcc.as_ref().map(|o| super::distcc::Offload::start(target, o, &log_dir, reporter));
 
-    let start = StartOptions { boot_deadline: opts.boot_deadline, detached: opts.keep_vm, disks, ..Default::default() };
-    let vm = Vm::start(home, target, &start, reporter).await?;
+    let running = guest_for_build(home, target, opts, disks, reporter).await?;
     timings.lap("boot");
     let inputs = GuestInputs { repos: &mounts, revisions: &revisions, profile: (profile_repo, profile_path), bundle: &bundle };
-    let result = in_guest(vm.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, distcc.as_mut(), reporter).await;
+    let result = in_guest(running.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, distcc.as_mut(), reporter).await;
     if let Some(d) = distcc {
         d.finish(reporter);
     }
-    if opts.keep_vm {
-        reporter.event(Event::Note { message: format!("the {} guest keeps running (--keep-vm); stop it with `dbh vm stop --target {}`", target.name, target.name) });
-        vm.release().await;
-    } else {
-        vm.stop(Shutdown::Quit, reporter).await?;
+    match running {
+        Running::Warm(guest) => {
+            reporter.event(Event::Note { message: format!("the {} guest keeps running; stop it with `dbh vm stop --target {}`", target.name, target.name) });
+            guest.disconnect().await;
+        }
+        Running::Own(vm) if opts.keep_vm => {
+            reporter.event(Event::Note { message: format!("the {} guest keeps running (--keep-vm): the next build reuses it; stop it with `dbh vm stop --target {}`", target.name, target.name) });
+            vm.release().await;
+        }
+        Running::Own(vm) => vm.stop(Shutdown::Quit, reporter).await?,
     }
     timings.lap("stop");
     let (downloads, failed, _tmp) = result?;
@@ -383,7 +463,7 @@ async fn in_guest(
     distcc: Option<&mut super::distcc::Offload>,
     reporter: &dyn Reporter,
 ) -> Result<GuestResult, BuildError> {
-    let GuestInputs { repos, revisions, profile: (profile_repo, profile_path), bundle } = *inputs;
+    let revisions = inputs.revisions;
     let task = format!("build:{}", target.name);
     let sync = format!("sync:{}", target.name);
     reporter.event(Event::Start {
@@ -392,18 +472,7 @@ async fn in_guest(
         total: None,
         unit: Unit::Spinner,
     });
-    let mut script = if repos.is_empty() { SYNC_SCRIPT.to_owned() } else { format!("{} && {SYNC_SCRIPT}", mount_script(repos)) };
-    let link = |loc: &str| format!("ln -sfn {} /etc/portage/make.profile", shell_quote(&format!("{loc}/profiles/{profile_path}")));
-    let own = repos.iter().any(|(_, n)| n == profile_repo);
-    if own {
-        script.push_str(&format!(" && {}", link(&format!("/var/db/repos/{profile_repo}"))));
-    }
-    exec_with_input(guest, script, bundle).await?;
-    if !own {
-        // A repository the guest already has (e.g. ::gentoo): ask Portage where it is.
-        let loc = guest.exec_ok(&format!("portageq get_repo_path / {}", shell_quote(profile_repo))).await?.stdout_str();
-        guest.exec_ok(&link(loc.trim())).await?;
-    }
+    sync_guest(guest, inputs).await?;
     if let Some(d) = distcc {
         d.configure_guest(guest, target, req.jobs, reporter).await?;
     }
@@ -465,6 +534,181 @@ async fn in_guest(
     }
     timings.lap("pull");
     Ok((downloads, failed, tmp))
+}
+
+/// Unpacks the bundle in the guest (repositories, dbh's Portage files, seeded binpkgs), points
+/// make.profile at the profile and mounts the scratch disk on the build directory if there is one.
+async fn sync_guest(guest: &Guest, inputs: &GuestInputs<'_>) -> Result<(), BuildError> {
+    let GuestInputs { repos, profile: (profile_repo, profile_path), bundle, .. } = *inputs;
+    let mut script = if repos.is_empty() { SYNC_SCRIPT.to_owned() } else { format!("{} && {SYNC_SCRIPT}", mount_script(repos)) };
+    let link = |loc: &str| format!("ln -sfn {} /etc/portage/make.profile", shell_quote(&format!("{loc}/profiles/{profile_path}")));
+    let own = repos.iter().any(|(_, n)| n == profile_repo);
+    if own {
+        script.push_str(&format!(" && {}", link(&format!("/var/db/repos/{profile_repo}"))));
+    }
+    // Build trees on the scratch disk when the guest has one (a missing label is not an error: the
+    // root filesystem then holds them).
+    script.push_str(&format!(
+        " && {{ if [ -e /sys/block ] && grep -qs dbh-scratch /sys/block/*/serial; then {}; fi; }}",
+        crate::vm::mount_scratch_command(GUEST_BUILD_DIR)
+    ));
+    exec_with_input(guest, script, bundle).await?;
+    if !own {
+        // A repository the guest already has (e.g. ::gentoo): ask Portage where it is.
+        let loc = guest.exec_ok(&format!("portageq get_repo_path / {}", shell_quote(profile_repo))).await?.stdout_str();
+        guest.exec_ok(&link(loc.trim())).await?;
+    }
+    Ok(())
+}
+
+/// What `dbh vm image update` did.
+#[derive(Debug, Clone, Default)]
+pub struct ImageUpdate {
+    /// The atoms emerge installed (empty: nothing was missing, the image is unchanged).
+    pub installed: Vec<String>,
+}
+
+/// The build tools a base image gets by default: (atom, a program it installs).
+pub const BUILD_TOOLS: &[(&str, &str)] = &[("sys-devel/distcc", "distcc"), ("app-crypt/gnupg", "gpg")];
+
+/// `dbh vm image update`: boots the base image with an overlay, installs `atoms` (default: the
+/// [`BUILD_TOOLS`] the image lacks) from the target's binhost with `emerge --usepkgonly`, through
+/// the same path a build gets its binpkgs, takes the repositories and seeded binpkgs out again,
+/// and makes the overlay the new `disk.qcow2` (`qemu-img convert` to a temporary file, then a
+/// rename: an interrupted update leaves the old image). Every later guest starts from it.
+pub async fn update_image(
+    home: &Home,
+    target: &Target,
+    req: &Request,
+    atoms: &[String],
+    start: &StartOptions,
+    repo_tools: &crate::repo::snapshot::Tools,
+    reporter: &dyn Reporter,
+) -> Result<ImageUpdate, BuildError> {
+    if let crate::vm::Status::Running(state) = crate::vm::status(home, &target.name)? {
+        return Err(crate::vm::VmError::AlreadyRunning { target: target.name.clone(), pid: state.pid }.into());
+    }
+    let mut req = req.clone();
+    req.atoms = if atoms.is_empty() { BUILD_TOOLS.iter().map(|(a, _)| (*a).to_owned()).collect() } else { atoms.to_vec() };
+    let prep = super::prepare(home, target, &req)?;
+    let snaps = attach_snapshots(home, &prep, repo_tools, reporter)?;
+    let bundle = bundle(target, &req, &snaps.names, &prep.config, &prep.profile_repo, &prep.binhost_dir)?;
+    let paths = crate::vm::Paths::new(home, &target.name);
+    let overlay = paths.run.join("overlay.qcow2");
+    // A fresh overlay that outlives the VM (keep_overlay), to be converted afterwards.
+    let _ = std::fs::remove_file(&overlay);
+    let _ = std::fs::remove_file(paths.run.join("vars.fd"));
+    let opts = StartOptions { keep_overlay: true, detached: false, scratch_bytes: None, disks: snaps.disks.clone(), ..start.clone() };
+    let vm = Vm::start(home, target, &opts, reporter).await?;
+    let inputs = GuestInputs {
+        repos: &snaps.mounts,
+        revisions: &BTreeMap::new(),
+        profile: (&prep.profile_repo, &prep.profile_path),
+        bundle: &bundle,
+    };
+    let result = install_in_guest(vm.guest(), target, &inputs, atoms, &prep.log_dir, reporter).await;
+    vm.stop(Shutdown::Quit, reporter).await?;
+    let installed = match result {
+        Ok(installed) => installed,
+        Err(e) => {
+            let _ = std::fs::remove_file(&overlay);
+            return Err(e);
+        }
+    };
+    if installed.is_empty() {
+        let _ = std::fs::remove_file(&overlay);
+        reporter.event(Event::Note { message: format!("{}: the base image has every build tool; unchanged", target.name) });
+        return Ok(ImageUpdate { installed });
+    }
+    let disk = paths.image.join("disk.qcow2");
+    let new = paths.image.join(".disk.qcow2.new");
+    reporter.event(Event::Note { message: format!("{}: writing the updated base image {}", target.name, disk.display()) });
+    crate::process::Cmd::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&overlay)
+        .arg(&new)
+        .install_hint("qemu-utils (Debian) or app-emulation/qemu (Gentoo)")
+        .output()?;
+    // Running guests' overlays keep the old file open by descriptor; later ones chain to the new.
+    std::fs::rename(&new, &disk).map_err(|source| BuildError::Io { doing: "replace", path: disk.clone(), source })?;
+    let _ = std::fs::remove_file(&overlay);
+    record_update(&paths.image, &installed)?;
+    Ok(ImageUpdate { installed })
+}
+
+/// Appends one line per update to `image.toml`'s `updates` (what was installed, when).
+fn record_update(image: &Path, installed: &[String]) -> Result<(), BuildError> {
+    let path = image.join("image.toml");
+    let io = |source| BuildError::Io { doing: "update", path: path.clone(), source };
+    let mut table: toml::Table = std::fs::read_to_string(&path).map_err(io)?.parse().unwrap_or_default();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let entry = toml::Value::String(format!("{now}: {}", installed.join(" ")));
+    match table.get_mut("updates").and_then(|v| v.as_array_mut()) {
+        Some(list) => list.push(entry),
+        None => {
+            table.insert("updates".into(), toml::Value::Array(vec![entry]));
+        }
+    }
+    let tmp = image.join(".image.toml.new");
+    std::fs::write(&tmp, toml::to_string_pretty(&table).unwrap_or_default()).map_err(|source| BuildError::Io { doing: "write", path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    Ok(())
+}
+
+async fn install_in_guest(
+    guest: &Guest,
+    target: &Target,
+    inputs: &GuestInputs<'_>,
+    atoms: &[String],
+    log_dir: &Path,
+    reporter: &dyn Reporter,
+) -> Result<Vec<String>, BuildError> {
+    sync_guest(guest, inputs).await?;
+    let wanted: Vec<String> = if atoms.is_empty() {
+        let mut missing = Vec::new();
+        for (atom, program) in BUILD_TOOLS {
+            if guest.exec_capture(&format!("command -v {program}")).await?.status != 0 {
+                missing.push((*atom).to_owned());
+            } else {
+                reporter.event(Event::Note { message: format!("{}: the image has {program}; {atom} is not installed again", target.name) });
+            }
+        }
+        missing
+    } else {
+        atoms.to_vec()
+    };
+    if !wanted.is_empty() {
+        let mut args: Vec<String> = ["emerge", "--usepkgonly", "--noreplace", "--color=n", "--quiet-build=n"].map(String::from).into();
+        args.extend(wanted.iter().cloned());
+        let command = format!("{} 2>&1", shell_join(&args));
+        let task = format!("image-update:{}", target.name);
+        let mut follower = Follower::new(task, format!("emerge into the {} base image", target.name), &log_dir.join("emerge.log"), &command, false)?;
+        reporter.event(Event::Note { message: format!("{}: {}", target.name, shell_join(&args)) });
+        let status = guest.exec(&command, |_, line| follower.line(line, reporter)).await?;
+        let (_, tail) = follower.finish(i64::from(status), reporter);
+        if status != 0 {
+            return Err(BuildError::EmergeFailed { target: target.name.clone(), status, tail });
+        }
+    }
+    // The base image keeps the installed packages, not the build's inputs: the snapshots are
+    // unmounted and their mount points go.
+    let repos: Vec<String> = inputs
+        .repos
+        .iter()
+        .map(|(_, n)| {
+            let dir = shell_quote(&format!("/var/db/repos/{n}"));
+            format!("{{ umount {dir} 2>/dev/null; rmdir {dir}; }} &&")
+        })
+        .collect();
+    guest
+        .exec_ok(&format!(
+            "{} rm -rf {GUEST_PKGDIR}/* && cd /etc/portage && {{ [ ! -e make.conf.dbh-base ] || mv -f make.conf.dbh-base make.conf; }} \
+             && rm -f repos.conf/50-dbh-host.conf repos.conf/zz-dbh.conf sets/{WORLD_SET} package.use/dbh package.accept_keywords/dbh \
+             && sync",
+            repos.join(" ")
+        ))
+        .await?;
+    Ok(wanted)
 }
 
 #[cfg(test)]

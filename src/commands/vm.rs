@@ -208,7 +208,7 @@ pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distc
         keep_vm,
         boot_deadline: start.boot_deadline,
         echo_output: ctx.verbose > 0,
-        repo_tools: crate::repo::snapshot::Tools::find(std::path::Path::new(ctx.settings.str("portage.emerge").unwrap_or("emerge"))),
+        repo_tools: repo_tools(ctx),
         cpus: start.cpus,
         memory_mib: start.memory_mib,
         scratch_bytes: ctx.settings.vm_sizing(&target.name)?.scratch_bytes.0,
@@ -244,6 +244,12 @@ fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {
     ))
 }
 
+/// egencache beside the configured emerge (setting `portage.emerge`), for snapshots of
+/// repositories without a metadata cache.
+fn repo_tools(ctx: &Context) -> crate::repo::snapshot::Tools {
+    crate::repo::snapshot::Tools::find(std::path::Path::new(ctx.settings.str("portage.emerge").unwrap_or("emerge")))
+}
+
 /// `dbh vm image update`: a thin shell over [`crate::build::vm::update_image`].
 fn image_update(ctx: &Context, args: ImageUpdateArgs) -> Result<(), Error> {
     let targets = Targets::load()?;
@@ -258,7 +264,7 @@ fn image_update(ctx: &Context, args: ImageUpdateArgs) -> Result<(), Error> {
     let mut report = None;
     block_on(async {
         let home = ctx.settings.home();
-        report = Some(with_signals(build::vm::update_image(&home, target, &req, &args.atoms, &start, &ctx.reporter)).await??);
+        report = Some(with_signals(build::vm::update_image(&home, target, &req, &args.atoms, &start, &repo_tools(ctx), &ctx.reporter)).await??);
         Ok(())
     })?;
     let report = report.expect("set by the update");
