@@ -443,13 +443,7 @@ impl Vm {
         let task = format!("vm-boot-{}", target.name);
         reporter.event(Event::Start {
             task: task.clone(),
-            label: format!(
-                "booting the {} guest ({accel}, {} vCPUs, {} MiB{})",
-                target.name,
-                launch.smp,
-                launch.memory_mib,
-                opts.scratch_bytes.map_or(String::new(), |b| format!(", {} GiB scratch", b >> 30))
-            ),
+            label: format!("booting the {} guest ({accel})", target.name),
             total: None,
             unit: Unit::Spinner,
         });
@@ -491,9 +485,12 @@ impl Vm {
                     reporter.event(Event::Finish {
                         task,
                         message: format!(
-                            "{} guest up in {:.1}s, SSH on 127.0.0.1:{}",
+                            "{} guest up in {:.1}s ({} vCPUs, {} MiB{}), SSH on 127.0.0.1:{}",
                             target.name,
                             started.elapsed().as_secs_f64(),
+                            launch.smp,
+                            launch.memory_mib,
+                            opts.scratch_bytes.map_or(String::new(), |b| format!(", {} GiB scratch", b >> 30)),
                             vm.state.ssh_port
                         ),
                     });

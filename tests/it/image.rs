@@ -271,6 +271,9 @@ fn tampered_copy(stage: &Path, edit: impl FnOnce(&Path, &Path)) -> (tempfile::Te
     let dir = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(stage.parent().unwrap()).unwrap() {
         let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            continue; // stub/
+        }
         std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
     }
     let name = stage.file_name().unwrap();

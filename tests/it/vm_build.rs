@@ -432,3 +432,108 @@ fn vm_build_mounts_repositories_from_cached_read_only_snapshots() {
     assert!(last_emerge_log(home).contains(&format!("# repository dbh-test at {two}")));
     assert_no_qemu(home);
 }
+
+/// Deliverables 5 and 6 on the stage3-shaped test stage: sizes from the command line, the scratch
+/// disk under the build trees, a `--keep-vm` guest reused warm by the next build, and `vm image
+/// update` installing a package from the binhost into the base image so that the next throw-away
+/// guest has it.
+#[test]
+fn sized_build_on_scratch_warm_reuse_and_image_update() {
+    if super::image::image_home("arm64").is_none() {
+        return;
+    }
+    let home = product_home(None);
+    let home = home.path();
+    let work = tempfile::tempdir().unwrap();
+    let (repo, _) = git_repo(work.path());
+    let repo = repo.as_path();
+    assert!(run(home, &["key", "generate"]).status.success());
+
+    // `dbh config show` says where each size comes from.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("dbh.toml"), "[vm.arm64]\nscratch_size = \"20G\"\n").unwrap();
+    let shown = command(home, &["config", "show"]).current_dir(dir.path()).output().unwrap();
+    let text = stdout(&shown);
+    assert!(text.contains("vm.arm64.scratch_size = \"20G\""), "{text}");
+    assert!(text.contains("# from: this host (all") && text.contains("vm.cpus = "), "{text}");
+    assert!(text.contains("# from: this host (half of"), "{text}");
+
+    // A kept guest is detached: stop it even when an assertion fails.
+    struct StopOnDrop<'a>(&'a Path);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = run(self.0, &["vm", "stop", "--target", "arm64"]);
+        }
+    }
+    let _stop = StopOnDrop(home);
+
+    // 1. A sized build that keeps its guest.
+    let t0 = Instant::now();
+    let mut args = build_args(repo, &["dbh-test/hello"]);
+    args.extend(["--keep-vm", "--cpus", "1", "--memory", "1536M"]);
+    let out = command(home, &args).current_dir(dir.path()).output().unwrap();
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 vCPUs, 1536 MiB, 20 GiB scratch"), "{text}");
+    assert!(text.contains("keeps running (--keep-vm)"), "{text}");
+    eprintln!("first build with --keep-vm: {:?}", t0.elapsed());
+    let pid = std::fs::read_to_string(home.join("images/arm64/run/state.json")).unwrap();
+    let inside = run(home, &["vm", "exec", "--target", "arm64", "--", "sh", "-c", "nproc; grep MemTotal /proc/meminfo; grep ' /var/tmp/portage ' /proc/mounts; df -k /var/tmp/portage | tail -n 1"]);
+    let text = stdout(&inside);
+    assert!(inside.status.success(), "{}", combined(&inside));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "1", "{text}");
+    let kib: u64 = lines[1].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((1_300_000..1_600_000).contains(&kib), "MemTotal {kib} kB for --memory 1536M");
+    assert!(lines[2].contains(" /var/tmp/portage ext4 "), "the build trees are on the scratch disk: {text}");
+    let size_kib: u64 = lines[3].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(size_kib > 19 << 20, "a 20G scratch disk: {text}");
+    let scratch = home.join("images/arm64/run/scratch.img");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&scratch).unwrap();
+    assert_eq!(meta.len(), 20 << 30);
+    assert!(meta.blocks() * 512 < 512 << 20, "the scratch disk is sparse: {} bytes used", meta.blocks() * 512);
+
+    // 2. The next build reuses the running guest: no second QEMU, no boot.
+    let t1 = Instant::now();
+    let out = build(home, repo, &["dbh-test/greeter"]);
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("reusing the running arm64 guest"), "{text}");
+    assert!(!text.contains("already running"), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/greeter-1.0"), "{text}");
+    assert_eq!(std::fs::read_to_string(home.join("images/arm64/run/state.json")).unwrap(), pid, "the same guest");
+    eprintln!("warm build: {:?}", t1.elapsed());
+    assert!(run(home, &["vm", "stop", "--target", "arm64"]).status.success());
+    assert_no_qemu(home);
+    assert!(!scratch.exists(), "the scratch disk goes with the guest");
+
+    // 3. vm image update: the default build tools are there (distcc, gpg) ...
+    let profile = ["--repo", repo.to_str().unwrap(), "--profile", "dbh-test:dbh/arm64"];
+    let mut args = vec!["vm", "image", "update", "--target", "arm64"];
+    args.extend(profile);
+    let out = run(home, &args);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(stdout(&out).contains("nothing to install; the image is unchanged"), "{}", combined(&out));
+    // ... and a package from the binhost goes into the base image.
+    let disk = home.join("images/arm64/disk.qcow2");
+    let before = std::fs::symlink_metadata(&disk).unwrap();
+    args.push("dbh-test/greeter");
+    let out = run(home, &args);
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(stdout(&out).contains("installed dbh-test/greeter into the base image"), "{text}");
+    let after = std::fs::symlink_metadata(&disk).unwrap();
+    assert!(before.file_type().is_symlink() && after.file_type().is_file(), "disk.qcow2 was replaced, not written through");
+    let info = std::fs::read_to_string(home.join("images/arm64/image.toml")).unwrap();
+    assert!(info.contains("dbh-test/greeter"), "image.toml records the update: {info}");
+    assert_no_qemu(home);
+    // A throw-away guest of the updated image has greeter and hello, and no build inputs.
+    let out = run(home, &["vm", "exec", "--target", "arm64", "--", "sh", "-c", "ls /var/db/pkg/dbh-test; ls /var/db/repos; ls /var/cache/binpkgs | wc -l"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(text.contains("greeter-1.0") && text.contains("hello-1.0"), "{text}");
+    assert!(!text.contains("dbh-test\n"), "the repository is not left in the image: {text}");
+    assert!(text.trim_end().ends_with('0'), "no seeded binpkgs left: {text}");
+    assert_no_qemu(home);
+}
