@@ -159,6 +159,8 @@ struct Shared {
     /// Connections open now, and a signal to idle ones when slots run low.
     open: std::sync::atomic::AtomicUsize,
     pressure: tokio::sync::Notify,
+    /// Where access lines also go, one per request (`dbh vm build` keeps one per build).
+    access_log: Mutex<Option<File>>,
 }
 
 /// Identifies one version of a file: device, inode, mtime seconds and nanoseconds.
@@ -220,6 +222,7 @@ impl Server {
                 per_ip: Mutex::default(),
                 open: std::sync::atomic::AtomicUsize::new(0),
                 pressure: tokio::sync::Notify::new(),
+                access_log: Mutex::default(),
             }),
         })
     }
@@ -231,6 +234,12 @@ impl Server {
 
     pub fn root(&self) -> &Path {
         &self.shared.root_path
+    }
+
+    /// Also writes every request's access line (`PEER METHOD TARGET STATUS BYTES`) to `file`:
+    /// a build keeps what its guest fetched beside its emerge.log.
+    pub fn log_access_to(&self, file: File) {
+        *self.shared.access_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight responses finish
@@ -519,6 +528,10 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, mu
             outcome.status = 499;
         }
         log_access(peer, &req.method_text, &req.target, &outcome, started);
+        if let Some(f) = shared.access_log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            use std::io::Write as _;
+            let _ = writeln!(f, "{peer} {} {} {} {}", req.method_text, req.target.escape_debug(), outcome.status, outcome.bytes);
+        }
         if req.has_body && outcome.status != 499 {
             linger_close(stream).await;
             return;
