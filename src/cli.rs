@@ -403,6 +403,10 @@ pub struct VmBuildArgs {
     /// Leave the guest running afterwards; the next build of the target reuses it warm
     #[arg(long)]
     pub keep_vm: bool,
+    /// Keep the binhost current: emerge --update --deep --newuse with the binpkg checks; only
+    /// what changed is built [default atoms: the target's world]
+    #[arg(long)]
+    pub update: bool,
     #[command(flatten)]
     pub size: VmSizeArgs,
 }

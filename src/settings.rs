@@ -109,6 +109,7 @@ const KEYS: &[KeyDef] = &[
     KeyDef { name: "binhost.log_max_age_days", kind: Kind::Int, doc: "`dbh binhost prune` deletes files in logs/<target>/ older than this many days [default: 30]" },
     KeyDef { name: "build.jobs", kind: Kind::Int, doc: "parallel jobs for builds (MAKEOPTS -j)" },
     KeyDef { name: "build.distcc", kind: Kind::Bool, doc: "offload guest compiles to the host's distccd" },
+    KeyDef { name: "build.gentoo_binhost", kind: Kind::Bool, doc: "keep the image's own binhosts (a stage3's gentoobinhost.conf) in vm builds" },
     KeyDef { name: "distcc.hosts", kind: Kind::List, doc: "extra distcc hosts for builds" },
     KeyDef { name: "distcc.distccd", kind: Kind::Str, doc: "the distccd program dbh starts on this host for guest builds [default: distccd on PATH]" },
     KeyDef { name: "vm.boot_timeout", kind: Kind::Int, doc: "seconds a guest may take to answer SSH [default: 300 under TCG, 120 under KVM]" },
@@ -274,6 +275,7 @@ impl Settings {
         let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         self.default("build.jobs", toml::Value::Integer(jobs as i64));
         self.default("build.distcc", toml::Value::Boolean(false));
+        self.default("build.gentoo_binhost", toml::Value::Boolean(false));
         self.default("portage.emerge", toml::Value::String("emerge".into()));
         self.default("distcc.hosts", toml::Value::Array(vec![]));
         let host = nix::unistd::gethostname()

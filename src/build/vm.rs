@@ -1,11 +1,14 @@
-//! The VM backend: boot a throw-away guest of the target (fresh overlay) with each ebuild
-//! repository attached as a read-only squashfs snapshot ([`crate::repo`]: made once per revision,
-//! cached on the host, mounted at `/var/db/repos/<name>`), give it the host's per-target Portage
-//! configuration and the target's binhost (so that
-//! `--usepkg` reuses what was built before), run `emerge --buildpkg --usepkg` over SSH, pull back
-//! only the binpkgs that are new (by path + size + MD5 against a listing taken before the build),
-//! check them against the guest's `Packages`, and publish them through [`binhost::add`] (signed,
-//! BUILD_IDs allocated on the host, atomic, locked, re-indexed).
+//! The VM backend: unless the host's Portage finds the request satisfied by the binhost already
+//! ([`super::plan`]: then nothing boots), boot a throw-away guest of the target (fresh overlay,
+//! or the warm one a `--keep-vm` build left) with each ebuild repository attached as a read-only
+//! squashfs snapshot ([`crate::repo`]: made once per revision, cached on the host, mounted at
+//! `/var/db/repos/<name>`), give it the host's per-target Portage configuration, serve it the
+//! target's binhost over HTTP on the host's loopback (the guest is a Portage client of dbh's own
+//! binhost: it fetches the binpkgs its graph needs and verifies their signatures against the
+//! binhost's key in its `/etc/portage/gnupg`), run `emerge --buildpkg --usepkg --getbinpkg` over
+//! SSH, pull back only the binpkgs built in this run (by path + size + MD5 against a listing taken
+//! before the build), check them against the guest's `Packages`, and publish them through
+//! [`binhost::add`] (signed, BUILD_IDs allocated on the host, atomic, locked, re-indexed).
 //!
 //! Interruption: the caller drops the future on Ctrl-C; the `Vm` is killed by its `Drop`. Publishing
 //! is one synchronous `binhost::add` call at the end, which is atomic, so an interrupted build
@@ -41,6 +44,9 @@ pub struct VmOptions {
     pub memory_mib: Option<u32>,
     /// A fresh sparse scratch disk of this size for PORTAGE_TMPDIR (setting `vm.scratch_size`).
     pub scratch_bytes: Option<u64>,
+    /// The host's `emerge` (setting `portage.emerge`) that decides before booting whether
+    /// anything is to be built ([`super::plan::satisfied`]); `None` = `emerge` on PATH.
+    pub emerge: Option<PathBuf>,
 }
 
 /// Where the scratch disk goes in the guest: `$PORTAGE_TMPDIR/portage`, Portage's build trees.
@@ -167,68 +173,20 @@ fn append_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) -> Result
     b.append_data(&mut h, path, data).map_err(|source| BuildError::Io { doing: "pack", path: path.into(), source })
 }
 
-/// A tar of the binhost's binary packages for the guest's PKGDIR, so that `--usepkg` reuses them.
-///
-/// GPKGs go in as unsigned copies: a guest without gpg (the test stage) cannot even open a
-/// signed GPKG (Portage runs gpg whenever a Manifest is signed, binpkg-ignore-signature or not),
-/// and these copies only ever serve installs inside the throw-away guest. No `Packages` goes in:
-/// its SIZE/MD5 describe the signed files; the guest's Portage indexes what it finds.
-fn append_binhost(b: &mut tar::Builder<Vec<u8>>, dir: &Path, prefix: &Path) -> Result<(), BuildError> {
-    if !dir.join("Packages").is_file() {
-        return Ok(());
-    }
-    b.mode(tar::HeaderMode::Complete);
-    let tmp = tempfile::Builder::new()
-        .prefix("dbh-seed-")
-        .tempdir()
-        .map_err(|source| BuildError::Io { doing: "create a temporary directory in", path: std::env::temp_dir(), source })?;
-    fn pack(path: &Path) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
-        move |source| BuildError::Io { doing: "pack", path: path.to_owned(), source }
-    }
-    let mut stack = vec![PathBuf::new()];
-    let mut n = 0;
-    while let Some(rel) = stack.pop() {
-        let abs = dir.join(&rel);
-        let mut entries: Vec<_> =
-            std::fs::read_dir(&abs).map_err(|e| BuildError::Io { doing: "read", path: abs.clone(), source: e })?.flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            let name = e.file_name();
-            let s = name.to_string_lossy();
-            if s.starts_with('.') {
-                continue;
-            }
-            let rel = rel.join(&name);
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(rel);
-            } else if s.ends_with(".gpkg.tar") {
-                n += 1;
-                // Same file name: the GPKG's top directory is named after it, and Portage checks that.
-                let copy_dir = tmp.path().join(n.to_string());
-                std::fs::create_dir(&copy_dir).map_err(|source| BuildError::Io { doing: "create", path: copy_dir.clone(), source })?;
-                let copy = copy_dir.join(&name);
-                crate::binpkg::rewrite_gpkg(&e.path(), &copy, &crate::binpkg::Rewrite { build_id: None, signer: None })?;
-                b.append_path_with_name(&copy, prefix.join(&rel)).map_err(pack(&e.path()))?;
-            } else if s.ends_with(".tbz2") || s.ends_with(".xpak") {
-                b.append_path_with_name(e.path(), prefix.join(&rel)).map_err(pack(&e.path()))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The host side of the sync, built before booting: one tar stream for `tar -C / -x` in the
 /// guest holding dbh's files under `etc/portage` (the
-/// make.conf part as `make.conf.dbh-tail`, joined to the image's own by [`SYNC_SCRIPT`]) and the
-/// seeded binpkgs. One stream and one command instead of a dozen uploads: every process started
-/// in a TCG guest costs tens of milliseconds.
+/// make.conf part as `make.conf.dbh-tail`, joined to the image's own by [`SYNC_SCRIPT`];
+/// `binrepos.conf/dbh.conf` naming the host's binhost when `binhost_url` is given). No binpkg and
+/// no repository goes in: the guest fetches the binpkgs its graph needs from that URL, and the
+/// repositories are attached snapshots. One stream and one command instead of a dozen uploads:
+/// every process started in a TCG guest costs tens of milliseconds.
 fn bundle(
     target: &Target,
     req: &Request,
     repos: &[String],
     config: &PortageConfig,
     profile_repo: &str,
-    binhost_dir: &Path,
+    binhost_url: Option<&str>,
 ) -> Result<Vec<u8>, BuildError> {
     let mut b = tar::Builder::new(Vec::new());
     let conf = crate::repo::guest_repos_conf(profile_repo, repos);
@@ -239,19 +197,22 @@ fn bundle(
     append_file(&mut b, &format!("etc/portage/sets/{WORLD_SET}"), config.world.as_bytes())?;
     append_file(&mut b, "etc/portage/package.use/dbh", config.package_use.as_bytes())?;
     append_file(&mut b, "etc/portage/package.accept_keywords/dbh", config.package_accept_keywords.as_bytes())?;
-    // binpkg-ignore-signature: the seeded binpkgs are the host's own, signed by dbh and copied over
-    // the pinned SSH connection; the guest need not have gpg nor the host's key to reuse them.
-    // -pkgdir-index-trusted: the seeded PKGDIR has no index yet, so Portage must scan it.
-    // -sandbox/-usersandbox: a test stage has no sandbox binary; builds are throw-away anyway.
+    // -pkgdir-index-trusted: the guest's PKGDIR starts empty and gets the fetched and built
+    // binpkgs; Portage keeps its index. -sandbox/-usersandbox: a test stage has no sandbox binary;
+    // builds are throw-away anyway. No binpkg-ignore-signature: what comes from the binhost is
+    // verified (binrepos.conf `verify-signature`); what the guest builds itself is unsigned.
     let tail = format!(
-        "\n# --- dbh: $DBH_HOME/targets/{}/portage/make.conf ---\n{}\n# --- dbh: build settings ---\nMAKEOPTS=\"-j{}\"\nFEATURES=\"${{FEATURES}} buildpkg binpkg-multi-instance binpkg-ignore-signature -pkgdir-index-trusted -sandbox -usersandbox\"\nBINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{GUEST_PKGDIR}\"\n",
+        "\n# --- dbh: $DBH_HOME/targets/{}/portage/make.conf ---\n{}\n# --- dbh: build settings ---\nMAKEOPTS=\"-j{}\"\nFEATURES=\"${{FEATURES}} buildpkg binpkg-multi-instance -pkgdir-index-trusted -sandbox -usersandbox\"\nBINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{GUEST_PKGDIR}\"\n{}",
         target.name,
         config.make_conf,
-        req.jobs.max(1)
+        req.jobs.max(1),
+        if req.gentoo_binhost { "" } else { "# Only dbh's own binhost (binrepos.conf/dbh.conf); build.gentoo_binhost keeps the image's.\nPORTAGE_BINHOST=\"\"\n" },
     );
     append_file(&mut b, "etc/portage/make.conf.dbh-tail", tail.as_bytes())?;
-    append_binhost(&mut b, binhost_dir, Path::new(GUEST_PKGDIR.trim_start_matches('/')))?;
-    b.into_inner().map_err(|source| BuildError::Io { doing: "pack", path: binhost_dir.to_owned(), source })
+    if let Some(url) = binhost_url {
+        append_file(&mut b, "etc/portage/binrepos.conf/dbh.conf", binrepos_conf(&target.name, url).as_bytes())?;
+    }
+    b.into_inner().map_err(|source| BuildError::Io { doing: "pack", path: "the guest's configuration".into(), source })
 }
 
 /// Run in the guest with the bundle on stdin (after `rm -rf` of the repositories' directories):
@@ -311,6 +272,65 @@ async fn exec_with_input(guest: &Guest, cmd: String, data: &[u8]) -> Result<(), 
     Ok(())
 }
 
+/// The `binrepos.conf` entry the guest gets for dbh's binhost of `target` at `url`: highest
+/// priority, signatures verified against the key [`guest_keyring`] installs.
+pub fn binrepos_conf(target: &str, url: &str) -> String {
+    format!(
+        "# written by dbh for this build: the host's binhost of {target}, served on the host's loopback\n\
+         [dbh-{target}]\npriority = 9999\nsync-uri = {url}\nverify-signature = true\n"
+    )
+}
+
+/// The binhost server of one build: dbh's own `serve` code on 127.0.0.1 (a free port), reached
+/// from the guest as QEMU user-net's gateway 10.0.2.2 (whose connections arrive from 127.0.0.1),
+/// so nothing is reachable from outside this host. It streams files from disk (sendfile): dbh's
+/// memory does not grow with the binhost.
+struct BinhostServer {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BinhostServer {
+    async fn start(home: &Home, access_log: &Path) -> Result<BinhostServer, BuildError> {
+        let config = crate::serve::Config {
+            dir: home.root().join("binhost"),
+            listen: vec!["127.0.0.1:0".into()],
+            public_url: None,
+            priority: 9999,
+            key_file: home.keys().join("public.asc"),
+            limits: crate::serve::Limits::default(),
+            target_config: None,
+        };
+        let server = crate::serve::Server::bind(config).await?;
+        let log = std::fs::File::create(access_log).map_err(|source| BuildError::Io { doing: "create", path: access_log.to_owned(), source })?;
+        server.log_access_to(log);
+        let port = server.local_addrs().first().map(|a| a.port()).unwrap_or_default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            if let Err(e) = server.run(async { let _ = rx.await; }).await {
+                tracing::warn!("the build's binhost server stopped: {e}");
+            }
+        });
+        Ok(BinhostServer { port, stop: Some(tx), task })
+    }
+
+    /// The URL the guest uses for `target`'s binhost.
+    fn guest_url(&self, target: &str) -> String {
+        format!("http://{GATEWAY}:{}/{target}", self.port)
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// QEMU user networking's address of the host as the guest sees it.
+const GATEWAY: &str = "10.0.2.2";
+
 /// The repositories of a build as attached snapshots.
 struct Snapshots {
     /// name → the revision `REPO_REVISIONS` records.
@@ -363,15 +383,42 @@ pub async fn build(
     let snaps = attach_snapshots(home, &prep, &opts.repo_tools, reporter)?;
     let Snapshots { revisions, mounts, disks, names: repo_names } = snaps;
     timings.lap("snapshot");
-    let bundle = bundle(target, req, &repo_names, config, profile_repo, &prep.binhost_dir)?;
     let log_dir = prep.log_dir.clone();
+    let have_binhost = prep.binhost_dir.join("Packages").is_file();
+    if have_binhost && let Some(why) = super::plan::satisfied(home, target, &prep, req, opts.emerge.as_deref(), &log_dir, reporter)? {
+        reporter.event(Event::Note { message: format!("{}: nothing to build, no guest booted: {why}", target.name) });
+        reporter.event(Event::Count { name: "binpkg.transferred".into(), value: 0 });
+        return Ok(Outcome { published: Vec::new(), failed: Vec::new(), log_dir, transferred: 0, rebuilt: Vec::new() });
+    }
+    timings.lap("plan");
+    // The binhost is served for the guest only while it runs; an empty one is not offered.
+    let server = if have_binhost { Some(BinhostServer::start(home, &log_dir.join("binhost-access.log")).await?) } else { None };
+    let url = server.as_ref().map(|s| s.guest_url(&target.name));
+    let bundle = bundle(target, req, &repo_names, config, profile_repo, url.as_deref())?;
+    let keys = crate::sign::KeyStore::new(home.keys());
+    let key = (keys.public_armored()?, keys.fingerprint()?);
     timings.lap("prepare");
 
     let mut distcc = req.distcc.as_ref().map(|o| super::distcc::Offload::start(target, o, &log_dir, reporter));
 
-    let running = guest_for_build(home, target, opts, disks, reporter).await?;
+    let running = match guest_for_build(home, target, opts, disks, reporter).await {
+        Ok(running) => running,
+        Err(e) => {
+            if let Some(s) = server {
+                s.stop().await;
+            }
+            return Err(e);
+        }
+    };
     timings.lap("boot");
-    let inputs = GuestInputs { repos: &mounts, revisions: &revisions, profile: (profile_repo, profile_path), bundle: &bundle };
+    let inputs = GuestInputs {
+        repos: &mounts,
+        revisions: &revisions,
+        profile: (profile_repo, profile_path),
+        bundle: &bundle,
+        key: server.as_ref().map(|_| (key.0.as_str(), key.1.as_str())),
+        gentoo_binhost: req.gentoo_binhost,
+    };
     let result = in_guest(running.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, distcc.as_mut(), reporter).await;
     if let Some(d) = distcc {
         d.finish(reporter);
@@ -387,8 +434,16 @@ pub async fn build(
         }
         Running::Own(vm) => vm.stop(Shutdown::Quit, reporter).await?,
     }
+    if let Some(s) = server {
+        s.stop().await;
+    }
     timings.lap("stop");
-    let (downloads, failed, _tmp) = result?;
+    let (downloads, failed, built, _tmp) = result?;
+    // Why each package was built rather than taken from the binhost.
+    let rebuilt = if built.is_empty() { Vec::new() } else { super::plan::reasons(&prep.binhost_dir, &built) };
+    for (cpv, why) in &rebuilt {
+        reporter.event(Event::Note { message: format!("{}: built {cpv}: {why}", target.name) });
+    }
 
     // The revisions go into the header with the packages they built, in the same atomic step.
     let published = if downloads.is_empty() {
@@ -401,7 +456,63 @@ pub async fn build(
     let transferred = downloads.len() as u64;
     reporter.event(Event::Count { name: "binpkg.transferred".into(), value: transferred });
     timings.report(&target.name, reporter);
-    Ok(Outcome { published, failed, log_dir, transferred })
+    Ok(Outcome { published, failed, log_dir, transferred, rebuilt })
+}
+
+/// emerge's command line in the guest. `--getbinpkg` when the binhost is served; `--update`
+/// asks for the options that keep a binhost current: only what changed is built, a binpkg whose
+/// USE or dependencies no longer match the tree is not reused. `--verbose` prints the merge list
+/// with USE flags, from which dbh says why each package was built.
+pub fn emerge_args(req: &Request, getbinpkg: bool) -> Vec<String> {
+    let mut args: Vec<String> = vec!["emerge".into(), "--buildpkg".into(), "--usepkg".into()];
+    if getbinpkg {
+        args.push("--getbinpkg".into());
+    }
+    if req.update {
+        args.extend(UPDATE_ARGS.iter().map(|a| (*a).to_owned()));
+    }
+    args.extend(["--verbose", "--jobs=1", "--keep-going", "--color=n", "--quiet-build=n"].map(String::from));
+    args.extend(req.atoms.iter().cloned());
+    args.extend(req.emerge_args.iter().cloned());
+    args
+}
+
+/// `dbh vm build --update`'s emerge options.
+pub const UPDATE_ARGS: &[&str] =
+    &["--update", "--deep", "--newuse", "--with-bdeps=y", "--binpkg-changed-deps=y", "--binpkg-respect-use=y"];
+
+/// Run before the sync: dbh decides which binhosts the guest uses. Every entry of the image's
+/// `/etc/portage/binrepos.conf` (a stage3's `gentoobinhost.conf` names Gentoo's binhost, which a
+/// build guest may not reach) is moved to `/etc/portage/binrepos.conf.dbh-off/`, so that only
+/// dbh's `dbh.conf` is left. Setting `build.gentoo_binhost` keeps them.
+const ONLY_DBH_BINHOST: &str = "b=/etc/portage/binrepos.conf; o=/etc/portage/binrepos.conf.dbh-off; \
+    if [ -f $b ]; then mkdir -p $o && mv -f $b $o/binrepos.conf; fi; \
+    if [ -d $b ]; then for f in $b/*; do [ -e \"$f\" ] || continue; mkdir -p $o && mv -f \"$f\" $o/; done; fi; :";
+
+/// Undoes [`ONLY_DBH_BINHOST`] and dbh's `binrepos.conf/dbh.conf` (run in `/etc/portage`), for
+/// a base image that keeps its own binhosts.
+const RESTORE_BINHOSTS: &str = "rm -f binrepos.conf/dbh.conf; o=binrepos.conf.dbh-off; if [ -d $o ]; then \
+    if [ -f $o/binrepos.conf ]; then rmdir binrepos.conf 2>/dev/null; mv -f $o/binrepos.conf binrepos.conf; fi; \
+    for f in $o/*; do [ -e \"$f\" ] || continue; mkdir -p binrepos.conf && mv -f \"$f\" binrepos.conf/; done; rmdir $o; fi; \
+    rmdir binrepos.conf 2>/dev/null; :";
+
+/// Makes the guest's `/etc/portage/gnupg` trust the binhost's key, so that Portage verifies what
+/// it fetches from dbh. The key is imported and given full trust the way a client's keyring is
+/// (see `dbh binhost conf`); the directory is readable by the unprivileged user Portage verifies
+/// as (`GPG_VERIFY_USER_DROP`). A guest without gpg cannot verify: that is an error, not a
+/// silent downgrade.
+async fn guest_keyring(guest: &Guest, target: &Target, armored: &str, fpr: &str) -> Result<(), BuildError> {
+    let script = format!(
+        "command -v gpg >/dev/null || {{ echo 'gpg is not installed in the guest' >&2; exit 3; }}; \
+         G=/etc/portage/gnupg; install -d -m 0755 $G && \
+         gpg --homedir $G --batch --no-tty --quiet --import && \
+         echo {fpr}:6: | gpg --homedir $G --batch --no-tty --quiet --import-ownertrust && \
+         gpg --homedir $G --batch --no-tty --quiet --check-trustdb && chmod -R go+rX $G"
+    );
+    exec_with_input(guest, script, armored.as_bytes()).await.map_err(|e| match e {
+        BuildError::Guest(crate::guest::GuestError::CommandFailed { status: 3, .. }) => BuildError::GuestNoGpg { target: target.name.clone() },
+        e => e,
+    })
 }
 
 /// The user set the host's `world` file becomes in the guest (`/etc/portage/sets/dbh-world`).
@@ -447,9 +558,15 @@ struct GuestInputs<'a> {
     profile: (&'a str, &'a str),
     /// What [`bundle`] made.
     bundle: &'a [u8],
+    /// The binhost's armored public key and fingerprint, when the guest fetches from it.
+    key: Option<(&'a str, &'a str)>,
+    /// Keep the image's own binhosts (setting `build.gentoo_binhost`).
+    gentoo_binhost: bool,
 }
 
-type GuestResult = (Vec<PathBuf>, Vec<FailedPackage>, tempfile::TempDir);
+/// Pulled binpkgs, failed packages, the packages built from source (cpv, enabled USE flags as
+/// emerge showed them), and the directory holding the pulled files.
+type GuestResult = (Vec<PathBuf>, Vec<FailedPackage>, Vec<(String, Option<Vec<String>>)>, tempfile::TempDir);
 
 #[allow(clippy::too_many_arguments)]
 async fn in_guest(
@@ -463,7 +580,7 @@ async fn in_guest(
     distcc: Option<&mut super::distcc::Offload>,
     reporter: &dyn Reporter,
 ) -> Result<GuestResult, BuildError> {
-    let revisions = inputs.revisions;
+    let (revisions, key) = (inputs.revisions, inputs.key);
     let task = format!("build:{}", target.name);
     let sync = format!("sync:{}", target.name);
     reporter.event(Event::Start {
@@ -472,7 +589,7 @@ async fn in_guest(
         total: None,
         unit: Unit::Spinner,
     });
-    sync_guest(guest, inputs).await?;
+    sync_guest(guest, target, inputs).await?;
     if let Some(d) = distcc {
         d.configure_guest(guest, target, req.jobs, reporter).await?;
     }
@@ -481,10 +598,7 @@ async fn in_guest(
     timings.lap("sync");
 
     // emerge, followed line by line.
-    let mut args: Vec<String> =
-        ["emerge", "--buildpkg", "--usepkg", "--jobs=1", "--keep-going", "--color=n", "--quiet-build=n"].map(String::from).into();
-    args.extend(req.atoms.iter().cloned());
-    args.extend(req.emerge_args.iter().cloned());
+    let args = emerge_args(req, key.is_some());
     let command = format!("{} 2>&1", shell_join(&args));
     let mut follower = Follower::new(task.clone(), format!("emerge on {}", target.name), &log_dir.join("emerge.log"), &command, echo)?;
     for (name, rev) in revisions {
@@ -492,6 +606,7 @@ async fn in_guest(
     }
     reporter.event(Event::Note { message: format!("{}: {}", target.name, shell_join(&args)) });
     let status = guest.exec(&command, |_, line| follower.line(line, reporter)).await?;
+    let built = follower.built();
     let (unfinished, tail) = follower.finish(i64::from(status), reporter);
     timings.lap("emerge");
 
@@ -508,18 +623,24 @@ async fn in_guest(
         return Err(BuildError::EmergeFailed { target: target.name.clone(), status, tail });
     }
 
-    // Pull back what is new.
+    // Pull back what is new and was built here: the guest's PKGDIR also holds the binpkgs it
+    // fetched from the binhost (signed copies of what is published already).
     let after = list_pkgdir(guest).await?;
-    let fresh = new_files(&before, &after);
+    let mut fresh = new_files(&before, &after);
     let tmp = tempfile::Builder::new()
         .prefix("dbh-build-")
         .tempdir()
         .map_err(|source| BuildError::Io { doing: "create a temporary directory in", path: std::env::temp_dir(), source })?;
     let mut downloads = Vec::new();
+    let mut index = Index::default();
     if !fresh.is_empty() {
         let index_text = guest.exec_ok(&format!("cat {GUEST_PKGDIR}/Packages")).await?.stdout;
-        let index = Index::parse(&index_text)
+        index = Index::parse(&index_text)
             .map_err(|e| BuildError::GuestIndex { target: target.name.clone(), reason: e.to_string() })?;
+        let built_here: std::collections::BTreeSet<&str> = built.iter().map(|(c, _)| c.as_str()).collect();
+        fresh.retain(|l| index.packages.iter().find(|e| e.effective_path() == l.path).is_none_or(|e| built_here.contains(e.cpv())));
+    }
+    if !fresh.is_empty() {
         let pull = format!("pull:{}", target.name);
         reporter.event(Event::Start { task: pull.clone(), label: "pulling binary packages".into(), total: Some(fresh.len() as u64), unit: Unit::Items });
         for (i, l) in fresh.iter().enumerate() {
@@ -533,14 +654,19 @@ async fn in_guest(
         reporter.event(Event::Finish { task: pull, message: format!("pulled {} binary package(s)", fresh.len()) });
     }
     timings.lap("pull");
-    Ok((downloads, failed, tmp))
+    let built = built.into_iter().filter(|(c, _)| !failed.iter().any(|f| &f.cpv == c)).collect();
+    Ok((downloads, failed, built, tmp))
 }
 
-/// Unpacks the bundle in the guest (repositories, dbh's Portage files, seeded binpkgs), points
-/// make.profile at the profile and mounts the scratch disk on the build directory if there is one.
-async fn sync_guest(guest: &Guest, inputs: &GuestInputs<'_>) -> Result<(), BuildError> {
+/// Mounts the repository snapshots, unpacks the bundle (dbh's Portage files), leaves only dbh's
+/// binhost configured (unless `build.gentoo_binhost`), points make.profile at the profile, mounts
+/// the scratch disk on the build directory if there is one, and trusts the binhost's key.
+async fn sync_guest(guest: &Guest, target: &Target, inputs: &GuestInputs<'_>) -> Result<(), BuildError> {
     let GuestInputs { repos, profile: (profile_repo, profile_path), bundle, .. } = *inputs;
     let mut script = if repos.is_empty() { SYNC_SCRIPT.to_owned() } else { format!("{} && {SYNC_SCRIPT}", mount_script(repos)) };
+    if !inputs.gentoo_binhost {
+        script = format!("{ONLY_DBH_BINHOST} && {script}");
+    }
     let link = |loc: &str| format!("ln -sfn {} /etc/portage/make.profile", shell_quote(&format!("{loc}/profiles/{profile_path}")));
     let own = repos.iter().any(|(_, n)| n == profile_repo);
     if own {
@@ -558,6 +684,9 @@ async fn sync_guest(guest: &Guest, inputs: &GuestInputs<'_>) -> Result<(), Build
         let loc = guest.exec_ok(&format!("portageq get_repo_path / {}", shell_quote(profile_repo))).await?.stdout_str();
         guest.exec_ok(&link(loc.trim())).await?;
     }
+    if let Some((armored, fpr)) = inputs.key {
+        guest_keyring(guest, target, armored, fpr).await?;
+    }
     Ok(())
 }
 
@@ -572,8 +701,8 @@ pub struct ImageUpdate {
 pub const BUILD_TOOLS: &[(&str, &str)] = &[("sys-devel/distcc", "distcc"), ("app-crypt/gnupg", "gpg")];
 
 /// `dbh vm image update`: boots the base image with an overlay, installs `atoms` (default: the
-/// [`BUILD_TOOLS`] the image lacks) from the target's binhost with `emerge --usepkgonly`, through
-/// the same path a build gets its binpkgs, takes the repositories and seeded binpkgs out again,
+/// [`BUILD_TOOLS`] the image lacks) from the target's binhost with `emerge --getbinpkgonly`,
+/// served the way a build's guest gets it, takes dbh's configuration and the fetched binpkgs out,
 /// and makes the overlay the new `disk.qcow2` (`qemu-img convert` to a temporary file, then a
 /// rename: an interrupted update leaves the old image). Every later guest starts from it.
 pub async fn update_image(
@@ -591,22 +720,38 @@ pub async fn update_image(
     let mut req = req.clone();
     req.atoms = if atoms.is_empty() { BUILD_TOOLS.iter().map(|(a, _)| (*a).to_owned()).collect() } else { atoms.to_vec() };
     let prep = super::prepare(home, target, &req)?;
+    if !prep.binhost_dir.join("Packages").is_file() {
+        return Err(BuildError::NothingToInstall { target: target.name.clone(), binhost: prep.binhost_dir.clone() });
+    }
     let snaps = attach_snapshots(home, &prep, repo_tools, reporter)?;
-    let bundle = bundle(target, &req, &snaps.names, &prep.config, &prep.profile_repo, &prep.binhost_dir)?;
+    let server = BinhostServer::start(home, &prep.log_dir.join("binhost-access.log")).await?;
+    let url = server.guest_url(&target.name);
+    let bundle = bundle(target, &req, &snaps.names, &prep.config, &prep.profile_repo, Some(&url))?;
+    let keys = crate::sign::KeyStore::new(home.keys());
+    let key = (keys.public_armored()?, keys.fingerprint()?);
     let paths = crate::vm::Paths::new(home, &target.name);
     let overlay = paths.run.join("overlay.qcow2");
     // A fresh overlay that outlives the VM (keep_overlay), to be converted afterwards.
     let _ = std::fs::remove_file(&overlay);
     let _ = std::fs::remove_file(paths.run.join("vars.fd"));
     let opts = StartOptions { keep_overlay: true, detached: false, scratch_bytes: None, disks: snaps.disks.clone(), ..start.clone() };
-    let vm = Vm::start(home, target, &opts, reporter).await?;
+    let vm = match Vm::start(home, target, &opts, reporter).await {
+        Ok(vm) => vm,
+        Err(e) => {
+            server.stop().await;
+            return Err(e.into());
+        }
+    };
     let inputs = GuestInputs {
         repos: &snaps.mounts,
         revisions: &BTreeMap::new(),
         profile: (&prep.profile_repo, &prep.profile_path),
         bundle: &bundle,
+        key: Some((key.0.as_str(), key.1.as_str())),
+        gentoo_binhost: req.gentoo_binhost,
     };
     let result = install_in_guest(vm.guest(), target, &inputs, atoms, &prep.log_dir, reporter).await;
+    server.stop().await;
     vm.stop(Shutdown::Quit, reporter).await?;
     let installed = match result {
         Ok(installed) => installed,
@@ -663,7 +808,21 @@ async fn install_in_guest(
     log_dir: &Path,
     reporter: &dyn Reporter,
 ) -> Result<Vec<String>, BuildError> {
-    sync_guest(guest, inputs).await?;
+    // A base image without gpg cannot verify what it fetches, and gpg is what it is about to get:
+    // that one bootstrap takes the host's own binhost on the host's loopback unverified (the host
+    // signed and serves those files itself), and says so. Builds never do.
+    let has_gpg = guest.exec_capture("command -v gpg").await?.status == 0;
+    let inputs = &GuestInputs { key: inputs.key.filter(|_| has_gpg), ..*inputs };
+    sync_guest(guest, target, inputs).await?;
+    if !has_gpg {
+        reporter.event(Event::Note {
+            message: format!(
+                "{}: the base image has no gpg; this update fetches from the host's own binhost on loopback without signature verification",
+                target.name
+            ),
+        });
+        guest.exec_ok("sed -i 's/^verify-signature = true$/verify-signature = false/' /etc/portage/binrepos.conf/dbh.conf").await?;
+    }
     let wanted: Vec<String> = if atoms.is_empty() {
         let mut missing = Vec::new();
         for (atom, program) in BUILD_TOOLS {
@@ -678,7 +837,7 @@ async fn install_in_guest(
         atoms.to_vec()
     };
     if !wanted.is_empty() {
-        let mut args: Vec<String> = ["emerge", "--usepkgonly", "--noreplace", "--color=n", "--quiet-build=n"].map(String::from).into();
+        let mut args: Vec<String> = ["emerge", "--getbinpkgonly", "--noreplace", "--color=n", "--quiet-build=n"].map(String::from).into();
         args.extend(wanted.iter().cloned());
         let command = format!("{} 2>&1", shell_join(&args));
         let task = format!("image-update:{}", target.name);
@@ -704,7 +863,7 @@ async fn install_in_guest(
         .exec_ok(&format!(
             "{} rm -rf {GUEST_PKGDIR}/* && cd /etc/portage && {{ [ ! -e make.conf.dbh-base ] || mv -f make.conf.dbh-base make.conf; }} \
              && rm -f repos.conf/50-dbh-host.conf repos.conf/zz-dbh.conf sets/{WORLD_SET} package.use/dbh package.accept_keywords/dbh \
-             && sync",
+             && {RESTORE_BINHOSTS} && sync",
             repos.join(" ")
         ))
         .await?;
@@ -773,7 +932,8 @@ mod tests {
         let config = PortageConfig::load_or_create(&home, "arm64").unwrap();
         let target = crate::target::Targets::builtin().get("arm64").unwrap().clone();
         let req = Request { jobs: 3, ..Default::default() };
-        let data = bundle(&target, &req, &["r".into()], &config, "r", &home.binhost("arm64")).unwrap();
+        let url = "http://10.0.2.2:1234/arm64";
+        let data = bundle(&target, &req, &["r".into()], &config, "r", Some(url)).unwrap();
         let mut files = BTreeMap::new();
         for e in tar::Archive::new(&data[..]).entries().unwrap() {
             let mut e = e.unwrap();
@@ -785,6 +945,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "etc/portage/binrepos.conf/dbh.conf",
                 "etc/portage/make.conf.dbh-tail",
                 "etc/portage/package.accept_keywords/dbh",
                 "etc/portage/package.use/dbh",
@@ -796,5 +957,64 @@ mod tests {
         assert!(files["etc/portage/make.conf.dbh-tail"].contains("MAKEOPTS=\"-j3\""));
         assert!(files["etc/portage/make.conf.dbh-tail"].contains("ACCEPT_LICENSE"));
         assert!(files["etc/portage/repos.conf/zz-dbh.conf"].contains("main-repo = r\n\n[r]\nlocation = /var/db/repos/r\nauto-sync = no\n"));
+        let tail = &files["etc/portage/make.conf.dbh-tail"];
+        assert!(!tail.contains("binpkg-ignore-signature"), "what comes from the binhost is verified:\n{tail}");
+        assert!(tail.contains("PORTAGE_BINHOST=\"\""), "{tail}");
+        let conf = &files["etc/portage/binrepos.conf/dbh.conf"];
+        assert!(conf.contains("sync-uri = http://10.0.2.2:1234/arm64\n") && conf.contains("verify-signature = true\n"), "{conf}");
+        // No binpkg ever goes into the bundle.
+        assert!(!names.iter().any(|n| n.contains("binpkgs")), "{names:?}");
+    }
+
+    /// The binhost-disabling step run by a real shell on a fake /etc/portage.
+    #[test]
+    fn only_dbhs_binhost_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc/portage");
+        std::fs::create_dir_all(etc.join("binrepos.conf")).unwrap();
+        std::fs::write(etc.join("binrepos.conf/gentoobinhost.conf"), "[gentoobinhost]\nsync-uri = https://192.0.2.1/\n").unwrap();
+        let script = ONLY_DBH_BINHOST.replace("/etc/portage", &etc.to_string_lossy());
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(!etc.join("binrepos.conf/gentoobinhost.conf").exists());
+        assert!(etc.join("binrepos.conf.dbh-off/gentoobinhost.conf").is_file());
+        // Twice (a warm guest) is fine, and so is an image without any.
+        let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success());
+    }
+
+    #[test]
+    fn update_asks_for_the_binpkg_checks() {
+        let req = Request { update: true, atoms: vec!["@dbh-world".into()], ..Default::default() };
+        let args = emerge_args(&req, true).join(" ");
+        assert!(args.starts_with("emerge --buildpkg --usepkg --getbinpkg --update --deep --newuse --with-bdeps=y --binpkg-changed-deps=y --binpkg-respect-use=y --verbose"), "{args}");
+        assert!(args.ends_with(" @dbh-world"), "{args}");
+        let args = emerge_args(&Request::default(), false).join(" ");
+        assert!(!args.contains("--getbinpkg") && !args.contains("--update"), "{args}");
+    }
+
+    /// The base image gets its own binhosts back after `vm image update`: a stage3's
+    /// `binrepos.conf/gentoobinhost.conf`, and an old-style `binrepos.conf` file.
+    #[test]
+    fn image_update_restores_the_images_binhosts() {
+        for file_style in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let etc = dir.path().join("etc/portage");
+            let own = if file_style { etc.join("binrepos.conf") } else { etc.join("binrepos.conf/gentoobinhost.conf") };
+            std::fs::create_dir_all(own.parent().unwrap()).unwrap();
+            std::fs::write(&own, "[gentoobinhost]\nsync-uri = https://192.0.2.1/\n").unwrap();
+            let off = ONLY_DBH_BINHOST.replace("/etc/portage", &etc.to_string_lossy());
+            let sh = |script: &str| {
+                let out = std::process::Command::new("sh").arg("-c").arg(script).current_dir(&etc).output().unwrap();
+                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            };
+            sh(&off);
+            std::fs::create_dir_all(etc.join("binrepos.conf")).unwrap();
+            std::fs::write(etc.join("binrepos.conf/dbh.conf"), "[dbh-arm64]\n").unwrap();
+            sh(RESTORE_BINHOSTS);
+            assert!(own.is_file(), "{own:?} is back");
+            assert!(!etc.join("binrepos.conf.dbh-off").exists() && !etc.join("binrepos.conf/dbh.conf").exists());
+        }
     }
 }
+

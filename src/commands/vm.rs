@@ -16,7 +16,7 @@ pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
     match cmd {
         VmCommand::Image(ImageCommand::Create(args)) => image_create(ctx, args),
         VmCommand::Image(ImageCommand::Update(args)) => image_update(ctx, args),
-        VmCommand::Build(args) => vm_build(ctx, &args.common, args.keep_vm, args.distcc),
+        VmCommand::Build(args) => vm_build(ctx, &args.common, args.keep_vm, args.distcc, args.update),
         VmCommand::Start(t) => start(ctx, &t.target),
         VmCommand::Stop(t) => block_on(async {
             let home = ctx.settings.home();
@@ -194,10 +194,12 @@ fn block_on_code<F: std::future::Future<Output = Result<u32, Error>>>(fut: F) ->
 }
 
 /// `dbh vm build` (and `dbh build --backend vm|auto`): a thin shell over [`crate::build::vm`].
-pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool) -> Result<(), Error> {
+pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool, update: bool) -> Result<(), Error> {
     let targets = Targets::load()?;
     let target = targets.get(&common.target)?;
     let mut req = super::build::request(ctx, common);
+    req.update = update;
+    req.gentoo_binhost = ctx.settings.bool("build.gentoo_binhost");
     req.distcc = (distcc || ctx.settings.bool("build.distcc")).then(|| build::distcc::DistccOptions {
         distccd: ctx.settings.str("distcc.distccd").map(Into::into),
         jobs: None,
@@ -212,6 +214,7 @@ pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distc
         cpus: start.cpus,
         memory_mib: start.memory_mib,
         scratch_bytes: ctx.settings.vm_sizing(&target.name)?.scratch_bytes.0,
+        emerge: Some(ctx.settings.str("portage.emerge").unwrap_or("emerge").into()),
     };
     let mut outcome = None;
     block_on(async {
