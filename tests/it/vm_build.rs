@@ -3,12 +3,16 @@
 //! the host binhost, served by `dbh serve` and installed by a real Portage client that verifies
 //! signatures. Three guest boots in one test, in order, sharing one $DBH_HOME:
 //! 1. `broken` + `hello`: exit status non-zero, broken's log kept and shown, hello published;
-//! 2. `greeter`: hello comes from the seeded binhost (not rebuilt), greeter is built; a client
-//!    installs both and `hello` is an AArch64 ELF;
-//! 3. no atom: the host's `world` file (greeter) is built as @dbh-world — nothing to do, zero
-//!    binpkgs transferred; the host's repos.conf reached the guest's Portage;
+//! 2. `greeter`: hello is fetched from the host's binhost over HTTP (the build's access log shows
+//!    exactly that one binpkg), signature verified; greeter is built; a client installs both and
+//!    `hello` is an AArch64 ELF;
+//! 3. no atom: the host's `world` file (greeter) is satisfied by the binhost — the host's Portage
+//!    says so and no guest boots; 3b. with a repository only the guest has (so it boots) and
+//!    hello replaced by an unsigned copy, the guest's Portage refuses it;
 //! 4. Ctrl-C while emerge compiles: dbh exits promptly, non-zero, no QEMU left, the binhost is
-//!    byte-for-byte as before and `dbh binhost check` passes.
+//!    byte-for-byte as before and `dbh binhost check` passes;
+//! 5. `--update` after bumping hello (and greeter's dependency on it): exactly those two are
+//!    rebuilt, each with its reason; the rest keeps its BUILD_ID; a re-run does not boot.
 //!
 //! The repository is a git checkout (a copy of the fixture repository): its commit must show up
 //! in the binhost header's REPO_REVISIONS, and the client must still install from that binhost.
@@ -33,6 +37,8 @@ fn command(home: &Path, args: &[&str]) -> std::process::Command {
             cmd.env_remove(k);
         }
     }
+    // The host's Portage decides before booting whether anything is to be built.
+    cmd.env("DBH_PORTAGE_EMERGE", super::portage::portage().venv.join("bin/emerge"));
     cmd
 }
 
@@ -124,12 +130,20 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     assert!(stdout(&out).contains("1 binpkg(s) transferred"), "{text}");
     assert_no_qemu(home);
 
-    // 2. greeter: hello is reused from the binhost, greeter built and published.
+    // 2. greeter: hello comes from the binhost over HTTP (dbh serves it to the guest on the
+    // loopback for this build, signature verified), greeter is built and published.
     let out = build(home, repo, &["dbh-test/greeter"]);
     let text = combined(&out);
     assert!(out.status.success(), "{text}");
     assert!(stdout(&out).contains("published dbh-test/greeter-1.0 (BUILD_ID 1)"), "{text}");
     assert!(stdout(&out).contains("arm64: 1 binpkg(s) transferred"), "hello must come from the binhost:\n{text}");
+    assert!(text.contains("built dbh-test/greeter-1.0: new package"), "the run says why greeter was built:\n{text}");
+    let log = last_emerge_log(home);
+    assert!(log.contains("--getbinpkg"), "{log}");
+    assert!(log.contains(">>> Emerging binary (1 of 2) dbh-test/hello-1.0"), "{log}");
+    let fetched = binpkg_requests(&last_log_dir(home).join("binhost-access.log"));
+    assert_eq!(fetched.len(), 1, "the guest fetches exactly the one binpkg its graph needs: {fetched:?}");
+    assert!(fetched[0].contains("/arm64/dbh-test/hello/hello-1.0-1.gpkg.tar 200"), "{fetched:?}");
     assert_no_qemu(home);
     let index = std::fs::read_to_string(home.join("binhost/arm64/Packages")).unwrap();
     assert!(index.contains("CHOST: aarch64-unknown-linux-gnu"), "{index}");
@@ -145,30 +159,124 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     assert_elf_machine(&client.root.join("usr/bin/hello"), 183);
     assert!(client.root.join("usr/bin/greeter").is_file());
 
-    // 3. No atom: the world file is the build. Nothing to do: no binpkg comes back.
+    // 3. No atom: the world file is the build. Everything is in the binhost: the host's Portage
+    // says so before booting, and no guest starts.
     let config = home.join("targets/arm64/portage");
     std::fs::write(config.join("world"), "# what this binhost carries\ndbh-test/greeter\n").unwrap();
-    std::fs::write(config.join("repos.conf"), "[dbh-extra]\nlocation = /var/db/repos/dbh-extra\n").unwrap();
+    let t0 = Instant::now();
     let out = build(home, repo, &[]);
     let text = combined(&out);
     assert!(out.status.success(), "{text}");
+    assert!(text.contains("arm64: nothing to build, no guest booted"), "{text}");
     assert!(stdout(&out).contains("arm64: 0 binpkg(s) transferred, 0 published"), "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "no boot: {:?}", t0.elapsed());
+    assert!(!last_log_dir(home).join("emerge.log").exists(), "no emerge ran in a guest");
+
+    // 3b. A repository only the guest has (the target's repos.conf) makes the guest decide; with
+    // hello in the binhost tampered (an unsigned copy, index fixed up to match), the guest's
+    // Portage refuses it and nothing is published.
+    std::fs::write(config.join("repos.conf"), "[dbh-extra]\nlocation = /var/db/repos/dbh-extra\n").unwrap();
+    let binhost = home.join("binhost/arm64");
+    let untampered = snapshot(&binhost);
+    tamper_unsigned(&binhost, "dbh-test/hello-1.0");
+    let out = build(home, repo, &[]);
+    let text = combined(&out);
+    assert!(!out.status.success(), "an unsigned binpkg from the binhost must be refused:\n{text}");
     let log = last_emerge_log(home);
-    assert!(log.contains(" @dbh-world"), "{log}");
-    assert!(log.contains(">>> Emerging binary (2 of 2) dbh-test/greeter-1.0"), "greeter comes from the binhost:\n{log}");
-    // The guest's Portage read the host's repos.conf (and says the location is missing there).
-    assert!(log.contains("/var/db/repos/dbh-extra"), "{log}");
+    assert!(log.contains("/var/db/repos/dbh-extra"), "the guest's Portage read the host's repos.conf:\n{log}");
     assert!(log.contains(&format!("# repository dbh-test at {commit}")), "{log}");
+    assert!(log.to_lowercase().contains("signature"), "Portage says why it refused the binpkg:\n{log}");
+    assert!(!stdout(&out).contains("published"), "{text}");
     assert_no_qemu(home);
+    for (path, bytes) in &untampered {
+        std::fs::write(path, bytes).unwrap();
+    }
+    std::fs::write(config.join("repos.conf"), "").unwrap();
 
     // 4. Ctrl-C while emerge runs in the guest.
-    let binhost = home.join("binhost/arm64");
     let before = snapshot(&binhost);
     interrupt_during_emerge(home, repo);
     assert_no_qemu(home);
     assert_eq!(snapshot(&binhost), before, "an interrupted build must leave the binhost as it was");
     let check = run(home, &["binhost", "check", binhost.to_str().unwrap()]);
     assert!(check.status.success(), "{}", combined(&check));
+
+    // 5. --update after a repository update: hello 1.1, and greeter now needs it (its deps
+    // changed). Both are rebuilt and say why; nothing else changes; a second --update has
+    // nothing to do and does not boot.
+    let ebuilds = repo.join("dbh-test");
+    std::fs::rename(ebuilds.join("hello/hello-1.0.ebuild"), ebuilds.join("hello/hello-1.1.ebuild")).unwrap();
+    let greeter = ebuilds.join("greeter/greeter-1.0.ebuild");
+    let text = std::fs::read_to_string(&greeter).unwrap().replace("RDEPEND=\"dbh-test/hello\"", "RDEPEND=\">=dbh-test/hello-1.1\"");
+    std::fs::write(&greeter, text).unwrap();
+    let before = std::fs::read_to_string(binhost.join("Packages")).unwrap();
+    let mut args = build_args(repo, &[]);
+    args.push("--update");
+    let out = run(home, &args);
+    let text = combined(&out);
+    eprintln!("dbh vm build --update: {}\n{text}", out.status);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("built dbh-test/hello-1.1: new version (the binhost has dbh-test/hello-1.0)"), "{text}");
+    assert!(text.contains("built dbh-test/greeter-1.0: dependencies changed"), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/hello-1.1 (BUILD_ID 1)"), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/greeter-1.0 (BUILD_ID 2)"), "{text}");
+    assert!(last_emerge_log(home).contains("--binpkg-changed-deps=y"), "{}", last_emerge_log(home));
+    let after = std::fs::read_to_string(binhost.join("Packages")).unwrap();
+    let stanza = |index: &str, build_id: &str, cpv: &str| {
+        index.split("\n\n").any(|s| s.contains(&format!("CPV: {cpv}\n")) && s.contains(&format!("BUILD_ID: {build_id}\n")))
+    };
+    assert!(stanza(&before, "1", "dbh-test/hello-1.0") && stanza(&after, "1", "dbh-test/hello-1.0"), "{after}");
+    assert!(stanza(&after, "1", "dbh-test/greeter-1.0"), "the old greeter keeps its BUILD_ID:\n{after}");
+    let t0 = Instant::now();
+    let out = run(home, &args);
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("arm64: nothing to build, no guest booted"), "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    assert_no_qemu(home);
+}
+
+/// The newest build log directory.
+fn last_log_dir(home: &Path) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(home.join("logs/arm64")).unwrap().flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    dirs.pop().unwrap()
+}
+
+/// The binpkg requests in a build's binhost access log (`PEER GET TARGET STATUS BYTES`).
+fn binpkg_requests(log: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    text.lines().filter(|l| l.contains(".gpkg.tar") || l.contains(".tbz2")).map(str::to_owned).collect()
+}
+
+/// Replaces the binhost's binpkg of `cpv` by an unsigned copy and fixes SIZE/MD5/SHA1 of its
+/// index entry to match, as someone able to write the binhost but not to sign could.
+fn tamper_unsigned(binhost: &Path, cpv: &str) {
+    use md5::Digest as _;
+    let index_path = binhost.join("Packages");
+    let index = std::fs::read_to_string(&index_path).unwrap();
+    let mut stanzas: Vec<String> = index.split("\n\n").map(str::to_owned).collect();
+    let st = stanzas.iter_mut().find(|s| s.contains(&format!("CPV: {cpv}\n"))).unwrap_or_else(|| panic!("{cpv} not in {index}"));
+    let path = st.lines().find_map(|l| l.strip_prefix("PATH: ")).unwrap().to_owned();
+    let file = binhost.join(&path);
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join(file.file_name().unwrap());
+    dbh::binpkg::rewrite_gpkg(&file, &copy, &dbh::binpkg::Rewrite { build_id: None, signer: None }).unwrap();
+    let bytes = std::fs::read(&copy).unwrap();
+    std::fs::write(&file, &bytes).unwrap();
+    let md5 = hex::encode(md5::Md5::digest(&bytes));
+    let lines: Vec<String> = st
+        .lines()
+        .map(|l| match l.split_once(": ") {
+            Some(("SIZE", _)) => format!("SIZE: {}", bytes.len()),
+            Some(("MD5", _)) => format!("MD5: {md5}"),
+            _ => l.to_owned(),
+        })
+        .filter(|l| !l.starts_with("SHA1: "))
+        .collect();
+    *st = lines.join("\n");
+    std::fs::write(&index_path, stanzas.join("\n\n")).unwrap();
+    let _ = std::fs::remove_file(binhost.join("Packages.gz"));
 }
 
 /// Starts a from-source build of hello (`--usepkg=n` after dbh's `--usepkg`), waits for emerge's
