@@ -31,7 +31,7 @@ fn main() {
             let t = Instant::now();
             let repo = scale_gen::repo(&fixture, ebuilds);
             let binhost = scale_gen::binhost(&dbh, packages + scale_gen::WORLD, 520 * 1024);
-            let gen = t.elapsed().as_secs_f64();
+            let generated = t.elapsed().as_secs_f64();
             let mut walls = Vec::new();
             let mut peaks = Vec::new();
             for _ in 0..runs {
@@ -58,7 +58,7 @@ fn main() {
             walls.sort_by(f64::total_cmp);
             peaks.sort();
             let (wall, peak) = (walls[runs / 2], peaks[runs / 2]);
-            println!("binhost {packages:>5} (+{}) pkgs, repo {ebuilds:>5} ebuilds: nothing-new {wall:6.2} s, dbh VmHWM {peak:>7} kB (fixtures {gen:.1} s)", scale_gen::WORLD);
+            println!("binhost {packages:>5} (+{}) pkgs, repo {ebuilds:>5} ebuilds: nothing-new {wall:6.2} s, dbh VmHWM {peak:>7} kB (fixtures {generated:.1} s)", scale_gen::WORLD);
             rows.push((packages, ebuilds, wall, peak));
         }
     }
