@@ -9,6 +9,8 @@
 //! Targets: ≤ 1.15× wall and ≤ 1.2× RSS at the largest case; every nothing-new re-run ≤ 10 s.
 //! `DBH_BENCH_RUNS` (default 3) runs per case; the median is reported.
 
+#![allow(clippy::unwrap_used, reason = "a benchmark program: a failed step aborts the run")]
+
 #[path = "../../tests/it/scale_gen.rs"]
 mod scale_gen;
 

@@ -54,7 +54,7 @@ pub const GUEST_BUILD_DIR: &str = "/var/tmp/portage";
 
 /// The guest a build runs in: booted for it, or one a `--keep-vm` build left running.
 enum Running {
-    Own(Vm),
+    Own(Box<Vm>),
     Warm(Guest),
 }
 
@@ -98,7 +98,7 @@ async fn guest_for_build(
         disks,
         ..Default::default()
     };
-    Ok(Running::Own(Vm::start(home, target, &start, reporter).await?))
+    Ok(Running::Own(Box::new(Vm::start(home, target, &start, reporter).await?)))
 }
 
 /// One binary package file in the guest's PKGDIR.
