@@ -503,6 +503,10 @@ impl Home {
     pub fn cache(&self) -> PathBuf {
         self.root.join("cache")
     }
+    /// Portage's DISTDIR for every target and backend: a source tarball is downloaded once.
+    pub fn distfiles(&self) -> PathBuf {
+        self.root.join("distfiles")
+    }
     /// The per-target Portage configuration synced into builders.
     pub fn target_config(&self, target: &str) -> PathBuf {
         self.root.join("targets").join(target)

@@ -170,7 +170,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, r
         std::fs::create_dir_all(d).map_err(io("create", d))?;
     }
     let staging = super::fresh_staging(&base)?;
-    let distdir = home.cache().join("distfiles");
+    let distdir = home.distfiles();
     std::fs::create_dir_all(&distdir).map_err(io("create", &distdir))?;
 
     // The sysroot's configuration, rewritten every time from the host's per-target one.

@@ -30,6 +30,9 @@ use crate::vm::{Shutdown, StartOptions, Vm};
 /// Where the guest keeps its binary packages (the test stage and dbh images agree).
 pub const GUEST_PKGDIR: &str = "/var/cache/binpkgs";
 
+/// The guest's DISTDIR (a stage3's default); what appears there is kept in `$DBH_HOME/distfiles`.
+pub const GUEST_DISTDIR: &str = "/var/cache/distfiles";
+
 /// Backend options besides the request.
 #[derive(Debug, Clone, Default)]
 pub struct VmOptions {
@@ -187,6 +190,7 @@ fn bundle(
     config: &PortageConfig,
     profile_repo: &str,
     binhost_url: Option<&str>,
+    mirror_url: &str,
 ) -> Result<Vec<u8>, BuildError> {
     let mut b = tar::Builder::new(Vec::new());
     let conf = crate::repo::guest_repos_conf(profile_repo, repos);
@@ -202,7 +206,8 @@ fn bundle(
     // builds are throw-away anyway. No binpkg-ignore-signature: what comes from the binhost is
     // verified (binrepos.conf `verify-signature`); what the guest builds itself is unsigned.
     let tail = format!(
-        "\n# --- dbh: $DBH_HOME/targets/{}/portage/make.conf ---\n{}\n# --- dbh: build settings ---\nMAKEOPTS=\"-j{}\"\nFEATURES=\"${{FEATURES}} buildpkg binpkg-multi-instance -pkgdir-index-trusted -sandbox -usersandbox\"\nBINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{GUEST_PKGDIR}\"\n{}",
+        "\n# --- dbh: $DBH_HOME/targets/{}/portage/make.conf ---\n{}\n# --- dbh: build settings ---\nMAKEOPTS=\"-j{}\"\nFEATURES=\"${{FEATURES}} buildpkg binpkg-multi-instance -pkgdir-index-trusted -sandbox -usersandbox\"\nBINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{GUEST_PKGDIR}\"\nDISTDIR=\"{GUEST_DISTDIR}\"\n\
+         # The host's distfiles first; then the mirrors of the make.conf above (or Portage's default).\nGENTOO_MIRRORS=\"{mirror_url} ${{GENTOO_MIRRORS}}\"\n{}",
         target.name,
         config.make_conf,
         req.jobs.max(1),
@@ -284,7 +289,9 @@ pub fn binrepos_conf(target: &str, url: &str) -> String {
 /// The binhost server of one build: dbh's own `serve` code on 127.0.0.1 (a free port), reached
 /// from the guest as QEMU user-net's gateway 10.0.2.2 (whose connections arrive from 127.0.0.1),
 /// so nothing is reachable from outside this host. It streams files from disk (sendfile): dbh's
-/// memory does not grow with the binhost.
+/// memory does not grow with the binhost. It also serves `$DBH_HOME/distfiles` as a Gentoo
+/// mirror (`/distfiles/<name>`), first in the guest's GENTOO_MIRRORS: a source tarball any
+/// backend downloaded once is not downloaded again.
 struct BinhostServer {
     port: u16,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -293,6 +300,11 @@ struct BinhostServer {
 
 impl BinhostServer {
     async fn start(home: &Home, access_log: &Path) -> Result<BinhostServer, BuildError> {
+        let distfiles = home.distfiles();
+        // Served even before the first package is published (then only the distfiles).
+        for dir in [home.root().join("binhost"), distfiles.clone()] {
+            std::fs::create_dir_all(&dir).map_err(|source| BuildError::Io { doing: "create", path: dir.clone(), source })?;
+        }
         let config = crate::serve::Config {
             dir: home.root().join("binhost"),
             listen: vec!["127.0.0.1:0".into()],
@@ -301,6 +313,7 @@ impl BinhostServer {
             key_file: home.keys().join("public.asc"),
             limits: crate::serve::Limits::default(),
             target_config: None,
+            distfiles: Some(distfiles),
         };
         let server = crate::serve::Server::bind(config).await?;
         let log = std::fs::File::create(access_log).map_err(|source| BuildError::Io { doing: "create", path: access_log.to_owned(), source })?;
@@ -318,6 +331,11 @@ impl BinhostServer {
     /// The URL the guest uses for `target`'s binhost.
     fn guest_url(&self, target: &str) -> String {
         format!("http://{GATEWAY}:{}/{target}", self.port)
+    }
+
+    /// The mirror URL of the host's distfiles as the guest sees it (Portage appends `/distfiles/`).
+    fn mirror_url(&self) -> String {
+        format!("http://{GATEWAY}:{}", self.port)
     }
 
     async fn stop(mut self) {
@@ -391,10 +409,11 @@ pub async fn build(
         return Ok(Outcome { published: Vec::new(), failed: Vec::new(), log_dir, transferred: 0, rebuilt: Vec::new() });
     }
     timings.lap("plan");
-    // The binhost is served for the guest only while it runs; an empty one is not offered.
-    let server = if have_binhost { Some(BinhostServer::start(home, &log_dir.join("binhost-access.log")).await?) } else { None };
-    let url = server.as_ref().map(|s| s.guest_url(&target.name));
-    let bundle = bundle(target, req, &repo_names, config, profile_repo, url.as_deref())?;
+    // The binhost and the distfiles are served for the guest only while it runs; an empty binhost
+    // is not offered.
+    let server = BinhostServer::start(home, &log_dir.join("binhost-access.log")).await?;
+    let url = have_binhost.then(|| server.guest_url(&target.name));
+    let bundle = bundle(target, req, &repo_names, config, profile_repo, url.as_deref(), &server.mirror_url())?;
     let keys = crate::sign::KeyStore::new(home.keys());
     let key = (keys.public_armored()?, keys.fingerprint()?);
     timings.lap("prepare");
@@ -404,20 +423,20 @@ pub async fn build(
     let running = match guest_for_build(home, target, opts, disks, reporter).await {
         Ok(running) => running,
         Err(e) => {
-            if let Some(s) = server {
-                s.stop().await;
-            }
+            server.stop().await;
             return Err(e);
         }
     };
     timings.lap("boot");
+    let distdir = home.distfiles();
     let inputs = GuestInputs {
         repos: &mounts,
         revisions: &revisions,
         profile: (profile_repo, profile_path),
         bundle: &bundle,
-        key: server.as_ref().map(|_| (key.0.as_str(), key.1.as_str())),
+        key: have_binhost.then_some((key.0.as_str(), key.1.as_str())),
         gentoo_binhost: req.gentoo_binhost,
+        distdir: &distdir,
     };
     let result = in_guest(running.guest(), target, req, &inputs, &log_dir, opts.echo_output, &mut timings, distcc.as_mut(), reporter).await;
     if let Some(d) = distcc {
@@ -434,9 +453,7 @@ pub async fn build(
         }
         Running::Own(vm) => vm.stop(Shutdown::Quit, reporter).await?,
     }
-    if let Some(s) = server {
-        s.stop().await;
-    }
+    server.stop().await;
     timings.lap("stop");
     let (downloads, failed, built, _tmp) = result?;
     // Why each package was built rather than taken from the binhost.
@@ -562,6 +579,8 @@ struct GuestInputs<'a> {
     key: Option<(&'a str, &'a str)>,
     /// Keep the image's own binhosts (setting `build.gentoo_binhost`).
     gentoo_binhost: bool,
+    /// `$DBH_HOME/distfiles`, where what the guest downloaded goes.
+    distdir: &'a Path,
 }
 
 /// Pulled binpkgs, failed packages, the packages built from source (cpv, enabled USE flags as
@@ -609,6 +628,7 @@ async fn in_guest(
     let built = follower.built();
     let (unfinished, tail) = follower.finish(i64::from(status), reporter);
     timings.lap("emerge");
+    keep_distfiles(guest, target, inputs.distdir, reporter).await?;
 
     let mut failed = Vec::new();
     for cpv in &unfinished {
@@ -656,6 +676,35 @@ async fn in_guest(
     timings.lap("pull");
     let built = built.into_iter().filter(|(c, _)| !failed.iter().any(|f| &f.cpv == c)).collect();
     Ok((downloads, failed, built, tmp))
+}
+
+/// Copies what the guest downloaded into its DISTDIR to the host's `distdir`, each file under a
+/// temporary name and renamed when complete (a killed build leaves no partial distfile; Portage
+/// verified each against its Manifest before it got its name). Portage's own partial downloads
+/// (`*.__download__`), lock files and dot files stay behind; a file the host has at the same size
+/// is not copied again.
+async fn keep_distfiles(guest: &Guest, target: &Target, distdir: &Path, reporter: &dyn Reporter) -> Result<(), BuildError> {
+    let listing = guest
+        .exec_ok(&format!("[ ! -d {GUEST_DISTDIR} ] || find {GUEST_DISTDIR} -maxdepth 1 -type f ! -name '.*' ! -name '*.__download__' -printf '%s %f\\n'"))
+        .await?
+        .stdout_str();
+    let mut kept = Vec::new();
+    for line in listing.lines() {
+        let Some((size, name)) = line.split_once(' ') else { continue };
+        let Ok(size) = size.parse::<u64>() else { continue };
+        let dest = distdir.join(name);
+        if std::fs::metadata(&dest).is_ok_and(|m| m.len() == size) {
+            continue;
+        }
+        let part = distdir.join(format!(".{name}.dbh-part"));
+        guest.download(&format!("{GUEST_DISTDIR}/{name}"), &part).await?;
+        std::fs::rename(&part, &dest).map_err(|source| BuildError::Io { doing: "rename into", path: dest.clone(), source })?;
+        kept.push(name.to_owned());
+    }
+    if !kept.is_empty() {
+        reporter.event(Event::Note { message: format!("{}: kept {} new distfile(s) in {}: {}", target.name, kept.len(), distdir.display(), kept.join(" ")) });
+    }
+    Ok(())
 }
 
 /// Mounts the repository snapshots, unpacks the bundle (dbh's Portage files), leaves only dbh's
@@ -726,7 +775,8 @@ pub async fn update_image(
     let snaps = attach_snapshots(home, &prep, repo_tools, reporter)?;
     let server = BinhostServer::start(home, &prep.log_dir.join("binhost-access.log")).await?;
     let url = server.guest_url(&target.name);
-    let bundle = bundle(target, &req, &snaps.names, &prep.config, &prep.profile_repo, Some(&url))?;
+    let bundle = bundle(target, &req, &snaps.names, &prep.config, &prep.profile_repo, Some(&url), &server.mirror_url())?;
+    let distdir = home.distfiles();
     let keys = crate::sign::KeyStore::new(home.keys());
     let key = (keys.public_armored()?, keys.fingerprint()?);
     let paths = crate::vm::Paths::new(home, &target.name);
@@ -749,6 +799,7 @@ pub async fn update_image(
         bundle: &bundle,
         key: Some((key.0.as_str(), key.1.as_str())),
         gentoo_binhost: req.gentoo_binhost,
+        distdir: &distdir,
     };
     let result = install_in_guest(vm.guest(), target, &inputs, atoms, &prep.log_dir, reporter).await;
     server.stop().await;
@@ -933,7 +984,7 @@ mod tests {
         let target = crate::target::Targets::builtin().get("arm64").unwrap().clone();
         let req = Request { jobs: 3, ..Default::default() };
         let url = "http://10.0.2.2:1234/arm64";
-        let data = bundle(&target, &req, &["r".into()], &config, "r", Some(url)).unwrap();
+        let data = bundle(&target, &req, &["r".into()], &config, "r", Some(url), "http://10.0.2.2:1234").unwrap();
         let mut files = BTreeMap::new();
         for e in tar::Archive::new(&data[..]).entries().unwrap() {
             let mut e = e.unwrap();
@@ -960,6 +1011,8 @@ mod tests {
         let tail = &files["etc/portage/make.conf.dbh-tail"];
         assert!(!tail.contains("binpkg-ignore-signature"), "what comes from the binhost is verified:\n{tail}");
         assert!(tail.contains("PORTAGE_BINHOST=\"\""), "{tail}");
+        assert!(tail.contains("\nGENTOO_MIRRORS=\"http://10.0.2.2:1234 ${GENTOO_MIRRORS}\"\n"), "the host's distfiles come first:\n{tail}");
+        assert!(tail.contains("\nDISTDIR=\"/var/cache/distfiles\"\n"), "{tail}");
         let conf = &files["etc/portage/binrepos.conf/dbh.conf"];
         assert!(conf.contains("sync-uri = http://10.0.2.2:1234/arm64\n") && conf.contains("verify-signature = true\n"), "{conf}");
         // No binpkg ever goes into the bundle.

@@ -140,6 +140,9 @@ pub struct Config {
     pub key_file: PathBuf,
     /// `$DBH_HOME/targets`: each target's build configuration for `/<target>/portage/`.
     pub target_config: Option<PathBuf>,
+    /// A distfiles directory served as `/distfiles/<name>`, the layout of a Gentoo mirror (a
+    /// build's guest has it first in GENTOO_MIRRORS); `dbh serve` itself serves none.
+    pub distfiles: Option<PathBuf>,
     pub limits: Limits,
 }
 
@@ -150,6 +153,7 @@ struct Shared {
     priority: i64,
     key_file: PathBuf,
     target_config: Option<PathBuf>,
+    distfiles: Option<PathBuf>,
     limits: Limits,
     /// Parsed indexes for the pages, keyed by target and the index file's identity.
     summaries: Mutex<HashMap<String, (FileKey, Arc<pages::IndexSummary>)>>,
@@ -216,6 +220,7 @@ impl Server {
                 priority: config.priority,
                 key_file: config.key_file,
                 target_config: config.target_config,
+                distfiles: config.distfiles,
                 limits: config.limits,
                 summaries: Mutex::default(),
                 fingerprint: Mutex::default(),
@@ -719,6 +724,14 @@ async fn respond(
                 return text(404, "no such configuration file\n").await;
             };
             send_bytes(stream, 200, keep, &[("Content-Type", "text/plain; charset=utf-8")], body.as_bytes(), get, limits).await
+        }
+        [dir, name] if dir == "distfiles" && shared.distfiles.is_some() => {
+            // Flat layout (no layout.conf): Portage asks for `<mirror>/distfiles/<name>`.
+            let found = shared.distfiles.as_ref().filter(|_| !name.is_empty() && !name.starts_with('.')).map(|d| fs::open_path(&d.join(name)));
+            match found {
+                Some(Ok((file, meta))) => serve_file(stream, req, keep, file, meta, "application/octet-stream", None, "max-age=3600", limits).await,
+                _ => text(404, "no such distfile\n").await,
+            }
         }
         [.., last] if last.is_empty() => text(404, "not found\n").await,
         [_, rest @ ..] => {
