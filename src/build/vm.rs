@@ -692,6 +692,10 @@ async fn keep_distfiles(guest: &Guest, target: &Target, distdir: &Path, reporter
     for line in listing.lines() {
         let Some((size, name)) = line.split_once(' ') else { continue };
         let Ok(size) = size.parse::<u64>() else { continue };
+        // A name from the guest becomes a host path: one plain file name only.
+        if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
+            continue;
+        }
         let dest = distdir.join(name);
         if std::fs::metadata(&dest).is_ok_and(|m| m.len() == size) {
             continue;

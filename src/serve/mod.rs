@@ -727,7 +727,9 @@ async fn respond(
         }
         [dir, name] if dir == "distfiles" && shared.distfiles.is_some() => {
             // Flat layout (no layout.conf): Portage asks for `<mirror>/distfiles/<name>`.
-            let found = shared.distfiles.as_ref().filter(|_| !name.is_empty() && !name.starts_with('.')).map(|d| fs::open_path(&d.join(name)));
+            // One plain file name: a decoded `%2F` must not lead out of the directory.
+            let plain = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\0']);
+            let found = shared.distfiles.as_ref().filter(|_| plain).map(|d| fs::open_path(&d.join(name)));
             match found {
                 Some(Ok((file, meta))) => serve_file(stream, req, keep, file, meta, "application/octet-stream", None, "max-age=3600", limits).await,
                 _ => text(404, "no such distfile\n").await,
