@@ -206,14 +206,19 @@ fn bundle(
     // builds are throw-away anyway. No binpkg-ignore-signature: what comes from the binhost is
     // verified (binrepos.conf `verify-signature`); what the guest builds itself is unsigned.
     let tail = format!(
-        "\n# --- dbh: $DBH_HOME/targets/{}/portage/make.conf ---\n{}\n# --- dbh: build settings ---\nMAKEOPTS=\"-j{}\"\nFEATURES=\"${{FEATURES}} buildpkg binpkg-multi-instance -pkgdir-index-trusted -sandbox -usersandbox\"\nBINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{GUEST_PKGDIR}\"\nDISTDIR=\"{GUEST_DISTDIR}\"\n\
-         # The host's distfiles first; then the mirrors of the make.conf above (or Portage's default).\nGENTOO_MIRRORS=\"{mirror_url} ${{GENTOO_MIRRORS}}\"\n{}",
+        "\n# --- dbh: $DBH_HOME/targets/{}/portage/make.conf ---\n{}\n# --- dbh: build settings ---\nMAKEOPTS=\"-j{}\"\nFEATURES=\"${{FEATURES}} buildpkg binpkg-multi-instance -pkgdir-index-trusted -sandbox -usersandbox\"\nBINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{GUEST_PKGDIR}\"\nDISTDIR=\"{GUEST_DISTDIR}\"\n{}",
         target.name,
         config.make_conf,
         req.jobs.max(1),
         if req.gentoo_binhost { "" } else { "# Only dbh's own binhost (binrepos.conf/dbh.conf); build.gentoo_binhost keeps the image's.\nPORTAGE_BINHOST=\"\"\n" },
     );
     append_file(&mut b, "etc/portage/make.conf.dbh-tail", tail.as_bytes())?;
+    // The host's distfiles as Portage's `local` mirror (/etc/portage/mirrors): tried before
+    // GENTOO_MIRRORS and SRC_URI, and the only place a RESTRICT="fetch" or "mirror" file may come
+    // from, so a file placed in $DBH_HOME/distfiles by hand reaches the build as it would through
+    // DISTDIR. GENTOO_MIRRORS stay the target make.conf's.
+    let mirrors = format!("# written by dbh for this build: the host's $DBH_HOME/distfiles\nlocal {mirror_url}\n");
+    append_file(&mut b, "etc/portage/mirrors.dbh-tail", mirrors.as_bytes())?;
     if let Some(url) = binhost_url {
         append_file(&mut b, "etc/portage/binrepos.conf/dbh.conf", binrepos_conf(&target.name, url).as_bytes())?;
     }
@@ -221,12 +226,17 @@ fn bundle(
 }
 
 /// Run in the guest with the bundle on stdin (after `rm -rf` of the repositories' directories):
-/// unpacks it and makes /etc/portage/make.conf the image's own (kept once as make.conf.dbh-base)
-/// followed by dbh's part.
+/// unpacks it and makes /etc/portage/make.conf and /etc/portage/mirrors the image's own (kept once
+/// as `*.dbh-base`) followed by dbh's part; a `mirrors` directory gets dbh's part as its last file
+/// (Portage reads it in name order; the last `local` line wins).
 const SYNC_SCRIPT: &str = "tar -C / -xf - && cd /etc/portage \
     && { [ -e make.conf.dbh-base ] || cp make.conf make.conf.dbh-base 2>/dev/null || : > make.conf.dbh-base; } \
     && cat make.conf.dbh-base make.conf.dbh-tail > make.conf.dbh-part && mv -f make.conf.dbh-part make.conf \
-    && rm -f make.conf.dbh-tail";
+    && rm -f make.conf.dbh-tail \
+    && if [ -d mirrors ]; then mv -f mirrors.dbh-tail mirrors/zz-dbh; else \
+    { [ -e mirrors.dbh-base ] || cp mirrors mirrors.dbh-base 2>/dev/null || : > mirrors.dbh-base; } \
+    && cat mirrors.dbh-base mirrors.dbh-tail > mirrors.dbh-part && mv -f mirrors.dbh-part mirrors \
+    && rm -f mirrors.dbh-tail; fi";
 
 /// The virtio serial of the `i`th snapshot disk: `repo-<name>` when that fits in virtio-blk's 20
 /// bytes, else `repo<i>-<start of the name>`.
@@ -290,8 +300,8 @@ pub fn binrepos_conf(target: &str, url: &str) -> String {
 /// from the guest as QEMU user-net's gateway 10.0.2.2 (whose connections arrive from 127.0.0.1),
 /// so nothing is reachable from outside this host. It streams files from disk (sendfile): dbh's
 /// memory does not grow with the binhost. It also serves `$DBH_HOME/distfiles` as a Gentoo
-/// mirror (`/distfiles/<name>`), first in the guest's GENTOO_MIRRORS: a source tarball any
-/// backend downloaded once is not downloaded again.
+/// mirror (`/distfiles/<name>`), the guest's `local` mirror: a source tarball any backend
+/// downloaded once is not downloaded again.
 struct BinhostServer {
     port: u16,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -513,6 +523,11 @@ const RESTORE_BINHOSTS: &str = "rm -f binrepos.conf/dbh.conf; o=binrepos.conf.db
     for f in $o/*; do [ -e \"$f\" ] || continue; mkdir -p binrepos.conf && mv -f \"$f\" binrepos.conf/; done; rmdir $o; fi; \
     rmdir binrepos.conf 2>/dev/null; :";
 
+/// Run in the guest's /etc/portage after `vm image update`: the image's own `mirrors` again (an
+/// empty one, which the sync step makes where there was none, goes).
+const RESTORE_MIRRORS: &str = "if [ -d mirrors ]; then rm -f mirrors/zz-dbh; elif [ -e mirrors.dbh-base ]; then \
+    if [ -s mirrors.dbh-base ]; then mv -f mirrors.dbh-base mirrors; else rm -f mirrors mirrors.dbh-base; fi; fi";
+
 /// Makes the guest's `/etc/portage/gnupg` trust the binhost's key, so that Portage verifies what
 /// it fetches from dbh. The key is imported and given full trust the way a client's keyring is
 /// (see `dbh binhost conf`); the directory is readable by the unprivileged user Portage verifies
@@ -685,7 +700,7 @@ async fn in_guest(
 /// is not copied again.
 async fn keep_distfiles(guest: &Guest, target: &Target, distdir: &Path, reporter: &dyn Reporter) -> Result<(), BuildError> {
     let listing = guest
-        .exec_ok(&format!("[ ! -d {GUEST_DISTDIR} ] || find {GUEST_DISTDIR} -maxdepth 1 -type f ! -name '.*' ! -name '*.__download__' -printf '%s %f\\n'"))
+        .exec_ok(&format!("[ ! -d {GUEST_DISTDIR} ] || find {GUEST_DISTDIR} -maxdepth 1 -type f ! -name '.*' ! -name '*.__download__' ! -name '*._checksum_failure_.*' -printf '%s %f\\n'"))
         .await?
         .stdout_str();
     let mut kept = Vec::new();
@@ -918,7 +933,7 @@ async fn install_in_guest(
         .exec_ok(&format!(
             "{} rm -rf {GUEST_PKGDIR}/* && cd /etc/portage && {{ [ ! -e make.conf.dbh-base ] || mv -f make.conf.dbh-base make.conf; }} \
              && rm -f repos.conf/50-dbh-host.conf repos.conf/zz-dbh.conf sets/{WORLD_SET} package.use/dbh package.accept_keywords/dbh \
-             && {RESTORE_BINHOSTS} && sync",
+             && {RESTORE_MIRRORS} && {RESTORE_BINHOSTS} && sync",
             repos.join(" ")
         ))
         .await?;
@@ -1002,6 +1017,7 @@ mod tests {
             [
                 "etc/portage/binrepos.conf/dbh.conf",
                 "etc/portage/make.conf.dbh-tail",
+                "etc/portage/mirrors.dbh-tail",
                 "etc/portage/package.accept_keywords/dbh",
                 "etc/portage/package.use/dbh",
                 "etc/portage/repos.conf/50-dbh-host.conf",
@@ -1015,7 +1031,8 @@ mod tests {
         let tail = &files["etc/portage/make.conf.dbh-tail"];
         assert!(!tail.contains("binpkg-ignore-signature"), "what comes from the binhost is verified:\n{tail}");
         assert!(tail.contains("PORTAGE_BINHOST=\"\""), "{tail}");
-        assert!(tail.contains("\nGENTOO_MIRRORS=\"http://10.0.2.2:1234 ${GENTOO_MIRRORS}\"\n"), "the host's distfiles come first:\n{tail}");
+        assert!(!tail.contains("GENTOO_MIRRORS"), "the target's make.conf says which public mirrors:\n{tail}");
+        assert_eq!(files["etc/portage/mirrors.dbh-tail"].lines().last(), Some("local http://10.0.2.2:1234"), "the host's distfiles are the local mirror");
         assert!(tail.contains("\nDISTDIR=\"/var/cache/distfiles\"\n"), "{tail}");
         let conf = &files["etc/portage/binrepos.conf/dbh.conf"];
         assert!(conf.contains("sync-uri = http://10.0.2.2:1234/arm64\n") && conf.contains("verify-signature = true\n"), "{conf}");
@@ -1048,6 +1065,53 @@ mod tests {
         assert!(args.ends_with(" @dbh-world"), "{args}");
         let args = emerge_args(&Request::default(), false).join(" ");
         assert!(!args.contains("--getbinpkg") && !args.contains("--update"), "{args}");
+    }
+
+    /// The sync step and its undo on a fake /etc/portage, run by a real shell: the image's own
+    /// `mirrors` file (or none, or a directory) is followed by dbh's `local` line during the
+    /// build, twice in a warm guest, and is the image's own again after `vm image update`.
+    #[test]
+    fn the_local_mirror_is_added_and_taken_back() {
+        for own in [None, Some("local http://lan.example/gentoo\n"), Some("dir")] {
+            let dir = tempfile::tempdir().unwrap();
+            let etc = dir.path().join("etc/portage");
+            std::fs::create_dir_all(&etc).unwrap();
+            match own {
+                Some("dir") => {
+                    std::fs::create_dir_all(etc.join("mirrors")).unwrap();
+                    std::fs::write(etc.join("mirrors/lan"), "gentoo http://lan.example/\n").unwrap();
+                }
+                Some(text) => std::fs::write(etc.join("mirrors"), text).unwrap(),
+                None => {}
+            }
+            let sh = |script: &str| {
+                let out = std::process::Command::new("sh").arg("-c").arg(script).current_dir(&etc).output().unwrap();
+                assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            // SYNC_SCRIPT without its tar step (the bundle's files written here instead).
+            let sync = SYNC_SCRIPT.replacen("tar -C / -xf - && cd /etc/portage", "true", 1);
+            for _ in 0..2 {
+                std::fs::write(etc.join("make.conf.dbh-tail"), "X=1\n").unwrap();
+                std::fs::write(etc.join("mirrors.dbh-tail"), "local http://10.0.2.2:1\n").unwrap();
+                sh(&sync);
+                let ours = if own == Some("dir") { etc.join("mirrors/zz-dbh") } else { etc.join("mirrors") };
+                let text = std::fs::read_to_string(&ours).unwrap();
+                assert!(text.ends_with("local http://10.0.2.2:1\n"), "{text}");
+                if let Some(t) = own.filter(|o| *o != "dir") {
+                    assert_eq!(text.matches(t).count(), 1, "the image's own lines once, then dbh's: {text}");
+                }
+            }
+            sh(RESTORE_MIRRORS);
+            match own {
+                None => assert!(!etc.join("mirrors").exists()),
+                Some("dir") => {
+                    assert!(!etc.join("mirrors/zz-dbh").exists());
+                    assert!(etc.join("mirrors/lan").is_file());
+                }
+                Some(text) => assert_eq!(std::fs::read_to_string(etc.join("mirrors")).unwrap(), text),
+            }
+            assert!(!etc.join("mirrors.dbh-base").exists() || own == Some("dir"));
+        }
     }
 
     /// The base image gets its own binhosts back after `vm image update`: a stage3's

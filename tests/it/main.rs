@@ -9,6 +9,7 @@ mod cli;
 mod conventions;
 mod cross;
 mod distcc;
+mod distfiles;
 mod harden;
 mod image;
 mod lifecycle;
