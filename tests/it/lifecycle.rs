@@ -117,9 +117,14 @@ fn a_real_client_follows_rollback_and_roll_forward() {
     assert!(dir.join("dbh-test/greeter/greeter-1.0-2.gpkg.tar").is_file());
     check_clean(&dir);
 
+    // The client holding its cached generation-2 index (TIMESTAMP a second or so older than
+    // generation 3's, within Portage's 5 s If-Modified-Since tolerance) gets the new index, not
+    // a 304, and reinstalls generation 1's greeter.
+    let before = serve.log().len();
+    cl.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
+    assert_eq!(installed_build_id(&cl), "1", "the cached client follows the rollback:\n{}", &serve.log()[before..]);
+    assert!(serve.log()[before..].contains(" GET /amd64/Packages.gz 200 "), "{}", &serve.log()[before..]);
     // A fresh client installs generation 1's greeter.
-    // NOT YET: a client holding its cached generation-2 index is answered 304 on Packages.gz after
-    // the rollback and keeps installing greeter-1.0-2 (issue 15 stays open for it).
     let fresh = client(&tmp.path().join("fresh"), home.path(), url);
     fresh.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
     assert_eq!(installed_build_id(&fresh), "1");
@@ -128,6 +133,9 @@ fn a_real_client_follows_rollback_and_roll_forward() {
     // installs greeter-1.0-2 again.
     let out = dbh_ok(home.path(), &["binhost", "rollback", "--target", "amd64"]);
     assert!(out.contains("generation 4: rollback to 2"), "{out}");
+    // The cached client again, and a fresh one: greeter-1.0-2.
+    cl.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
+    assert_eq!(installed_build_id(&cl), "2", "the cached client follows the roll-forward");
     let again = client(&tmp.path().join("again"), home.path(), url);
     again.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
     assert_eq!(installed_build_id(&again), "2");
