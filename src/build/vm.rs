@@ -491,8 +491,16 @@ pub async fn build(
 /// USE or dependencies no longer match the tree is not reused. `--verbose` prints the merge list
 /// with USE flags, from which dbh says why each package was built.
 pub fn emerge_args(req: &Request, getbinpkg: bool) -> Vec<String> {
-    let mut args: Vec<String> = vec!["emerge".into(), "--buildpkg".into(), "--usepkg".into()];
-    if getbinpkg {
+    // emerge turns `--getbinpkg` into `--usepkg` whatever comes after it, so a user's
+    // `-- --usepkg=n` (build everything from source) must drop both of dbh's options, and
+    // `--getbinpkg=n` dbh's `--getbinpkg`.
+    let no_usepkg = says_no(&req.emerge_args, "--usepkg");
+    let no_getbinpkg = no_usepkg || says_no(&req.emerge_args, "--getbinpkg");
+    let mut args: Vec<String> = vec!["emerge".into(), "--buildpkg".into()];
+    if !no_usepkg {
+        args.push("--usepkg".into());
+    }
+    if getbinpkg && !no_getbinpkg {
         args.push("--getbinpkg".into());
     }
     if req.update {
@@ -502,6 +510,23 @@ pub fn emerge_args(req: &Request, getbinpkg: bool) -> Vec<String> {
     args.extend(req.atoms.iter().cloned());
     args.extend(req.emerge_args.iter().cloned());
     args
+}
+
+/// Whether emerge's `args` set the boolean option `opt` to no (`--opt=n`, `--opt n`, …); the last
+/// one given wins, as in emerge.
+fn says_no(args: &[String], opt: &str) -> bool {
+    let mut no = false;
+    for (i, a) in args.iter().enumerate() {
+        let value = if a == opt {
+            args.get(i + 1).map(String::as_str).filter(|v| matches!(*v, "y" | "n" | "yes" | "no" | "True" | "False"))
+        } else if let Some(v) = a.strip_prefix(opt).and_then(|r| r.strip_prefix('=')) {
+            Some(v)
+        } else {
+            continue;
+        };
+        no = matches!(value, Some("n" | "no" | "False"));
+    }
+    no
 }
 
 /// `dbh vm build --update`'s emerge options.
@@ -1065,6 +1090,16 @@ mod tests {
         assert!(args.ends_with(" @dbh-world"), "{args}");
         let args = emerge_args(&Request::default(), false).join(" ");
         assert!(!args.contains("--getbinpkg") && !args.contains("--update"), "{args}");
+        // The user's "from source" wins over dbh's binpkg options.
+        let req = |extra: &[&str]| Request { emerge_args: extra.iter().map(|s| (*s).to_owned()).collect(), ..Default::default() };
+        let args = emerge_args(&req(&["--usepkg=n"]), true).join(" ");
+        assert!(args.starts_with("emerge --buildpkg --verbose") && args.ends_with(" --usepkg=n"), "{args}");
+        let args = emerge_args(&req(&["--getbinpkg", "n"]), true).join(" ");
+        assert!(args.starts_with("emerge --buildpkg --usepkg --verbose"), "{args}");
+        let args = emerge_args(&req(&["--usepkg=n", "--usepkg=y"]), true).join(" ");
+        assert!(args.starts_with("emerge --buildpkg --usepkg --getbinpkg --verbose"), "{args}");
+        let args = emerge_args(&req(&["--usepkg-exclude", "a/b"]), true).join(" ");
+        assert!(args.starts_with("emerge --buildpkg --usepkg --getbinpkg --verbose"), "{args}");
     }
 
     /// The sync step and its undo on a fake /etc/portage, run by a real shell: the image's own
