@@ -319,3 +319,35 @@ fn concurrent_add_and_prune_lose_nothing() {
     assert_one_whole_generation(&dir, 0);
     check_clean(&dir);
 }
+
+/// `prune --unreferenced` (eclean-pkg's rule): a package whose ebuild its repository no longer has
+/// leaves the index, with the repository that decided named; the rest stays and the binhost is
+/// clean for `dbh binhost check`.
+#[test]
+fn prune_unreferenced_drops_what_the_repository_no_longer_has() {
+    let (home, dir) = keyed_home();
+    add(home.path(), &[HELLO, GREETER]);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    crate::portage::copy_tree(&crate::portage::fixture_repo(), &repo);
+    std::fs::remove_dir_all(repo.join("dbh-test/greeter")).unwrap();
+    let repo_arg = repo.to_str().unwrap();
+
+    let out = dbh_ok(home.path(), &["binhost", "prune", "--target", "amd64", "--unreferenced", "--repo", repo_arg, "--dry-run"]);
+    let why = format!("repository dbh-test ({repo_arg}) has no dbh-test/greeter/greeter-1.0.ebuild");
+    assert!(out.contains("would drop dbh-test/greeter-1.0-1") && out.contains(&why), "{out}");
+    assert!(!out.contains("hello"), "{out}");
+    assert_eq!(indexed(&dir).len(), 2, "--dry-run changed the index");
+
+    let out = dbh_ok(home.path(), &["binhost", "prune", "--target", "amd64", "--unreferenced", "--repo", repo_arg]);
+    assert!(out.contains(&why) && out.contains("dropped 1 package(s) from the index"), "{out}");
+    assert_eq!(indexed(&dir), vec![("dbh-test/hello-1.0".into(), 1)]);
+    let gens = generations(home.path());
+    assert_eq!(gens.last().unwrap()["removed"], serde_json::json!(["dbh-test/greeter-1.0-1"]));
+    check_clean(&dir);
+
+    // Without a repository to ask, it says how to give one.
+    let out = cmd(home.path(), &["binhost", "prune", "--target", "amd64", "--unreferenced"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", combined(&out));
+    assert!(combined(&out).contains("--repo"), "{}", combined(&out));
+}
