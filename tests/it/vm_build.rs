@@ -178,6 +178,8 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     std::fs::write(config.join("repos.conf"), "[dbh-extra]\nlocation = /var/db/repos/dbh-extra\n").unwrap();
     let binhost = home.join("binhost/arm64");
     let untampered = snapshot(&binhost);
+    let mtimes: BTreeMap<PathBuf, std::time::SystemTime> =
+        untampered.keys().map(|p| (p.clone(), std::fs::metadata(p).unwrap().modified().unwrap())).collect();
     tamper_unsigned(&binhost, "dbh-test/hello-1.0");
     let out = build(home, repo, &[]);
     let text = combined(&out);
@@ -189,8 +191,10 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     assert!(text.contains("GnuPG verification failed"), "Portage says why it refused the binpkg:\n{text}\n{log}");
     assert!(!stdout(&out).contains("published dbh-test/") && stdout(&out).contains(" 0 published, 1 failed"), "{text}");
     assert_no_qemu(home);
+    // Put the binhost back as it was, mtimes included (the index records them).
     for (path, bytes) in &untampered {
         std::fs::write(path, bytes).unwrap();
+        std::fs::File::options().write(true).open(path).unwrap().set_modified(mtimes[path]).unwrap();
     }
     std::fs::write(config.join("repos.conf"), "").unwrap();
 
