@@ -87,6 +87,31 @@ pub enum Command {
     /// Ebuild repositories: dbh-managed trees (e.g. ::gentoo) and cached snapshots
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// On a Gentoo client: why its Portage would not use a binhost's packages
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Run this client's `emerge --pretend --verbose --getbinpkg` and say, for every package it
+    /// would build from source although the binhost has it, why (USE, keyword, CHOST, changed
+    /// dependencies, a stale cached index) and what makes it take the binpkg; exit 0 when
+    /// everything would come from a binhost
+    Explain {
+        /// The target's binhost URL as the client uses it, e.g. http://HOST:8080/arm64
+        #[arg(long, value_name = "URL")]
+        binhost: String,
+        /// Portage's configuration root (PORTAGE_CONFIGROOT), e.g. a copy of a client's /etc/portage's parent [default: the environment's, else /]
+        #[arg(long, value_name = "DIR")]
+        config_root: Option<PathBuf>,
+        /// Atoms or sets [default: @world]
+        #[arg(value_name = "ATOM")]
+        atoms: Vec<String>,
+        /// Extra arguments for emerge, after `--`
+        #[arg(last = true, value_name = "EMERGE_ARGS")]
+        emerge_args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

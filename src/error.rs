@@ -51,6 +51,8 @@ pub enum Error {
     Rootfs(#[from] crate::rootfs::RootfsError),
     #[error("{0}")]
     Repo(#[from] crate::repo::RepoError),
+    #[error("{0}")]
+    Client(#[from] crate::client::ClientError),
     /// A check found problems and already printed them (e.g. `dbh binhost check`).
     #[error("{0}")]
     Failed(String),
@@ -123,6 +125,7 @@ fn hint_for(e: &(dyn StdError + 'static)) -> Option<String> {
         crate::build::toolchain::ToolchainError,
         crate::build::chroot::ChrootError,
         crate::rootfs::RootfsError,
+        crate::client::ClientError,
         crate::repo::RepoError,
     );
     None

@@ -22,6 +22,7 @@ pub mod binhost;
 pub mod binpkg;
 pub mod build;
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod error;
 pub mod hint;

@@ -118,7 +118,7 @@ const KEYS: &[KeyDef] = &[
     KeyDef { name: "vm.memory", kind: Kind::Size, doc: "RAM of build guests (8G, 4096M); per target as [vm.<target>] memory [default: half the host's RAM]" },
     KeyDef { name: "vm.disk_size", kind: Kind::Size, doc: "root filesystem size `vm image create` makes; per target as [vm.<target>] disk_size [default: the stage + 25 % + 4 GiB]" },
     KeyDef { name: "vm.scratch_size", kind: Kind::Size, doc: "sparse scratch disk for PORTAGE_TMPDIR per build (gcc, llvm); per target as [vm.<target>] scratch_size; 0 = none" },
-    KeyDef { name: "portage.emerge", kind: Kind::Str, doc: "the host's emerge for `dbh rootfs build` (a path, or a name looked up in PATH)" },
+    KeyDef { name: "portage.emerge", kind: Kind::Str, doc: "the emerge dbh runs on this host: `rootfs build`, the plan before a vm build, egencache beside it, `client explain` (a path, or a name looked up in PATH)" },
     KeyDef { name: "key.uid", kind: Kind::Str, doc: "user id of a newly generated signing key" },
 ];
 

@@ -5,6 +5,7 @@ mod binhost;
 mod build;
 mod completions;
 mod config;
+mod client;
 mod cross;
 mod key;
 mod repo;
@@ -87,6 +88,7 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Rootfs(cmd) => rootfs::run(&ctx, cmd),
         Command::Completions { .. } | Command::Man { .. } => unreachable!("handled before settings load"),
         Command::Repo(cmd) => repo::run(&ctx, cmd),
+        Command::Client(cmd) => client::run(&ctx, cmd),
     }
 }
 

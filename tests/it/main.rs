@@ -6,6 +6,7 @@
 mod binhost;
 mod binpkg;
 mod cli;
+mod client;
 mod conventions;
 mod cross;
 mod distcc;
