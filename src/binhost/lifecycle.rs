@@ -64,7 +64,7 @@ fn atom_cp(token: &str) -> Option<String> {
 
 /// New TIMESTAMP and PACKAGES for `index`, rendered and published as generation `op`.
 fn republish(dir: &Path, mut index: Index, old_ts: Option<u64>, op: &str) -> Result<Generation, BinhostError> {
-    let ts = old_ts.map_or(super::now(), |t| super::now().max(t + 1));
+    let ts = super::next_timestamp(old_ts);
     index.header.insert("TIMESTAMP".into(), ts.to_string());
     index.header.insert("PACKAGES".into(), index.packages.len().to_string());
     super::write_index_as(dir, &index.render(), Some(ts), op)
@@ -158,7 +158,7 @@ pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporte
     let count = header.header("PACKAGES").and_then(|v| v.parse::<usize>().ok()).map(|n| n.saturating_sub(gone.len()));
     let count = count.unwrap_or_else(|| body.matches("\nCPV: ").count() + usize::from(body.starts_with("CPV: ")));
     let old_ts = header.timestamp();
-    let ts = old_ts.map_or(super::now(), |t| super::now().max(t + 1));
+    let ts = super::next_timestamp(old_ts);
     let mut h = header.header.clone();
     h.insert("TIMESTAMP".into(), ts.to_string());
     h.insert("PACKAGES".into(), count.to_string());

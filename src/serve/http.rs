@@ -357,24 +357,6 @@ pub fn not_modified_since(header: &str, last_modified: SystemTime) -> bool {
     }
 }
 
-/// Portage's `TIMESTAMP_TOLERANCE` (portage/util/_urlopen.py): a binhost client sends the
-/// TIMESTAMP of its cached index *plus five seconds* as If-Modified-Since, so a server whose
-/// Last-Modified is the index's own TIMESTAMP (as ours is) must not answer 304 to a client whose
-/// copy is up to five seconds older than the published index — a rollback right after a publish.
-pub const PORTAGE_IMS_TOLERANCE: Duration = Duration::from_secs(5);
-
-/// `If-Modified-Since` for a binhost index (`Packages`, `Packages.gz`): not modified only when
-/// the date is at least Last-Modified + [`PORTAGE_IMS_TOLERANCE`], which is what a Portage client
-/// holding exactly the published index sends. Any earlier date — another client's exact
-/// Last-Modified included — gets the full index: a few kilobytes too many is harmless, a stale
-/// generation is not.
-pub fn index_not_modified_since(header: &str, last_modified: SystemTime) -> bool {
-    match httpdate::parse_http_date(header.trim()) {
-        Ok(since) => whole_seconds(last_modified) + PORTAGE_IMS_TOLERANCE <= since,
-        Err(_) => false,
-    }
-}
-
 /// `If-Range`: the range applies only when the validator still matches. A strong ETag must match
 /// exactly; a date must equal Last-Modified.
 pub fn if_range_matches(header: &str, etag: &str, last_modified: SystemTime) -> bool {
@@ -636,28 +618,11 @@ mod tests {
         assert!(not_modified_since(&date, t));
         assert!(!not_modified_since(&http_date(UNIX_EPOCH + Duration::from_secs(1_795_533_595)), t));
         assert!(!not_modified_since("garbage", t));
-
         assert!(none_match("\"x\", \"abc\"", "\"abc\""));
         assert!(none_match("W/\"abc\"", "\"abc\""));
         assert!(!none_match("\"abd\"", "\"abc\""));
         assert!(if_range_matches("\"abc\"", "\"abc\"", t));
         assert!(if_range_matches(&date, "\"abc\"", t));
         assert!(!if_range_matches("W/\"abc\"", "\"abc\"", t));
-    }
-
-    /// The index rule against what Portage sends: TIMESTAMP of the cached copy + 5 s.
-    #[test]
-    fn an_index_is_not_modified_only_for_portages_exact_copy() {
-        let published = UNIX_EPOCH + Duration::from_secs(1_795_533_600);
-        let portage_sends = |cached: u64| http_date(UNIX_EPOCH + Duration::from_secs(cached + 5));
-        // The client holds the published index: 304.
-        assert!(index_not_modified_since(&portage_sends(1_795_533_600), published));
-        // It holds a generation 1..=5 s older (a rollback right after a publish): 200.
-        for older in 1..=5 {
-            assert!(!index_not_modified_since(&portage_sends(1_795_533_600 - older), published), "{older} s older");
-        }
-        // A plain HTTP cache sending back the exact Last-Modified gets the full index.
-        assert!(!index_not_modified_since(&http_date(published), published));
-        assert!(!index_not_modified_since("garbage", published));
     }
 }

@@ -814,7 +814,6 @@ async fn serve_file(
     let lm = http::http_date(info.last_modified);
     let not_modified = match (&req.if_none_match, &req.if_modified_since) {
         (Some(inm), _) => http::none_match(inm, &info.etag),
-        (None, Some(ims)) if kind.is_some() => http::index_not_modified_since(ims, info.last_modified),
         (None, Some(ims)) => http::not_modified_since(ims, info.last_modified),
         (None, None) => false,
     };

@@ -117,9 +117,11 @@ fn a_real_client_follows_rollback_and_roll_forward() {
     assert!(dir.join("dbh-test/greeter/greeter-1.0-2.gpkg.tar").is_file());
     check_clean(&dir);
 
-    // The client holding its cached generation-2 index (TIMESTAMP a second or so older than
-    // generation 3's, within Portage's 5 s If-Modified-Since tolerance) gets the new index, not
-    // a 304, and reinstalls generation 1's greeter.
+    // The client holding its cached generation-2 index, seconds after it was published, gets
+    // the new index, not a 304 (Portage sends its TIMESTAMP + 5 s as If-Modified-Since; each
+    // generation's TIMESTAMP is ahead of the one before by more), and reinstalls generation 1's
+    // greeter.
+    assert!(gens[2]["timestamp"].as_u64().unwrap() >= ts2 + 6, "{gens:?}");
     let before = serve.log().len();
     cl.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
     assert_eq!(installed_build_id(&cl), "1", "the cached client follows the rollback:\n{}", &serve.log()[before..]);
