@@ -84,6 +84,53 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+    /// Ebuild repositories: dbh-managed trees (e.g. ::gentoo) and cached snapshots
+    #[command(subcommand)]
+    Repo(RepoCommand),
+    /// On a Gentoo client: why its Portage would not use a binhost's packages
+    #[command(subcommand)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Run this client's `emerge --pretend --verbose --getbinpkg` and say, for every package it
+    /// would build from source although the binhost has it, why (USE, keyword, CHOST, changed
+    /// dependencies, a stale cached index) and what makes it take the binpkg; exit 0 when
+    /// everything would come from a binhost
+    Explain {
+        /// The target's binhost URL as the client uses it, e.g. http://HOST:8080/arm64
+        #[arg(long, value_name = "URL")]
+        binhost: String,
+        /// Portage's configuration root (PORTAGE_CONFIGROOT), e.g. a copy of a client's /etc/portage's parent [default: the environment's, else /]
+        #[arg(long, value_name = "DIR")]
+        config_root: Option<PathBuf>,
+        /// Atoms or sets [default: @world]
+        #[arg(value_name = "ATOM")]
+        atoms: Vec<String>,
+        /// Extra arguments for emerge, after `--`
+        #[arg(last = true, value_name = "EMERGE_ARGS")]
+        emerge_args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Update a dbh-managed repository (under $DBH_HOME/repos/NAME) from a git or rsync URL
+    Sync {
+        /// Repository name, e.g. gentoo
+        name: String,
+        /// git URL, rsync://HOST/MODULE or a local directory [default: the URL of the last sync]
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// List dbh-managed repositories and cached snapshots
+    List,
+    /// Make (or find cached) the read-only snapshot builders get of a repository
+    Snapshot {
+        /// A repository directory, or the name of a dbh-managed repository
+        repo: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,6 +345,26 @@ pub struct VmStatusArgs {
 pub enum ImageCommand {
     /// Make the target's guest image from a stage tarball
     Create(ImageCreateArgs),
+    /// Install packages from the target's binhost into its base image (default: the build tools
+    /// distcc and gnupg, where missing), so that every later guest starts with them
+    Update(ImageUpdateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImageUpdateArgs {
+    #[arg(long, short)]
+    pub target: String,
+    /// A local ebuild repository the packages' ebuilds and the profile come from; repeatable
+    #[arg(long = "repo", value_name = "PATH")]
+    pub repos: Vec<PathBuf>,
+    /// Portage profile as `eselect profile` names it, REPO:PATH [default: the target's]
+    #[arg(long, value_name = "REPO:PATH")]
+    pub profile: Option<String>,
+    /// Packages to install from the binhost [default: sys-devel/distcc and app-crypt/gnupg, where missing]
+    #[arg(value_name = "ATOM")]
+    pub atoms: Vec<String>,
+    #[command(flatten)]
+    pub size: VmSizeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +391,10 @@ pub struct ImageCreateArgs {
     /// Kernel modules directory [default: from the stage's /lib/modules]
     #[arg(long, requires = "kernel")]
     pub modules: Option<PathBuf>,
+    /// systemd-stub for a UKI [default: the stage's or the host's; without one the firmware boots
+    /// the kernel's own EFI stub]
+    #[arg(long, value_name = "FILE")]
+    pub stub: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -354,9 +425,26 @@ pub struct VmBuildArgs {
     /// Offload the guest's compiles to the host's cross compilers through distcc
     #[arg(long)]
     pub distcc: bool,
-    /// Leave the guest running afterwards
+    /// Leave the guest running afterwards; the next build of the target reuses it warm
     #[arg(long)]
     pub keep_vm: bool,
+    /// Keep the binhost current: emerge --update --deep --newuse with the binpkg checks; only
+    /// what changed is built [default atoms: the target's world]
+    #[arg(long)]
+    pub update: bool,
+    #[command(flatten)]
+    pub size: VmSizeArgs,
+}
+
+/// Guest sizes on the command line (settings `vm.cpus`, `vm.memory`).
+#[derive(Debug, Args)]
+pub struct VmSizeArgs {
+    /// vCPUs of the guest [default: setting vm.cpus: every host core]
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u32>,
+    /// RAM of the guest, e.g. 8G or 4096M [default: setting vm.memory: half the host's RAM]
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -49,6 +49,10 @@ pub enum Error {
     Build(#[from] crate::build::BuildError),
     #[error("{0}")]
     Rootfs(#[from] crate::rootfs::RootfsError),
+    #[error("{0}")]
+    Repo(#[from] crate::repo::RepoError),
+    #[error("{0}")]
+    Client(#[from] crate::client::ClientError),
     /// A check found problems and already printed them (e.g. `dbh binhost check`).
     #[error("{0}")]
     Failed(String),
@@ -121,6 +125,8 @@ fn hint_for(e: &(dyn StdError + 'static)) -> Option<String> {
         crate::build::toolchain::ToolchainError,
         crate::build::chroot::ChrootError,
         crate::rootfs::RootfsError,
+        crate::client::ClientError,
+        crate::repo::RepoError,
     );
     None
 }

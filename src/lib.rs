@@ -12,6 +12,7 @@
 //! - [`uki`]: UKI writer (PE sections after a systemd-stub), the guest initramfs, stub lookup.
 //! - [`image`]: stage download + DIGESTS verification, `vm image create` (disk, ESP, keys, image.toml).
 //! - [`rootfs`]: `dbh rootfs build`: binhost packages installed into an empty root, packed reproducibly.
+//! - [`repo`]: ebuild repositories: revisions, cached squashfs snapshots, `dbh repo sync`.
 //! - [`vm`]: QEMU guests (firmware, command line, QMP, lifecycle); [`guest`]: SSH into them.
 //! - [`process`]: the one wrapper through which every external program runs.
 //! - [`events`] / [`progress`]: progress events out of the core, bars drawn only in `progress`.
@@ -21,6 +22,7 @@ pub mod binhost;
 pub mod binpkg;
 pub mod build;
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod error;
 pub mod hint;
@@ -29,6 +31,7 @@ pub mod guest;
 pub mod image;
 pub mod process;
 pub mod progress;
+pub mod repo;
 pub mod rootfs;
 pub mod serve;
 pub mod settings;

@@ -51,7 +51,21 @@ pub enum Origin {
     Cli(&'static str),
     Env(String),
     File(PathBuf),
+    /// Derived from this host (the text says from what).
+    Host(String),
     Default,
+}
+
+impl Origin {
+    /// Precedence of the layer a value came from, higher wins.
+    fn rank(&self) -> u8 {
+        match self {
+            Origin::Cli(_) => 3,
+            Origin::Env(_) => 2,
+            Origin::File(_) => 1,
+            Origin::Host(_) | Origin::Default => 0,
+        }
+    }
 }
 
 impl fmt::Display for Origin {
@@ -60,6 +74,7 @@ impl fmt::Display for Origin {
             Origin::Cli(flag) => write!(f, "command line ({flag})"),
             Origin::Env(var) => write!(f, "environment ({var})"),
             Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Host(why) => write!(f, "this host ({why})"),
             Origin::Default => write!(f, "built-in default"),
         }
     }
@@ -71,6 +86,8 @@ enum Kind {
     List,
     Bool,
     Int,
+    /// A size: "8G", "512M", "64GiB"; a bare number is MiB.
+    Size,
 }
 
 struct KeyDef {
@@ -92,11 +109,16 @@ const KEYS: &[KeyDef] = &[
     KeyDef { name: "binhost.log_max_age_days", kind: Kind::Int, doc: "`dbh binhost prune` deletes files in logs/<target>/ older than this many days [default: 30]" },
     KeyDef { name: "build.jobs", kind: Kind::Int, doc: "parallel jobs for builds (MAKEOPTS -j)" },
     KeyDef { name: "build.distcc", kind: Kind::Bool, doc: "offload guest compiles to the host's distccd" },
+    KeyDef { name: "build.gentoo_binhost", kind: Kind::Bool, doc: "keep the image's own binhosts (a stage3's gentoobinhost.conf) in vm builds" },
     KeyDef { name: "distcc.hosts", kind: Kind::List, doc: "extra distcc hosts for builds" },
     KeyDef { name: "distcc.distccd", kind: Kind::Str, doc: "the distccd program dbh starts on this host for guest builds [default: distccd on PATH]" },
     KeyDef { name: "vm.boot_timeout", kind: Kind::Int, doc: "seconds a guest may take to answer SSH [default: 300 under TCG, 120 under KVM]" },
     KeyDef { name: "vm.powerdown_timeout", kind: Kind::Int, doc: "seconds `dbh vm stop` waits for an ACPI power-off before quitting QEMU [default: 20]" },
-    KeyDef { name: "portage.emerge", kind: Kind::Str, doc: "the host's emerge for `dbh rootfs build` (a path, or a name looked up in PATH)" },
+    KeyDef { name: "vm.cpus", kind: Kind::Int, doc: "vCPUs of build guests; per target as [vm.<target>] cpus = N [default: every host core, capped by the machine]" },
+    KeyDef { name: "vm.memory", kind: Kind::Size, doc: "RAM of build guests (8G, 4096M); per target as [vm.<target>] memory [default: half the host's RAM]" },
+    KeyDef { name: "vm.disk_size", kind: Kind::Size, doc: "root filesystem size `vm image create` makes; per target as [vm.<target>] disk_size [default: the stage + 25 % + 4 GiB]" },
+    KeyDef { name: "vm.scratch_size", kind: Kind::Size, doc: "sparse scratch disk for PORTAGE_TMPDIR per build (gcc, llvm); per target as [vm.<target>] scratch_size; 0 = none" },
+    KeyDef { name: "portage.emerge", kind: Kind::Str, doc: "the emerge dbh runs on this host: `rootfs build`, the plan before a vm build, egencache beside it, `client explain` (a path, or a name looked up in PATH)" },
     KeyDef { name: "key.uid", kind: Kind::Str, doc: "user id of a newly generated signing key" },
 ];
 
@@ -110,7 +132,66 @@ pub struct Value {
 /// The resolved settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    values: BTreeMap<&'static str, Value>,
+    /// By key; per-target keys (`vm.<target>.cpus`) are stored under their full name.
+    values: BTreeMap<String, Value>,
+}
+
+/// The `vm.*` keys that may also be given per target, as `vm.<target>.<key>`.
+const PER_TARGET: &[&str] = &["cpus", "memory", "disk_size", "scratch_size"];
+
+/// Default scratch disk: room for gcc's or llvm's build tree; sparse, so it costs what is used.
+pub const DEFAULT_SCRATCH_BYTES: u64 = 64 << 30;
+
+/// `vm.<target>.<key>` → the definition of `vm.<key>`.
+fn per_target_def(key: &str) -> Option<&'static KeyDef> {
+    let rest = key.strip_prefix("vm.")?;
+    let (target, k) = rest.rsplit_once('.')?;
+    if target.is_empty() || !PER_TARGET.contains(&k) {
+        return None;
+    }
+    KEYS.iter().find(|d| d.name.strip_prefix("vm.") == Some(k))
+}
+
+/// Parses a size setting: "8G", "512M", "64GiB", "1T"; a bare number is MiB.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let shift = match unit.trim().trim_end_matches("iB").trim_end_matches('B').to_ascii_uppercase().as_str() {
+        "" | "M" => 20,
+        "K" => 10,
+        "G" => 30,
+        "T" => 40,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
+fn size_of(value: &toml::Value) -> Option<u64> {
+    match value {
+        toml::Value::Integer(i) => u64::try_from(*i).ok().and_then(|i| i.checked_mul(1 << 20)),
+        toml::Value::String(s) => parse_size(s),
+        _ => None,
+    }
+}
+
+/// What a target's guests get, each with where it came from.
+#[derive(Debug, Clone)]
+pub struct VmSizing {
+    pub cpus: (u32, Origin),
+    pub memory_mib: (u32, Origin),
+    /// `None`: sized from the stage.
+    pub disk_bytes: (Option<u64>, Origin),
+    /// `None`: no scratch disk.
+    pub scratch_bytes: (Option<u64>, Origin),
+}
+
+/// The host's RAM in MiB (`MemTotal` of /proc/meminfo).
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib >> 10)
 }
 
 /// Values given on the command line, by key.
@@ -138,7 +219,7 @@ impl Settings {
         files: &[PathBuf],
         env: &[(String, String)],
     ) -> Result<Settings, SettingsError> {
-        let mut values: BTreeMap<&'static str, Value> = BTreeMap::new();
+        let mut values: BTreeMap<String, Value> = BTreeMap::new();
         for path in files {
             let text = match fs_err::read_to_string(path) {
                 Ok(t) => t,
@@ -154,10 +235,12 @@ impl Settings {
                 let def = KEYS
                     .iter()
                     .find(|k| k.name == key)
+                    .or_else(|| per_target_def(&key))
                     .ok_or_else(|| SettingsError::UnknownKey { path: path.clone(), key: key.clone() })?;
                 let origin = Origin::File(absolute(path));
                 check_kind(def, &value, &origin)?;
-                values.insert(def.name, Value { value, origin });
+                let origin = Origin::File(absolute(path));
+                values.insert(key, Value { value, origin });
             }
         }
         for def in KEYS {
@@ -165,12 +248,12 @@ impl Settings {
             if let Some((_, raw)) = env.iter().find(|(k, _)| *k == var) {
                 let origin = Origin::Env(var.clone());
                 let value = parse_env(def, raw, &origin)?;
-                values.insert(def.name, Value { value, origin });
+                values.insert(def.name.to_owned(), Value { value, origin });
             }
         }
         for (key, flag, value) in cli {
             let def = KEYS.iter().find(|k| k.name == key).expect("CLI passes known keys");
-            values.insert(def.name, Value { value, origin: Origin::Cli(flag) });
+            values.insert(def.name.to_owned(), Value { value, origin: Origin::Cli(flag) });
         }
         let mut settings = Settings { values };
         settings.fill_defaults()?;
@@ -192,6 +275,7 @@ impl Settings {
         let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         self.default("build.jobs", toml::Value::Integer(jobs as i64));
         self.default("build.distcc", toml::Value::Boolean(false));
+        self.default("build.gentoo_binhost", toml::Value::Boolean(false));
         self.default("portage.emerge", toml::Value::String("emerge".into()));
         self.default("distcc.hosts", toml::Value::Array(vec![]));
         let host = nix::unistd::gethostname()
@@ -199,11 +283,70 @@ impl Settings {
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "localhost".into());
         self.default("key.uid", toml::Value::String(format!("dbh binhost signing key <dbh@{host}>")));
+        self.values.entry("vm.cpus".into()).or_insert(Value {
+            value: toml::Value::Integer(jobs as i64),
+            origin: Origin::Host(format!("all {jobs} cores")),
+        });
+        let (memory, why) = match host_memory_mib() {
+            // Half, in 256 MiB steps, at least 1 GiB: the host keeps room for itself and dbh.
+            Some(total) => (((total / 2) >> 8 << 8).max(1024), format!("half of {total} MiB RAM")),
+            None => (2048, "no /proc/meminfo: 2 GiB".to_owned()),
+        };
+        self.values
+            .entry("vm.memory".into())
+            .or_insert(Value { value: toml::Value::String(format!("{memory}M")), origin: Origin::Host(why) });
+        self.default("vm.scratch_size", toml::Value::String(format!("{}G", DEFAULT_SCRATCH_BYTES >> 30)));
         Ok(())
     }
 
     fn default(&mut self, key: &'static str, value: toml::Value) {
-        self.values.entry(key).or_insert(Value { value, origin: Origin::Default });
+        self.values.entry(key.to_owned()).or_insert(Value { value, origin: Origin::Default });
+    }
+
+    /// The per-target value of `vm.<key>` (`vm.<target>.<key>`) or the global one, whichever comes
+    /// from the higher layer; at the same layer the per-target one wins.
+    fn for_target(&self, target: &str, key: &str) -> Option<&Value> {
+        let global = self.values.get(&format!("vm.{key}"));
+        let own = self.values.get(&format!("vm.{target}.{key}"));
+        match (own, global) {
+            (Some(o), Some(g)) if g.origin.rank() > o.origin.rank() => Some(g),
+            (Some(o), _) => Some(o),
+            (None, g) => g,
+        }
+    }
+
+    /// The guest sizes for `target` (settings `vm.cpus`, `vm.memory`, `vm.disk_size`,
+    /// `vm.scratch_size`, each also per target).
+    pub fn vm_sizing(&self, target: &str) -> Result<VmSizing, SettingsError> {
+        let size = |key: &str| -> Result<(Option<u64>, Origin), SettingsError> {
+            match self.for_target(target, key) {
+                None => Ok((None, Origin::Default)),
+                Some(v) => match size_of(&v.value) {
+                    Some(b) => Ok((Some(b), v.origin.clone())),
+                    None => Err(SettingsError::Type {
+                        key: format!("vm.{key}"),
+                        origin: v.origin.clone(),
+                        expected: "a size such as 8G or 4096M",
+                    }),
+                },
+            }
+        };
+        let cpus = match self.for_target(target, "cpus") {
+            Some(v) => match v.value.as_integer().and_then(|i| u32::try_from(i).ok()).filter(|&i| i > 0) {
+                Some(n) => (n, v.origin.clone()),
+                None => return Err(SettingsError::Type { key: "vm.cpus".into(), origin: v.origin.clone(), expected: "a positive integer" }),
+            },
+            None => (1, Origin::Default),
+        };
+        let (memory, memory_origin) = size("memory")?;
+        let memory_mib = u32::try_from(memory.unwrap_or(2 << 30) >> 20).unwrap_or(u32::MAX).max(128);
+        let (scratch, scratch_origin) = size("scratch_size")?;
+        Ok(VmSizing {
+            cpus,
+            memory_mib: (memory_mib, memory_origin),
+            disk_bytes: size("disk_size")?,
+            scratch_bytes: (scratch.filter(|&b| b > 0), scratch_origin),
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -236,13 +379,20 @@ impl Settings {
     }
 
     /// Every key with its value, origin and meaning, for `dbh config show`.
-    pub fn describe(&self) -> Vec<(&'static str, String, &Origin, &'static str)> {
-        KEYS.iter()
+    pub fn describe(&self) -> Vec<(String, String, &Origin, &'static str)> {
+        let mut out: Vec<_> = KEYS
+            .iter()
             .filter_map(|def| {
                 let v = self.values.get(def.name)?;
-                Some((def.name, v.value.to_string(), &v.origin, def.doc))
+                Some((def.name.to_owned(), v.value.to_string(), &v.origin, def.doc))
             })
-            .collect()
+            .collect();
+        for (key, v) in &self.values {
+            if let Some(def) = per_target_def(key) {
+                out.push((key.clone(), v.value.to_string(), &v.origin, def.doc));
+            }
+        }
+        out
     }
 }
 
@@ -266,6 +416,7 @@ fn check_kind(def: &KeyDef, value: &toml::Value, origin: &Origin) -> Result<(), 
         }
         Kind::Bool => (value.is_bool(), "true or false"),
         Kind::Int => (value.is_integer(), "an integer"),
+        Kind::Size => (size_of(value).is_some(), "a size such as 8G or 4096M (a bare number is MiB)"),
     };
     if ok {
         Ok(())
@@ -287,6 +438,10 @@ fn parse_env(def: &KeyDef, raw: &str, origin: &Origin) -> Result<toml::Value, Se
             _ => return Err(err("true or false")),
         },
         Kind::Int => toml::Value::Integer(raw.parse().map_err(|_| err("an integer"))?),
+        Kind::Size => {
+            parse_size(raw).ok_or_else(|| err("a size such as 8G or 4096M (a bare number is MiB)"))?;
+            toml::Value::String(raw.to_string())
+        }
     })
 }
 
@@ -348,6 +503,10 @@ impl Home {
     pub fn cache(&self) -> PathBuf {
         self.root.join("cache")
     }
+    /// Portage's DISTDIR for every target and backend: a source tarball is downloaded once.
+    pub fn distfiles(&self) -> PathBuf {
+        self.root.join("distfiles")
+    }
     /// The per-target Portage configuration synced into builders.
     pub fn target_config(&self, target: &str) -> PathBuf {
         self.root.join("targets").join(target)
@@ -388,6 +547,37 @@ mod tests {
         let err = Settings::load_from(vec![], std::slice::from_ref(&f), &[]).unwrap_err();
         assert_eq!(err.to_string(), format!("settings file {} has an unknown key `serve.lisen`", f.display()));
         assert!(err.hint().unwrap().contains("serve.listen"));
+    }
+
+    #[test]
+    fn vm_sizes_per_target_and_from_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(dir.path(), "dbh.toml", "[vm]\nmemory = \"3G\"\n[vm.arm64]\ncpus = 6\nscratch_size = \"100G\"\n");
+        let env = vec![("DBH_VM_MEMORY".to_string(), "5000M".to_string())];
+        let s = Settings::load_from(vec![], std::slice::from_ref(&f), &env).unwrap();
+        let arm = s.vm_sizing("arm64").unwrap();
+        assert_eq!(arm.cpus, (6, Origin::File(f.clone())));
+        assert_eq!(arm.memory_mib, (5000, Origin::Env("DBH_VM_MEMORY".into())), "env beats the file");
+        assert_eq!(arm.scratch_bytes.0, Some(100 << 30));
+        let amd = s.vm_sizing("amd64").unwrap();
+        assert!(matches!(amd.cpus.1, Origin::Host(ref why) if why.contains("cores")), "{:?}", amd.cpus);
+        assert_eq!(amd.scratch_bytes, (Some(DEFAULT_SCRATCH_BYTES), Origin::Default));
+        assert_eq!(amd.disk_bytes.0, None);
+        let shown: Vec<String> = s.describe().into_iter().map(|(k, v, o, _)| format!("{k} = {v} ({o})")).collect();
+        assert!(shown.iter().any(|l| l.starts_with("vm.arm64.cpus = 6 (")), "{shown:?}");
+        assert!(shown.iter().any(|l| l.starts_with("vm.cpus = ") && l.contains("this host (all")), "{shown:?}");
+        // Without settings, half the host's RAM.
+        let d = Settings::load_from(vec![], &[], &[]).unwrap().vm_sizing("riscv64").unwrap();
+        assert!(matches!(d.memory_mib.1, Origin::Host(ref why) if why.starts_with("half of")), "{:?}", d.memory_mib);
+        assert_eq!(parse_size("8G"), Some(8 << 30));
+        assert_eq!(parse_size("64GiB"), Some(64 << 30));
+        assert_eq!(parse_size("512"), Some(512 << 20));
+        assert_eq!(parse_size("lots"), None);
+        let bad = write(dir.path(), "bad.toml", "[vm.arm64]\nmemory = \"lots\"\n");
+        let err = Settings::load_from(vec![], &[bad], &[]).unwrap_err();
+        assert!(err.to_string().contains("expected a size"), "{err}");
+        let bad = write(dir.path(), "bad2.toml", "[vm.arm64]\nmemroy = 1\n");
+        assert!(matches!(Settings::load_from(vec![], &[bad], &[]), Err(SettingsError::UnknownKey { .. })));
     }
 
     #[test]

@@ -106,6 +106,9 @@ pub struct Qemu {
     /// Oldest QEMU that boots this target as configured ("8.1").
     #[serde(default)]
     pub min_version: Option<String>,
+    /// Most vCPUs the machine takes as configured (arm64 `virt` with its default GICv2: 8).
+    #[serde(default)]
+    pub max_cpus: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

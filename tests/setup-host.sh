@@ -36,7 +36,7 @@ packages=(
 	"${qemu_packages[@]}"
 	qemu-efi-aarch64 ovmf
 	mtools dosfstools e2fsprogs cpio zstd xz-utils bzip2 squashfs-tools
-	gnupg openssl wget curl ca-certificates socat pax-utils git openssh-client file
+	gnupg openssl wget curl ca-certificates socat pax-utils git rsync openssh-client file
 	build-essential python3-dev nettle-dev libclang-dev clang pkg-config
 	gcc-aarch64-linux-gnu binutils-aarch64-linux-gnu
 	distcc bubblewrap

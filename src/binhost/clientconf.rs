@@ -197,7 +197,9 @@ pub fn files(s: &Sources<'_>) -> BTreeMap<&'static str, String> {
 pub fn listing(target: &str) -> String {
     let mut out = format!(
         "# dbh target `{target}`: the build configuration of its binpkgs, as Portage files.\n\
-         # Fetch each as <this URL><name> and compare it with your /etc/portage.\n"
+         # Fetch each as <this URL><name> and compare it with your /etc/portage;\n\
+         # `dbh client explain --binhost <the target's URL>` on the client names each package its Portage\n\
+         # would build from source although this binhost has it, why, and the line that fixes it.\n"
     );
     for f in FILES {
         out.push_str(f);

@@ -12,7 +12,7 @@
 //! to the journal `.dbh-prune` before any record or file is deleted, so a kill leaves files that
 //! `check` knows are being pruned (and the next prune finishes). Records go before their files.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -64,7 +64,7 @@ fn atom_cp(token: &str) -> Option<String> {
 
 /// New TIMESTAMP and PACKAGES for `index`, rendered and published as generation `op`.
 fn republish(dir: &Path, mut index: Index, old_ts: Option<u64>, op: &str) -> Result<Generation, BinhostError> {
-    let ts = old_ts.map_or(super::now(), |t| super::now().max(t + 1));
+    let ts = super::next_timestamp(old_ts);
     index.header.insert("TIMESTAMP".into(), ts.to_string());
     index.header.insert("PACKAGES".into(), index.packages.len().to_string());
     super::write_index_as(dir, &index.render(), Some(ts), op)
@@ -158,7 +158,7 @@ pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporte
     let count = header.header("PACKAGES").and_then(|v| v.parse::<usize>().ok()).map(|n| n.saturating_sub(gone.len()));
     let count = count.unwrap_or_else(|| body.matches("\nCPV: ").count() + usize::from(body.starts_with("CPV: ")));
     let old_ts = header.timestamp();
-    let ts = old_ts.map_or(super::now(), |t| super::now().max(t + 1));
+    let ts = super::next_timestamp(old_ts);
     let mut h = header.header.clone();
     h.insert("TIMESTAMP".into(), ts.to_string());
     h.insert("PACKAGES".into(), count.to_string());
@@ -296,28 +296,46 @@ pub struct PruneOutcome {
     pub generation: Option<Generation>,
 }
 
-/// Why `e` is no longer in the repositories, if it is not: the repository that decided.
-fn unreferenced(e: &Entry, repos: &[Repo], revisions: &BTreeMap<String, String>) -> Option<String> {
+/// What `prune --unreferenced` knows of one repository: its ebuilds at the revision the binhost's
+/// builds used (REPO_REVISIONS; one `git ls-tree` for the whole repository, not one git per
+/// package — ::gentoo has 30 000 ebuilds), or `None` to look at its working tree (no revision
+/// recorded, a dirty one, git missing, or the commit unknown to that checkout).
+struct RepoFiles<'a> {
+    repo: &'a Repo,
+    at: Option<(String, HashSet<String>)>,
+}
+
+fn repo_files<'a>(repos: &'a [Repo], revisions: &BTreeMap<String, String>) -> Vec<RepoFiles<'a>> {
+    repos
+        .iter()
+        .map(|repo| {
+            let at = revisions.get(&repo.name).filter(|r| !r.ends_with("-dirty")).and_then(|rev| {
+                let out = crate::process::Cmd::new("git")
+                    .arg("-C")
+                    .arg(&repo.path)
+                    .args(["ls-tree", "-r", "--name-only", "-z", &format!("{rev}^{{commit}}")])
+                    .output()
+                    .ok()?;
+                let files = out.stdout.split(|b| *b == 0).filter(|f| f.ends_with(b".ebuild")).map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+                Some((rev.clone(), files))
+            });
+            RepoFiles { repo, at }
+        })
+        .collect()
+}
+
+/// Why `e` is no longer in the repositories, if it is not: the repository that decided. An entry
+/// whose repository was not given is kept.
+fn unreferenced(e: &Entry, repos: &[RepoFiles<'_>]) -> Option<String> {
     let cpv = e.cpv();
     let (cat, pf) = cpv.split_once('/')?;
     let (pn, _, _) = super::deps::pkgsplit(pf)?;
     let rel = format!("{cat}/{pn}/{pf}.ebuild");
     let name = e.get("REPO")?;
-    let repo = repos.iter().find(|r| r.name == name)?;
-    match revisions.get(name).filter(|r| !r.ends_with("-dirty")) {
-        Some(rev) => {
-            let spec = format!("{rev}:{rel}");
-            let git = |args: &[&str]| crate::process::Cmd::new("git").arg("-C").arg(&repo.path).args(args).output().is_ok();
-            if git(&["rev-parse", "--verify", "--quiet", &format!("{rev}^{{commit}}")]) {
-                (!git(&["cat-file", "-e", &spec]))
-                    .then(|| format!("repository {name} ({}) at {rev} has no {rel}", repo.path.display()))
-            } else {
-                // git missing or the revision unknown there: look at the working tree.
-                (!repo.path.join(&rel).is_file()).then(|| format!("repository {name} ({}) has no {rel}", repo.path.display()))
-            }
-        }
-        None => (!repo.path.join(&rel).is_file())
-            .then(|| format!("repository {name} ({}) has no {rel}", repo.path.display())),
+    let RepoFiles { repo, at } = repos.iter().find(|r| r.repo.name == name)?;
+    match at {
+        Some((rev, files)) => (!files.contains(&rel)).then(|| format!("repository {name} ({}) at {rev} has no {rel}", repo.path.display())),
+        None => (!repo.path.join(&rel).is_file()).then(|| format!("repository {name} ({}) has no {rel}", repo.path.display())),
     }
 }
 
@@ -348,8 +366,9 @@ pub fn prune(dir: &Path, opts: &PruneOptions, reporter: &dyn Reporter) -> Result
         }
     }
     if let Some(repos) = &opts.unreferenced {
+        let repos = repo_files(repos, &revisions);
         for e in &index.packages {
-            if let Some(why) = unreferenced(e, repos, &revisions) {
+            if let Some(why) = unreferenced(e, &repos) {
                 drop.entry(e.effective_path()).or_insert(format!("{}: {why}", instance(e)));
             }
         }
@@ -521,6 +540,57 @@ mod tests {
         ] {
             assert_eq!(atom_cp(tok).as_deref(), cp, "{tok}");
         }
+    }
+
+    /// eclean-pkg's rule with real git: at the recorded revision (one `git ls-tree`), else the
+    /// working tree; a package of a repository that was not given stays.
+    #[test]
+    fn unreferenced_asks_the_repository_at_the_recorded_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = dir.path();
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(repo)
+                .args(["-c", "user.name=t", "-c", "user.email=t@dbh.invalid"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        };
+        git(&["init", "-q"]);
+        std::fs::create_dir_all(repo.join("a/b")).unwrap();
+        std::fs::write(repo.join("a/b/b-1.0.ebuild"), "EAPI=8\n").unwrap();
+        git(&["add", "-A"]);
+        git(&["commit", "-q", "-m", "one"]);
+        let with = git(&["rev-parse", "HEAD"]);
+        git(&["rm", "-q", "a/b/b-1.0.ebuild"]);
+        git(&["commit", "-q", "-m", "two"]);
+        let without = git(&["rev-parse", "HEAD"]);
+        // The working tree still has it: only the revision can tell.
+        std::fs::create_dir_all(repo.join("a/b")).unwrap();
+        std::fs::write(repo.join("a/b/b-1.0.ebuild"), "EAPI=8\n").unwrap();
+
+        let repos = [Repo { name: "r".into(), path: repo.to_owned() }];
+        let mut e = Entry::default();
+        e.set("CPV", "a/b-1.0");
+        e.set("REPO", "r");
+        let files_at = |rev: &str| repo_files(&repos, &BTreeMap::from([("r".to_owned(), rev.to_owned())]));
+        let at = |rev: &str| unreferenced(&e, &files_at(rev));
+        assert_eq!(at(&with), None);
+        let why = at(&without).expect("gone at the recorded revision");
+        assert!(why.contains(&format!("repository r ({}) at {without} has no a/b/b-1.0.ebuild", repo.display())), "{why}");
+        // No revision recorded, or one that is dirty or unknown: the working tree decides.
+        assert_eq!(unreferenced(&e, &repo_files(&repos, &BTreeMap::new())), None);
+        assert_eq!(at(&format!("{without}-dirty")), None);
+        assert_eq!(at("0123456789abcdef0123456789abcdef01234567"), None);
+        std::fs::remove_file(repo.join("a/b/b-1.0.ebuild")).unwrap();
+        assert!(unreferenced(&e, &repo_files(&repos, &BTreeMap::new())).unwrap().ends_with("has no a/b/b-1.0.ebuild"));
+        // Another repository's package is not this prune's business.
+        let mut other = e.clone();
+        other.set("REPO", "other");
+        assert_eq!(unreferenced(&other, &files_at(&without)), None);
     }
 
     #[test]

@@ -308,11 +308,19 @@ pub fn read_index(dir: &Path) -> Result<Option<Index>, BinhostError> {
     Index::parse(&bytes).map(Some).map_err(|source| BinhostError::Parse { path, source })
 }
 
-/// The TIMESTAMP of a new index: now, but never below the old one + 1 (clients compare them),
-/// and never past [`crate::binpkg::MAX_TIME`] whatever the old index said. Checked arithmetic:
-/// the old value comes from disk.
+/// How far a new index's TIMESTAMP is ahead of the one before, at least: Portage's
+/// `TIMESTAMP_TOLERANCE` (5 s, portage/util/_urlopen.py) + 1. A client sends its cached copy's
+/// TIMESTAMP *plus five seconds* as If-Modified-Since, and `dbh serve` gives an index's TIMESTAMP
+/// as Last-Modified with the plain HTTP rule (304 when Last-Modified ≤ If-Modified-Since); a
+/// generation published less than six seconds after the client's copy — a rollback right after a
+/// bad publish — would be answered 304 and the client would keep the old generation.
+pub const TIMESTAMP_STEP: u64 = 6;
+
+/// The TIMESTAMP of a new index: now, but at least the old one + [`TIMESTAMP_STEP`] (clients
+/// compare them, see there), and never past [`crate::binpkg::MAX_TIME`] whatever the old index
+/// said. Checked arithmetic: the old value comes from disk.
 pub fn next_timestamp(old: Option<u64>) -> u64 {
-    let floor = old.map_or(0, |t| t.saturating_add(1));
+    let floor = old.map_or(0, |t| t.saturating_add(TIMESTAMP_STEP));
     now().max(floor).min(crate::binpkg::MAX_TIME)
 }
 
@@ -349,4 +357,24 @@ pub fn write_index_as(
     op: &str,
 ) -> Result<generations::Generation, BinhostError> {
     generations::publish(dir, text, timestamp.unwrap_or(0), op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every new TIMESTAMP is past the old one by more than Portage's If-Modified-Since
+    /// tolerance, and bounded whatever the disk said.
+    #[test]
+    fn timestamps_step_past_portages_tolerance() {
+        let t = now();
+        assert!(next_timestamp(None) >= t);
+        assert!(next_timestamp(Some(t)) >= t + TIMESTAMP_STEP);
+        assert_eq!(next_timestamp(Some(t + 100)), t + 100 + TIMESTAMP_STEP);
+        assert_eq!(next_timestamp(Some(u64::MAX)), crate::binpkg::MAX_TIME);
+        // A client holding the previous index sends its TIMESTAMP + 5 as If-Modified-Since: that
+        // is before the new index's Last-Modified, so it gets the new one.
+        let old = t + 100;
+        assert!(old + 5 < next_timestamp(Some(old)));
+    }
 }

@@ -7,7 +7,8 @@
 //! verified (its location and SHA512 are in `images/<target>/image.toml`; a URL stage is in the
 //! download cache), unpacked once and kept between builds (so dependencies built before are
 //! installed; `rm -r` it to start clean), `stage.sha512` says which stage it is. Each build binds
-//! in a fresh staging PKGDIR at `/var/cache/binpkgs` and the `--repo`s read-only at
+//! in a fresh staging PKGDIR at `/var/cache/binpkgs`, the host's `$DBH_HOME/distfiles` (the one
+//! download cache of every backend) at `/var/cache/distfiles` and the `--repo`s read-only at
 //! `/var/db/repos/<name>`; what lands in the staging PKGDIR is checked and published like every
 //! other backend's packages.
 //!
@@ -34,6 +35,8 @@ pub struct ChrootOptions {
 
 pub const BINFMT_DIR: &str = "/proc/sys/fs/binfmt_misc";
 const PKGDIR: &str = "/var/cache/binpkgs";
+/// The root's DISTDIR: a bind mount of the host's `$DBH_HOME/distfiles`, shared by every backend.
+const DISTDIR: &str = "/var/cache/distfiles";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChrootError {
@@ -201,6 +204,9 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, 
     let prep = super::prepare(home, target, req)?;
     let root = ensure_root(home, target, reporter)?;
     let staging = super::fresh_staging(&base)?;
+    // One download cache for every backend: the host's $DBH_HOME/distfiles is the root's DISTDIR.
+    let distdir = home.distfiles();
+    std::fs::create_dir_all(&distdir).map_err(io("create", &distdir))?;
 
     // Configuration inside the root: the stage's own make.conf (kept aside once), then the host's
     // per-target one, then the build settings, as the VM backend does in its guest.
@@ -216,7 +222,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, 
     let make_conf = format!(
         "{stage_conf}\n# --- dbh: $DBH_HOME/targets/{}/portage/make.conf ---\n{}\n# --- dbh: build settings ---\nMAKEOPTS=\"-j{}\"\n\
          FEATURES=\"${{FEATURES}} buildpkg binpkg-multi-instance -pkgdir-index-trusted -sandbox -usersandbox -userpriv -userfetch -ipc-sandbox -network-sandbox -pid-sandbox -mount-sandbox\"\n\
-         BINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{PKGDIR}\"\nPORTAGE_USERNAME=\"root\"\nPORTAGE_GRPNAME=\"root\"\nCLEAN_DELAY=\"0\"\nEMERGE_WARNING_DELAY=\"0\"\n",
+         BINPKG_FORMAT=\"gpkg\"\nPKGDIR=\"{PKGDIR}\"\nDISTDIR=\"{DISTDIR}\"\nPORTAGE_USERNAME=\"root\"\nPORTAGE_GRPNAME=\"root\"\nCLEAN_DELAY=\"0\"\nEMERGE_WARNING_DELAY=\"0\"\n",
         target.name,
         prep.config.make_conf,
         req.jobs.max(1)
@@ -236,8 +242,11 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &ChrootOptions, 
         .args(["--proc", "/proc", "--dev", "/dev", "--ro-bind", "/sys", "/sys", "--tmpfs", "/tmp"])
         .arg("--bind")
         .arg(staging.path())
-        .arg(PKGDIR);
-    let mut mounts = vec![PKGDIR.to_owned()];
+        .arg(PKGDIR)
+        .arg("--bind")
+        .arg(&distdir)
+        .arg(DISTDIR);
+    let mut mounts = vec![PKGDIR.to_owned(), DISTDIR.to_owned()];
     for (name, path) in &prep.repos {
         bwrap = bwrap.arg("--ro-bind").arg(path).arg(inside(name));
         mounts.push(inside(name));

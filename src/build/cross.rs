@@ -125,7 +125,7 @@ pub fn cross_make_conf(target: &Target, tc: &Toolchain, sysroot: &Path) -> Strin
 }
 
 /// The user Portage runs as: the invoking one (no `portage` user is needed on the host).
-fn user_and_group() -> (String, String) {
+pub(crate) fn user_and_group() -> (String, String) {
     let uid = nix::unistd::getuid();
     let gid = nix::unistd::getgid();
     let user = nix::unistd::User::from_uid(uid).ok().flatten().map_or_else(|| "root".into(), |u| u.name);
@@ -170,7 +170,7 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, r
         std::fs::create_dir_all(d).map_err(io("create", d))?;
     }
     let staging = super::fresh_staging(&base)?;
-    let distdir = home.cache().join("distfiles");
+    let distdir = home.distfiles();
     std::fs::create_dir_all(&distdir).map_err(io("create", &distdir))?;
 
     // The sysroot's configuration, rewritten every time from the host's per-target one.

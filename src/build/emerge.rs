@@ -64,6 +64,46 @@ fn parse_counted(rest: &str) -> Option<EmergeLine> {
     }
 }
 
+/// One entry of emerge's merge list (`[ebuild  N    ] cat/pf::repo  USE="a -b* (c)" 0 KiB`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    /// `ebuild` or `binary`.
+    pub binary: bool,
+    pub cpv: String,
+    /// The flags shown enabled (marks `*`, `%` and parentheses removed), sorted.
+    pub use_enabled: Vec<String>,
+}
+
+/// Parses a merge-list line of `emerge --verbose`.
+pub fn parse_merge_list_line(line: &str) -> Option<Planned> {
+    let rest = line.trim_start().strip_prefix('[')?;
+    let (kind, rest) = rest.split_once(']')?;
+    let binary = match kind.split_whitespace().next()? {
+        "ebuild" => false,
+        "binary" => true,
+        _ => return None,
+    };
+    let mut words = rest.split_whitespace();
+    let cpv = words.next()?;
+    let cpv = cpv.split_once("::").map_or(cpv, |(c, _)| c).to_owned();
+    if !cpv.contains('/') {
+        return None;
+    }
+    let mut use_enabled = Vec::new();
+    if let Some((_, after)) = rest.split_once(" USE=\"") {
+        let flags = after.split('"').next().unwrap_or_default();
+        for f in flags.split_whitespace() {
+            let f = f.trim_matches(|c| c == '(' || c == ')').trim_end_matches(['*', '%']);
+            let f = f.trim_matches(|c| c == '(' || c == ')');
+            if !f.is_empty() && !f.starts_with('-') {
+                use_enabled.push(f.to_owned());
+            }
+        }
+    }
+    use_enabled.sort();
+    Some(Planned { binary, cpv, use_enabled })
+}
+
 /// Follows one emerge run line by line, whichever backend runs it: writes emerge.log, turns
 /// `Emerging`/`Completed` lines into progress events, keeps a tail for errors, and knows which
 /// packages started but never completed (the failed ones).
@@ -77,6 +117,10 @@ pub struct Follower {
     current: Option<(u64, String)>,
     started: Vec<String>,
     completed: BTreeSet<String>,
+    /// Started from source (not `Emerging binary`).
+    from_source: BTreeSet<String>,
+    /// The enabled USE flags of each package in emerge's merge list (`--verbose`).
+    planned_use: std::collections::BTreeMap<String, Vec<String>>,
     tail: VecDeque<String>,
 }
 
@@ -85,7 +129,7 @@ impl Follower {
     pub fn new(task: String, label: String, log_path: &Path, command: &str, echo: bool) -> Result<Follower, BuildError> {
         let mut log = std::fs::File::create(log_path).map_err(io("create", log_path))?;
         let _ = writeln!(log, "# {command}");
-        Ok(Follower { task, label, log: Some(log), echo, total: None, current: None, started: Vec::new(), completed: BTreeSet::new(), tail: VecDeque::new() })
+        Ok(Follower { task, label, log: Some(log), echo, total: None, current: None, started: Vec::new(), completed: BTreeSet::new(), from_source: BTreeSet::new(), planned_use: Default::default(), tail: VecDeque::new() })
     }
 
     /// A line for emerge.log only (e.g. which revision each repository is at).
@@ -113,6 +157,9 @@ impl Follower {
                     self.total = Some(m);
                 }
                 let what = if binary { "installing binary" } else { "building" };
+                if !binary {
+                    self.from_source.insert(cpv.clone());
+                }
                 reporter.event(Event::Progress { task: self.task.clone(), position: n - 1, message: Some(format!("{what} {cpv}")) });
                 self.current = Some((n, cpv.clone()));
                 self.started.push(cpv);
@@ -127,8 +174,22 @@ impl Follower {
                     reporter.event(Event::Progress { task: self.task.clone(), position: n - 1, message: Some(format!("{cpv}: {phase}")) });
                 }
             }
-            None => {}
+            None => {
+                if let Some(p) = parse_merge_list_line(line) {
+                    self.planned_use.insert(p.cpv, p.use_enabled);
+                }
+            }
         }
+    }
+
+    /// The packages built from source that completed, each with its enabled USE flags when the
+    /// merge list showed them.
+    pub fn built(&self) -> Vec<(String, Option<Vec<String>>)> {
+        self.from_source
+            .iter()
+            .filter(|c| self.completed.contains(*c))
+            .map(|c| (c.clone(), self.planned_use.get(c).cloned()))
+            .collect()
     }
 
     /// Closes the log and ends the progress task; returns the packages that started but did not
@@ -192,6 +253,16 @@ pub fn run_emerge(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_list_lines_name_the_package_and_its_use() {
+        let p = parse_merge_list_line("[ebuild  N     ] dbh-test/hello-1.1::dbh-test  USE=\"-debug* nls% (static)\" 0 KiB").unwrap();
+        assert_eq!(p, Planned { binary: false, cpv: "dbh-test/hello-1.1".into(), use_enabled: vec!["nls".into(), "static".into()] });
+        let p = parse_merge_list_line("[binary   R    ] dbh-test/greeter-1.0-1::dbh-test  0 KiB").unwrap();
+        assert!(p.binary && p.use_enabled.is_empty());
+        assert_eq!(parse_merge_list_line(">>> Emerging (1 of 2) a/b-1"), None);
+        assert_eq!(parse_merge_list_line("[blocks B      ] a/b"), None);
+    }
 
     #[test]
     fn emerge_progress_lines_are_parsed() {

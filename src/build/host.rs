@@ -62,7 +62,7 @@ pub fn staged_binpkgs(pkgdir: &Path) -> Result<Vec<PathBuf>, BuildError> {
 /// emerge's options for the host-side backends. Their root (sysroot, unpacked stage) keeps what
 /// was built before, so `--update --changed-use` builds a requested package again only when a newer
 /// version or other USE flags call for it — the VM backend gets the same from `--usepkg` and its
-/// seeded PKGDIR; building the same thing twice publishes nothing the second time.
+/// served binhost; building the same thing twice publishes nothing the second time.
 pub const HOST_EMERGE_ARGS: &[&str] = &["--buildpkg", "--update", "--changed-use", "--jobs=1", "--keep-going", "--color=n", "--quiet-build=n"];
 
 /// An exclusive flock on `<dir>/.lock` for the duration of a host-side build (one sysroot or
@@ -129,7 +129,7 @@ pub fn emerge_and_publish(
     }
     let files = staged_binpkgs(staging)?;
     let published = prep.publish(target, &files, reporter)?;
-    Ok(Outcome { published, failed, log_dir: prep.log_dir, transferred: files.len() as u64 })
+    Ok(Outcome { published, failed, log_dir: prep.log_dir, transferred: files.len() as u64, rebuilt: Vec::new() })
 }
 
 #[cfg(test)]

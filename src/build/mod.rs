@@ -12,6 +12,7 @@ pub mod cross;
 pub mod distcc;
 pub mod emerge;
 pub mod host;
+pub mod plan;
 pub mod portage_config;
 pub mod prepare;
 pub mod repos;
@@ -19,7 +20,7 @@ pub mod toolchain;
 pub mod vm;
 
 // The shared parts keep their `build::` paths (the backends and rootfs use them as before).
-pub use emerge::{EmergeLine, Follower, failed_package, parse_line, run_emerge};
+pub use emerge::{EmergeLine, Follower, Planned, failed_package, parse_line, parse_merge_list_line, run_emerge};
 pub use host::{HOST_EMERGE_ARGS, check_indexed, emerge_and_publish, staged_binpkgs};
 pub(crate) use host::{fresh_staging, lock_dir, symlink, write};
 pub use portage_config::{CONFIG_FILES, PortageConfig};
@@ -44,6 +45,11 @@ pub struct Request {
     pub emerge_args: Vec<String>,
     /// Offload the compiles through distcc (`--distcc`, setting `build.distcc`).
     pub distcc: Option<distcc::DistccOptions>,
+    /// Keep a binhost current: `--update --deep --newuse` with the binpkg checks (`--update`).
+    pub update: bool,
+    /// Keep the image's own binhosts (a stage3's `gentoobinhost.conf`) beside dbh's (setting
+    /// `build.gentoo_binhost`); by default the guest uses only dbh's.
+    pub gentoo_binhost: bool,
 }
 
 /// One package that did not build.
@@ -66,6 +72,8 @@ pub struct Outcome {
     pub log_dir: PathBuf,
     /// Binary packages that came back from the builder (new or changed ones only).
     pub transferred: u64,
+    /// The packages built from source and why the binhost's binpkg did not do (`cpv`, reason).
+    pub rebuilt: Vec<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +102,8 @@ pub enum BuildError {
     #[error("{0}")]
     Process(#[from] crate::process::ProcessError),
     #[error("{0}")]
+    Repo(#[from] crate::repo::RepoError),
+    #[error("{0}")]
     Sign(#[from] crate::sign::SignError),
     #[error("{0}")]
     Binhost(#[from] crate::binhost::BinhostError),
@@ -105,6 +115,10 @@ pub enum BuildError {
     Vm(#[from] crate::vm::VmError),
     #[error("{0}")]
     Guest(#[from] crate::guest::GuestError),
+    #[error("{0}")]
+    Rootfs(#[from] Box<crate::rootfs::RootfsError>),
+    #[error("{0}")]
+    Serve(#[from] crate::serve::ServeError),
     #[error("emerge in the {target} guest did not start (exit status {status}): {tail}")]
     EmergeFailed { target: String, status: u32, tail: String },
     #[error("emerge for {target} ({backend} backend) did not start (exit status {status}): {tail}")]
@@ -121,6 +135,10 @@ pub enum BuildError {
     NoEmerge { looked: Option<PathBuf> },
     #[error("nothing to build for {target}: no atom given and {world} lists none")]
     NothingToBuild { target: String, world: PathBuf },
+    #[error("the {target} guest has no gpg: it cannot verify the binary packages it fetches from dbh's binhost")]
+    GuestNoGpg { target: String },
+    #[error("nothing to install into the {target} base image from: {binhost} has no Packages index")]
+    NothingToInstall { target: String, binhost: PathBuf },
 }
 
 impl Hint for BuildError {
@@ -142,6 +160,12 @@ impl Hint for BuildError {
                 log_dir.display(),
                 if *backend == "cross" { "do not cross-compile" } else { "fail this way" },
                 packages.iter().map(|c| format!("={c}")).collect::<Vec<_>>().join(" ")
+            )),
+            BuildError::GuestNoGpg { target } => Some(format!(
+                "install app-crypt/gnupg into the image (a Gentoo stage3 has it): `dbh vm image update --target {target}` takes it from the binhost"
+            )),
+            BuildError::NothingToInstall { target, .. } => Some(format!(
+                "build the tools into the binhost first, e.g. `dbh vm build --target {target} app-crypt/gnupg sys-devel/distcc`"
             )),
             BuildError::Busy { .. } => Some("wait for it to finish; builds of one target on the host run one at a time".into()),
             BuildError::NoEmerge { .. } => Some(

@@ -11,7 +11,7 @@ use crate::target::{Target, Targets};
 
 pub fn run(ctx: &Context, args: BuildArgs) -> Result<(), Error> {
     match args.backend {
-        Backend::Vm => super::vm::vm_build(ctx, &args.common, false, false),
+        Backend::Vm => super::vm::vm_build(ctx, &args.common, false, false, false),
         Backend::Cross => cross_build(ctx, &args.common),
         Backend::Chroot => chroot_build(ctx, &args.common),
         Backend::Auto => {
@@ -22,7 +22,7 @@ pub fn run(ctx: &Context, args: BuildArgs) -> Result<(), Error> {
             ctx.reporter.event(Event::Note { message: format!("backend: {} ({})", choice.backend_name(), choice.reason) });
             match choice.picked {
                 build::choice::Picked::Cross(_) => cross_build(ctx, &args.common),
-                build::choice::Picked::Vm => super::vm::vm_build(ctx, &args.common, false, false),
+                build::choice::Picked::Vm => super::vm::vm_build(ctx, &args.common, false, false, false),
             }
         }
     }
@@ -38,6 +38,8 @@ pub(super) fn request(ctx: &Context, common: &BuildCommon) -> Request {
         atoms: common.atoms.clone(),
         emerge_args: common.emerge_args.clone(),
         distcc: None,
+        update: false,
+        gentoo_binhost: false,
     }
 }
 

@@ -5,8 +5,10 @@ mod binhost;
 mod build;
 mod completions;
 mod config;
+mod client;
 mod cross;
 mod key;
+mod repo;
 mod rootfs;
 mod serve;
 mod targets;
@@ -51,6 +53,22 @@ pub fn run(cli: Cli) -> Result<(), Error> {
             values.push(("serve.public_url", "--public-url", toml::Value::String(url.clone())));
         }
     }
+    let size = match &cli.command {
+        Command::Vm(crate::cli::VmCommand::Build(args)) => Some(&args.size),
+        Command::Vm(crate::cli::VmCommand::Image(crate::cli::ImageCommand::Update(args))) => Some(&args.size),
+        _ => None,
+    };
+    if let Some(size) = size {
+        if let Some(n) = size.cpus {
+            values.push(("vm.cpus", "--cpus", toml::Value::Integer(i64::from(n))));
+        }
+        if let Some(m) = &size.memory {
+            if crate::settings::parse_size(m).is_none() {
+                return Err(Error::Failed(format!("--memory {m}: not a size (e.g. 8G or 4096M)")));
+            }
+            values.push(("vm.memory", "--memory", toml::Value::String(m.clone())));
+        }
+    }
     let ctx = Context {
         settings: Settings::load(values)?,
         reporter: Terminal::new(cli.global.quiet),
@@ -69,6 +87,8 @@ pub fn run(cli: Cli) -> Result<(), Error> {
         Command::Build(args) => build::run(&ctx, args),
         Command::Rootfs(cmd) => rootfs::run(&ctx, cmd),
         Command::Completions { .. } | Command::Man { .. } => unreachable!("handled before settings load"),
+        Command::Repo(cmd) => repo::run(&ctx, cmd),
+        Command::Client(cmd) => client::run(&ctx, cmd),
     }
 }
 

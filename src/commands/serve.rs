@@ -31,6 +31,7 @@ pub fn run(ctx: &Context, _args: ServeArgs) -> Result<(), Error> {
         priority: s.int("binhost.priority").unwrap_or(10),
         key_file: s.home().keys().join("public.asc"),
         target_config: Some(s.home().root().join("targets")),
+        distfiles: None,
         limits,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

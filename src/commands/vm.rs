@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{Context, out};
 use crate::Error;
 use crate::build;
-use crate::cli::{BuildCommon, ImageCommand, ImageCreateArgs, VmCommand};
+use crate::cli::{BuildCommon, ImageCommand, ImageCreateArgs, ImageUpdateArgs, VmCommand};
 use crate::image::{self, CreateOptions};
 use crate::events::{Event, Reporter as _};
 use crate::target::Targets;
@@ -15,7 +15,8 @@ use crate::vm::{self, Shutdown, StartOptions, Status, Vm};
 pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
     match cmd {
         VmCommand::Image(ImageCommand::Create(args)) => image_create(ctx, args),
-        VmCommand::Build(args) => vm_build(ctx, &args.common, args.keep_vm, args.distcc),
+        VmCommand::Image(ImageCommand::Update(args)) => image_update(ctx, args),
+        VmCommand::Build(args) => vm_build(ctx, &args.common, args.keep_vm, args.distcc, args.update),
         VmCommand::Start(t) => start(ctx, &t.target),
         VmCommand::Stop(t) => block_on(async {
             let home = ctx.settings.home();
@@ -42,12 +43,15 @@ fn block_on<F: std::future::Future<Output = Result<(), Error>>>(fut: F) -> Resul
     rt.block_on(fut)
 }
 
-fn start_options(ctx: &Context, detached: bool) -> StartOptions {
-    StartOptions {
+fn start_options(ctx: &Context, detached: bool, target: &str) -> Result<StartOptions, Error> {
+    let sizing = ctx.settings.vm_sizing(target)?;
+    Ok(StartOptions {
         boot_deadline: ctx.settings.int("vm.boot_timeout").map(|s| Duration::from_secs(s.max(1) as u64)),
         detached,
+        cpus: Some(sizing.cpus.0),
+        memory_mib: Some(sizing.memory_mib.0),
         ..Default::default()
-    }
+    })
 }
 
 fn start(ctx: &Context, target: &str) -> Result<(), Error> {
@@ -55,7 +59,7 @@ fn start(ctx: &Context, target: &str) -> Result<(), Error> {
     let target = targets.get(target)?;
     block_on(async {
         let home = ctx.settings.home();
-        let vm = with_signals(Vm::start(&home, target, &start_options(ctx, true), &ctx.reporter)).await??;
+        let vm = with_signals(Vm::start(&home, target, &start_options(ctx, true, &target.name)?, &ctx.reporter)).await??;
         let state = vm.state().clone();
         let paths = vm.paths().clone();
         vm.release().await;
@@ -167,7 +171,7 @@ fn exec(ctx: &Context, target: &str, command: &[String]) -> Result<(), Error> {
             return Ok(code);
         }
         // No VM runs: a throw-away one for this command.
-        let vm = with_signals(Vm::start(&home, target, &start_options(ctx, false), &ctx.reporter)).await??;
+        let vm = with_signals(Vm::start(&home, target, &start_options(ctx, false, &target.name)?, &ctx.reporter)).await??;
         let result = with_signals(vm.guest().exec_raw(&line, None, pass)).await;
         let stopped = vm.stop(Shutdown::Quit, &ctx.reporter).await;
         let code = result??;
@@ -190,19 +194,27 @@ fn block_on_code<F: std::future::Future<Output = Result<u32, Error>>>(fut: F) ->
 }
 
 /// `dbh vm build` (and `dbh build --backend vm|auto`): a thin shell over [`crate::build::vm`].
-pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool) -> Result<(), Error> {
+pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool, update: bool) -> Result<(), Error> {
     let targets = Targets::load()?;
     let target = targets.get(&common.target)?;
     let mut req = super::build::request(ctx, common);
+    req.update = update;
+    req.gentoo_binhost = ctx.settings.bool("build.gentoo_binhost");
     req.distcc = (distcc || ctx.settings.bool("build.distcc")).then(|| build::distcc::DistccOptions {
         distccd: ctx.settings.str("distcc.distccd").map(Into::into),
         jobs: None,
         hosts: ctx.settings.list("distcc.hosts"),
     });
+    let start = start_options(ctx, keep_vm, &target.name)?;
     let opts = build::vm::VmOptions {
         keep_vm,
-        boot_deadline: start_options(ctx, keep_vm).boot_deadline,
+        boot_deadline: start.boot_deadline,
         echo_output: ctx.verbose > 0,
+        repo_tools: repo_tools(ctx),
+        cpus: start.cpus,
+        memory_mib: start.memory_mib,
+        scratch_bytes: ctx.settings.vm_sizing(&target.name)?.scratch_bytes.0,
+        emerge: Some(ctx.settings.str("portage.emerge").unwrap_or("emerge").into()),
     };
     let mut outcome = None;
     block_on(async {
@@ -222,12 +234,46 @@ fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {
     opts.insecure_no_signature = args.insecure_no_signature;
     opts.kernel = args.kernel;
     opts.modules = args.modules;
+    opts.stub = args.stub;
+    opts.disk_bytes = ctx.settings.vm_sizing(&target.name)?.disk_bytes.0;
     let info = image::create(&ctx.settings.home(), target, &opts, &ctx.reporter)?;
     out(&format!(
-        "{}: kernel {}, {} init, disk {} MiB\n",
+        "{}: kernel {}, {} init, disk {} MiB, boot {}\n",
         ctx.settings.home().images(&target.name).display(),
         info.kernel_version,
         info.init_system,
-        info.disk_size >> 20
+        info.disk_size >> 20,
+        info.boot
     ))
+}
+
+/// egencache beside the configured emerge (setting `portage.emerge`), for snapshots of
+/// repositories without a metadata cache.
+fn repo_tools(ctx: &Context) -> crate::repo::snapshot::Tools {
+    crate::repo::snapshot::Tools::find(std::path::Path::new(ctx.settings.str("portage.emerge").unwrap_or("emerge")))
+}
+
+/// `dbh vm image update`: a thin shell over [`crate::build::vm::update_image`].
+fn image_update(ctx: &Context, args: ImageUpdateArgs) -> Result<(), Error> {
+    let targets = Targets::load()?;
+    let target = targets.get(&args.target)?;
+    let start = start_options(ctx, false, &target.name)?;
+    let req = build::Request {
+        repos: args.repos.clone(),
+        profile: args.profile.clone(),
+        jobs: ctx.settings.int("build.jobs").map_or(1, |j| j.max(1) as u32),
+        ..Default::default()
+    };
+    let mut report = None;
+    block_on(async {
+        let home = ctx.settings.home();
+        report = Some(with_signals(build::vm::update_image(&home, target, &req, &args.atoms, &start, &repo_tools(ctx), &ctx.reporter)).await??);
+        Ok(())
+    })?;
+    let report = report.expect("set by the update");
+    if report.installed.is_empty() {
+        out(&format!("{}: nothing to install; the image is unchanged\n", target.name))
+    } else {
+        out(&format!("{}: installed {} into the base image\n", target.name, report.installed.join(" ")))
+    }
 }

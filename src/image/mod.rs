@@ -3,6 +3,14 @@
 //! `esp.img` + `uki.efi` for UEFI targets or `vmlinuz` + `initrd.img` + `cmdline` for direct-boot
 //! ones, the pinned SSH host key and the client key pair under `ssh/`, and `image.toml`.
 //!
+//! Boot path (`image.toml` `boot`, with the reason in `boot_note` and a log line): a UKI where a
+//! systemd-stub is found (`--stub`, the stage, the host; [`uki::find_stub`]). A Gentoo stage3 has
+//! none (systemd's `boot` USE flag is off in stage profiles) and a host has only its own
+//! architecture's, so without one the image keeps `vmlinuz` + `initrd.img` + `cmdline` and the
+//! firmware boots the kernel's own EFI stub (`CONFIG_EFI_STUB`: arm64, riscv64 and x86 distribution
+//! kernels are PE/COFF EFI applications), which QEMU passes to it through fw_cfg with
+//! `-kernel/-initrd/-append` (edk2's QemuKernelLoaderFsDxe: AAVMF, OVMF, RiscVVirt).
+//!
 //! Order of work: fetch and verify the stage against its DIGESTS ([`stage`]) before anything is
 //! unpacked; unpack into a staging directory inside a temporary directory under `images/`;
 //! configure the root (keys, sshd, network, init system, Portage); `mkfs.ext4 -d` + `qemu-img
@@ -34,6 +42,13 @@ pub use stage::StageError;
 
 /// The root filesystem's label; the UKI command line mounts `root=LABEL=dbh-root`.
 pub const ROOT_LABEL: &str = "dbh-root";
+/// `image.toml` `boot`: the firmware boots `esp.img`, which holds a UKI (`uki.efi`).
+pub const BOOT_UKI: &str = "uefi";
+/// `image.toml` `boot`: the firmware boots `vmlinuz` (a PE/COFF EFI application: the kernel's own
+/// EFI stub) with `initrd.img` and `cmdline`, which QEMU hands it through fw_cfg.
+pub const BOOT_EFI_KERNEL: &str = "efi-kernel";
+/// `image.toml` `boot`: no firmware; QEMU loads `vmlinuz` + `initrd.img` itself (ppc64le).
+pub const BOOT_DIRECT: &str = "direct";
 /// Free space added to the root filesystem beyond its contents (room for builds).
 pub const HEADROOM_BYTES: u64 = 4 << 30;
 
@@ -67,6 +82,10 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no systemd-stub for a UKI, and the kernel {path} cannot boot as an EFI application on target `{target}`: {reason}")]
+    NotEfiKernel { path: PathBuf, target: String, reason: String },
+    #[error("vm.disk_size is {} MiB, but the stage alone takes {} MiB", .wanted >> 20, .content >> 20)]
+    DiskTooSmall { wanted: u64, content: u64 },
     #[error("a guest of target `{target}` is running ({lock} is locked); stop it before replacing its image")]
     Running { target: String, lock: PathBuf },
 }
@@ -81,6 +100,15 @@ impl Hint for ImageError {
                     .into(),
             ),
             ImageError::Running { target, .. } => Some(format!("run `dbh vm stop --target {target}`")),
+            ImageError::DiskTooSmall { content, .. } => Some(format!(
+                "set vm.disk_size (or [vm.<target>] disk_size) to at least {} MiB, or leave it unset",
+                (content + content / 4) >> 20
+            )),
+            ImageError::NotEfiKernel { .. } => Some(
+                "pass a kernel built with CONFIG_EFI_STUB (every distribution kernel, sys-kernel/gentoo-kernel-bin) \
+                 with --kernel and --modules, or a systemd-stub for a UKI with --stub"
+                    .into(),
+            ),
             _ => None,
         }
     }
@@ -98,6 +126,8 @@ pub struct CreateOptions {
     pub modules: Option<PathBuf>,
     pub stub: Option<PathBuf>,
     pub initramfs_tools: initramfs::Tools,
+    /// Size of the root filesystem (setting `vm.disk_size`) [default: the stage + 25 % + 4 GiB].
+    pub disk_bytes: Option<u64>,
 }
 
 impl CreateOptions {
@@ -111,6 +141,7 @@ impl CreateOptions {
             modules: None,
             stub: None,
             initramfs_tools: initramfs::Tools::Auto,
+            disk_bytes: None,
         }
     }
 }
@@ -127,7 +158,11 @@ pub struct ImageInfo {
     pub guest_pkgdir: String,
     pub portage: String,
     pub cmdline: String,
+    /// [`BOOT_UKI`], [`BOOT_EFI_KERNEL`] or [`BOOT_DIRECT`].
     pub boot: String,
+    /// Why this boot path, in a sentence (what `image create` said).
+    #[serde(default)]
+    pub boot_note: String,
     pub initramfs: InitramfsInfo,
     pub disk_size: u64,
 }
@@ -224,32 +259,47 @@ pub fn create(home: &Home, target: &Target, opts: &CreateOptions, reporter: &dyn
             initrd.load_order.join(" ")
         ),
     });
-    let boot = match &target.boot {
-        Boot::Uefi { efi_arch, .. } => {
-            let stub = uki::find_stub(target, opts.stub.as_deref(), Some(&staging))?;
-            let uki_bytes = uki::assemble(&uki::UkiParts {
-                stub,
-                kernel,
-                initrd: initrd.data.clone(),
-                cmdline: cmdline.clone(),
-                osrel: uki::os_release(Some(&staging)),
-                uname: Some(kernel_version.clone()),
-            })?;
-            let uki_path = work.join("uki.efi");
-            fs_err::write(&uki_path, &uki_bytes).map_err(io_write(&uki_path))?;
-            make_esp(&uki_path, efi_arch, &work.join("esp.img"), uki_bytes.len() as u64)?;
-            "uefi".to_owned()
-        }
+    let (boot, boot_note) = match &target.boot {
+        Boot::Uefi { efi_arch, .. } => match uki::find_stub(target, opts.stub.as_deref(), Some(&staging)) {
+            Ok(stub) => {
+                let uki_bytes = uki::assemble(&uki::UkiParts {
+                    stub: stub.clone(),
+                    kernel,
+                    initrd: initrd.data.clone(),
+                    cmdline: cmdline.clone(),
+                    osrel: uki::os_release(Some(&staging)),
+                    uname: Some(kernel_version.clone()),
+                })?;
+                let uki_path = work.join("uki.efi");
+                fs_err::write(&uki_path, &uki_bytes).map_err(io_write(&uki_path))?;
+                make_esp(&uki_path, efi_arch, &work.join("esp.img"), uki_bytes.len() as u64)?;
+                (BOOT_UKI.to_owned(), format!("UKI on the ESP, made with the systemd-stub {}", stub.display()))
+            }
+            // A Gentoo stage3 has no systemd-stub and a host has only its own architecture's: the
+            // kernel is an EFI application itself, which the firmware loads through fw_cfg.
+            Err(UkiError::NoStub { stub, looked, .. }) => {
+                let looked = looked.replace(&staging.display().to_string(), "<stage>");
+                efi_kernel_check(&kernel, &kernel_path, target)?;
+                write_kernel_files(work, &kernel, &initrd.data, &cmdline)?;
+                (
+                    BOOT_EFI_KERNEL.to_owned(),
+                    format!(
+                        "no systemd-stub {stub} (looked in {looked}): the firmware boots the kernel's own EFI stub, \
+                         loaded with the initramfs and command line through QEMU's fw_cfg (-kernel/-initrd/-append)"
+                    ),
+                )
+            }
+            Err(e) => return Err(e.into()),
+        },
         Boot::Direct => {
-            fs_err::write(work.join("vmlinuz"), &kernel).map_err(io_write(&work.join("vmlinuz")))?;
-            fs_err::write(work.join("initrd.img"), &initrd.data).map_err(io_write(&work.join("initrd.img")))?;
-            fs_err::write(work.join("cmdline"), format!("{cmdline}\n")).map_err(io_write(&work.join("cmdline")))?;
-            "direct".to_owned()
+            write_kernel_files(work, &kernel, &initrd.data, &cmdline)?;
+            (BOOT_DIRECT.to_owned(), "QEMU loads the kernel and initramfs directly (no UEFI for this machine)".to_owned())
         }
     };
+    reporter.event(Event::Note { message: format!("boot ({boot}): {boot_note}") });
 
     // 6. The disk.
-    let disk_size = make_disk(&staging, work, reporter)?;
+    let disk_size = make_disk(&staging, work, opts.disk_bytes, reporter)?;
     fs_err::remove_dir_all(&staging).map_err(io_write(&staging))?;
 
     let info = ImageInfo {
@@ -262,6 +312,7 @@ pub fn create(home: &Home, target: &Target, opts: &CreateOptions, reporter: &dyn
         portage: configured.portage,
         cmdline,
         boot,
+        boot_note,
         initramfs: InitramfsInfo { busybox: initrd.busybox, modules: initrd.load_order },
         disk_size,
     };
@@ -282,6 +333,36 @@ pub fn create(home: &Home, target: &Target, opts: &CreateOptions, reporter: &dyn
     }
     reporter.event(Event::Note { message: format!("image for {} written to {}", target.name, final_dir.display()) });
     Ok(info)
+}
+
+/// `vmlinuz`, `initrd.img` and `cmdline` for a boot through QEMU's -kernel/-initrd/-append.
+fn write_kernel_files(work: &Path, kernel: &[u8], initrd: &[u8], cmdline: &str) -> Result<(), ImageError> {
+    for (name, data) in [("vmlinuz", kernel), ("initrd.img", initrd), ("cmdline", format!("{cmdline}\n").as_bytes())] {
+        let path = work.join(name);
+        fs_err::write(&path, data).map_err(io_write(&path))?;
+    }
+    Ok(())
+}
+
+/// The firmware can only start a kernel that is a PE/COFF EFI application of the target's machine
+/// type (`CONFIG_EFI_STUB`; arm64/riscv64 `Image`, x86 `bzImage`), not a bare ELF `vmlinux` or a
+/// compressed `Image.gz`.
+fn efi_kernel_check(kernel: &[u8], path: &Path, target: &Target) -> Result<(), ImageError> {
+    let expected: u16 = match target.uname_machine.as_str() {
+        "aarch64" => 0xaa64,
+        "x86_64" => 0x8664,
+        "riscv64" => 0x5064,
+        _ => 0,
+    };
+    match uki::pe::parse(kernel, path) {
+        Ok(info) if expected == 0 || info.machine == expected => Ok(()),
+        Ok(info) => Err(ImageError::NotEfiKernel {
+            path: path.to_owned(),
+            target: target.name.clone(),
+            reason: format!("its PE machine type is {:#06x}, not {expected:#06x}", info.machine),
+        }),
+        Err(e) => Err(ImageError::NotEfiKernel { path: path.to_owned(), target: target.name.clone(), reason: e.to_string() }),
+    }
 }
 
 fn refuse_if_running(target: &Target, dir: &Path) -> Result<(), ImageError> {
@@ -418,9 +499,15 @@ fn tree_size(dir: &Path) -> u64 {
     total
 }
 
-fn make_disk(staging: &Path, work: &Path, reporter: &dyn Reporter) -> Result<u64, ImageError> {
+fn make_disk(staging: &Path, work: &Path, wanted: Option<u64>, reporter: &dyn Reporter) -> Result<u64, ImageError> {
     let content = tree_size(staging);
-    let size = (content + content / 4 + HEADROOM_BYTES).div_ceil(1 << 20) << 20;
+    let size = match wanted {
+        Some(w) if w < content + content / 8 => {
+            return Err(ImageError::DiskTooSmall { wanted: w, content });
+        }
+        Some(w) => w >> 20 << 20,
+        None => (content + content / 4 + HEADROOM_BYTES).div_ceil(1 << 20) << 20,
+    };
     let raw = work.join("disk.raw");
     reporter.event(Event::Note { message: format!("making the root filesystem ({} MiB, sparse)", size >> 20) });
     Cmd::new("mkfs.ext4")

@@ -175,16 +175,40 @@ EMERGE_WARNING_DELAY="0"
     }
 
     fn command(&self, root: &Path, extra: &[&str]) -> Cmd {
+        let fetch = match self.binhost {
+            Binhost::Dir(_) => "--usepkgonly",
+            Binhost::Url(_) => "--getbinpkgonly",
+        };
+        self.command_with(root, fetch, extra)
+    }
+
+    /// The config root Portage reads (`<work>/cfg`): callers may add e.g. `etc/portage/sets/`.
+    pub fn config_root(&self) -> &Path {
+        &self.cfg
+    }
+
+    /// `emerge --pretend --usepkg EXTRA ATOMS` into an empty root: may build from the repositories,
+    /// takes the binhost's binpkgs where they fit. Returns emerge's exit status and its output
+    /// (kept in the log too); the caller reads the merge list (`[ebuild …]` / `[binary …]` lines,
+    /// printed with `--verbose`).
+    pub fn plan(&self, extra: &[&str]) -> Result<(bool, String), RootfsError> {
+        let probe = self.cfg.join("plan-root");
+        fs_err::create_dir_all(&probe).map_err(io("create", &probe))?;
+        let mut lines = Vec::new();
+        let cmd = self.command_with(&probe, "--usepkg", &["--pretend", "--verbose"]).args(extra).args(&self.atoms);
+        let result = cmd.run_lines(|_, line| lines.push(line.to_owned()));
+        let text = lines.join("\n");
+        append_log(&self.log, &cmd.display(), &text)?;
+        Ok((result.is_ok(), text))
+    }
+
+    fn command_with(&self, root: &Path, fetch: &str, extra: &[&str]) -> Cmd {
         let emerge_dir = self.emerge.parent().map(Path::to_owned).unwrap_or_default();
         let path = format!(
             "{}:{}",
             emerge_dir.display(),
             std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into())
         );
-        let fetch = match self.binhost {
-            Binhost::Dir(_) => "--usepkgonly",
-            Binhost::Url(_) => "--getbinpkgonly",
-        };
         Cmd::new(&self.emerge)
             .env_clear()
             .env("PATH", path)

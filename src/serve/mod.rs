@@ -140,6 +140,9 @@ pub struct Config {
     pub key_file: PathBuf,
     /// `$DBH_HOME/targets`: each target's build configuration for `/<target>/portage/`.
     pub target_config: Option<PathBuf>,
+    /// A distfiles directory served as `/distfiles/<name>`, the layout of a Gentoo mirror (a
+    /// build's guest has it first in GENTOO_MIRRORS); `dbh serve` itself serves none.
+    pub distfiles: Option<PathBuf>,
     pub limits: Limits,
 }
 
@@ -150,6 +153,7 @@ struct Shared {
     priority: i64,
     key_file: PathBuf,
     target_config: Option<PathBuf>,
+    distfiles: Option<PathBuf>,
     limits: Limits,
     /// Parsed indexes for the pages, keyed by target and the index file's identity.
     summaries: Mutex<HashMap<String, (FileKey, Arc<pages::IndexSummary>)>>,
@@ -159,6 +163,8 @@ struct Shared {
     /// Connections open now, and a signal to idle ones when slots run low.
     open: std::sync::atomic::AtomicUsize,
     pressure: tokio::sync::Notify,
+    /// Where access lines also go, one per request (`dbh vm build` keeps one per build).
+    access_log: Mutex<Option<File>>,
 }
 
 /// Identifies one version of a file: device, inode, mtime seconds and nanoseconds.
@@ -214,12 +220,14 @@ impl Server {
                 priority: config.priority,
                 key_file: config.key_file,
                 target_config: config.target_config,
+                distfiles: config.distfiles,
                 limits: config.limits,
                 summaries: Mutex::default(),
                 fingerprint: Mutex::default(),
                 per_ip: Mutex::default(),
                 open: std::sync::atomic::AtomicUsize::new(0),
                 pressure: tokio::sync::Notify::new(),
+                access_log: Mutex::default(),
             }),
         })
     }
@@ -231,6 +239,12 @@ impl Server {
 
     pub fn root(&self) -> &Path {
         &self.shared.root_path
+    }
+
+    /// Also writes every request's access line (`PEER METHOD TARGET STATUS BYTES`) to `file`:
+    /// a build keeps what its guest fetched beside its emerge.log.
+    pub fn log_access_to(&self, file: File) {
+        *self.shared.access_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets in-flight responses finish
@@ -519,6 +533,10 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared, mu
             outcome.status = 499;
         }
         log_access(peer, &req.method_text, &req.target, &outcome, started);
+        if let Some(f) = shared.access_log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            use std::io::Write as _;
+            let _ = writeln!(f, "{peer} {} {} {} {}", req.method_text, req.target.escape_debug(), outcome.status, outcome.bytes);
+        }
         if req.has_body && outcome.status != 499 {
             linger_close(stream).await;
             return;
@@ -706,6 +724,16 @@ async fn respond(
                 return text(404, "no such configuration file\n").await;
             };
             send_bytes(stream, 200, keep, &[("Content-Type", "text/plain; charset=utf-8")], body.as_bytes(), get, limits).await
+        }
+        [dir, name] if dir == "distfiles" && shared.distfiles.is_some() => {
+            // Flat layout (no layout.conf): Portage asks for `<mirror>/distfiles/<name>`.
+            // One plain file name: a decoded `%2F` must not lead out of the directory.
+            let plain = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\0']);
+            let found = shared.distfiles.as_ref().filter(|_| plain).map(|d| fs::open_path(&d.join(name)));
+            match found {
+                Some(Ok((file, meta))) => serve_file(stream, req, keep, file, meta, "application/octet-stream", None, "max-age=3600", limits).await,
+                _ => text(404, "no such distfile\n").await,
+            }
         }
         [.., last] if last.is_empty() => text(404, "not found\n").await,
         [_, rest @ ..] => {

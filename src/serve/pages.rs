@@ -191,7 +191,8 @@ pub fn target_page(target: &str, summary: Option<&IndexSummary>, conf: &str, bas
                 let _ = writeln!(b, "<p>Built from: {}.</p>", escape(g));
             }
             b.push_str("<p>The <a href=\"portage/\">build configuration</a> (make.conf, package.use, keywords, profile, repositories): \
-a package's binpkg is used only where your USE, keywords and CHOST match it; <code>emerge -pv --getbinpkg</code> shows where they differ.</p>\n");
+a package's binpkg is used only where your USE, keywords and CHOST match it; <code>dbh client explain --binhost URL</code> on the client \
+names each package its Portage would build from source instead, why, and the line that fixes it.</p>\n");
             b.push_str("<table><tr><th>Package</th><th>Version</th><th>Build id</th><th>USE</th><th>Size</th><th>Built</th></tr>\n");
             for p in &s.packages {
                 let (name, version) = split_cpv(&p.cpv);

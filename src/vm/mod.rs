@@ -160,6 +160,46 @@ pub struct StartOptions {
     pub accel: AccelChoice,
     /// Keep the previous run's overlay (the guest's changes) instead of a fresh one.
     pub keep_overlay: bool,
+    /// Read-only disks to attach (repository snapshots, see [`crate::repo`]).
+    pub disks: Vec<qemu::ReadOnlyDisk>,
+    /// vCPUs [default: [`qemu::default_smp`]], capped by the target's `qemu.max_cpus`.
+    pub cpus: Option<u32>,
+    /// Guest RAM in MiB [default: the target file's `qemu.memory_mib`].
+    pub memory_mib: Option<u32>,
+    /// Attach a fresh sparse scratch disk of this many bytes (ext4, label [`SCRATCH_LABEL`]) for
+    /// PORTAGE_TMPDIR; it is removed with the run's overlay.
+    pub scratch_bytes: Option<u64>,
+}
+
+/// The scratch disk's filesystem label; the guest mounts `LABEL=dbh-scratch`.
+pub const SCRATCH_LABEL: &str = "dbh-scratch";
+
+/// How an image boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageBoot {
+    /// The firmware boots `esp.img` (a UKI).
+    Uki,
+    /// The firmware boots `vmlinuz`'s own EFI stub, handed over by QEMU through fw_cfg.
+    EfiKernel,
+    /// No firmware: QEMU loads `vmlinuz` + `initrd.img`.
+    Direct,
+}
+
+/// The image's boot path: `image.toml`'s `boot` when it says, else what its files are.
+pub fn image_boot(target: &Target, image_dir: &Path) -> ImageBoot {
+    if !target.is_uefi() {
+        return ImageBoot::Direct;
+    }
+    let declared = std::fs::read_to_string(image_dir.join("image.toml"))
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("boot").and_then(|b| b.as_str()).map(str::to_owned));
+    match declared.as_deref() {
+        Some(crate::image::BOOT_EFI_KERNEL) => ImageBoot::EfiKernel,
+        Some(crate::image::BOOT_UKI) => ImageBoot::Uki,
+        _ if !image_dir.join("esp.img").exists() && image_dir.join("vmlinuz").exists() => ImageBoot::EfiKernel,
+        _ => ImageBoot::Uki,
+    }
 }
 
 /// The files of a target's image and run directory.
@@ -321,12 +361,12 @@ pub enum Shutdown {
     Quit,
 }
 
-fn check_image(target: &Target, paths: &Paths) -> Result<(), VmError> {
+fn check_image(target: &Target, paths: &Paths) -> Result<ImageBoot, VmError> {
+    let boot = image_boot(target, &paths.image);
     let mut needed = vec!["disk.qcow2", "ssh/id_ed25519", "ssh/host_ed25519_key.pub"];
-    if target.is_uefi() {
-        needed.push("esp.img");
-    } else {
-        needed.extend(["vmlinuz", "initrd.img", "cmdline"]);
+    match boot {
+        ImageBoot::Uki => needed.push("esp.img"),
+        ImageBoot::EfiKernel | ImageBoot::Direct => needed.extend(["vmlinuz", "initrd.img", "cmdline"]),
     }
     for f in needed {
         let path = paths.image.join(f);
@@ -334,7 +374,7 @@ fn check_image(target: &Target, paths: &Paths) -> Result<(), VmError> {
             return Err(VmError::ImageMissing { target: target.name.clone(), path });
         }
     }
-    Ok(())
+    Ok(boot)
 }
 
 fn free_port() -> Result<u16, VmError> {
@@ -346,7 +386,7 @@ impl Vm {
     /// Boots the target's image and returns once an SSH session to it is established.
     pub async fn start(home: &Home, target: &Target, opts: &StartOptions, reporter: &dyn Reporter) -> Result<Vm, VmError> {
         let paths = Paths::new(home, &target.name);
-        check_image(target, &paths)?;
+        let boot = check_image(target, &paths)?;
         let version = qemu::check_version(target)?;
         let firmware = if target.is_uefi() { Some(firmware::find(target)?) } else { None };
         fs_err::create_dir_all(&paths.run).map_err(|e| VmError::Io { doing: "create", path: paths.run.clone(), source: e })?;
@@ -376,7 +416,7 @@ impl Vm {
             Accel::Tcg => BOOT_DEADLINE_TCG,
             Accel::Kvm => BOOT_DEADLINE_KVM,
         });
-        let cmdline = if target.is_uefi() {
+        let cmdline = if boot == ImageBoot::Uki {
             None
         } else {
             let path = paths.image.join("cmdline");
@@ -387,12 +427,18 @@ impl Vm {
             run_dir: paths.run.clone(),
             firmware,
             accel,
-            smp: qemu::default_smp(),
+            smp: qemu::smp_for(target, opts.cpus.unwrap_or_else(qemu::default_smp)),
+            memory_mib: opts.memory_mib.unwrap_or(target.qemu.memory_mib),
             ssh_port: 0,
             version,
             cmdline,
+            disks: opts.disks.clone(),
+            scratch: None,
         };
-        prepare_run_files(target, &paths, &launch, opts.keep_overlay)?;
+        if opts.scratch_bytes.is_some() {
+            launch.scratch = Some(launch.scratch_path());
+        }
+        prepare_run_files(target, &paths, &launch, opts.keep_overlay, opts.scratch_bytes)?;
 
         let task = format!("vm-boot-{}", target.name);
         reporter.event(Event::Start {
@@ -439,9 +485,12 @@ impl Vm {
                     reporter.event(Event::Finish {
                         task,
                         message: format!(
-                            "{} guest up in {:.1}s, SSH on 127.0.0.1:{}",
+                            "{} guest up in {:.1}s ({} vCPUs, {} MiB{}), SSH on 127.0.0.1:{}",
                             target.name,
                             started.elapsed().as_secs_f64(),
+                            launch.smp,
+                            launch.memory_mib,
+                            opts.scratch_bytes.map_or(String::new(), |b| format!(", {} GiB scratch", b >> 30)),
                             vm.state.ssh_port
                         ),
                     });
@@ -450,7 +499,7 @@ impl Vm {
                 Err(VmError::QemuExited { output, .. }) if attempt < 3 && output.contains("host forwarding") => {
                     tracing::info!("QEMU lost port {} to another program; trying another", launch.ssh_port);
                     vm.kill_now().await;
-                    prepare_run_files(target, &paths, &launch, opts.keep_overlay)?;
+                    prepare_run_files(target, &paths, &launch, opts.keep_overlay, opts.scratch_bytes)?;
                 }
                 Err(e) => {
                     reporter.event(Event::Finish { task, message: format!("{} guest failed to boot", target.name) });
@@ -563,6 +612,7 @@ impl Vm {
         remove_run_files(&self.paths);
         if !self.keep_overlay {
             let _ = std::fs::remove_file(self.paths.run.join("overlay.qcow2"));
+            let _ = std::fs::remove_file(self.paths.run.join("scratch.img"));
         }
         self._lock = None;
     }
@@ -597,7 +647,18 @@ fn kill_group(pgid: u32) {
     }
 }
 
-fn prepare_run_files(target: &Target, paths: &Paths, launch: &Launch, keep_overlay: bool) -> Result<(), VmError> {
+fn prepare_run_files(
+    target: &Target,
+    paths: &Paths,
+    launch: &Launch,
+    keep_overlay: bool,
+    scratch_bytes: Option<u64>,
+) -> Result<(), VmError> {
+    if let (Some(bytes), Some(scratch)) = (scratch_bytes, &launch.scratch)
+        && !(keep_overlay && scratch.exists())
+    {
+        make_scratch(scratch, bytes)?;
+    }
     let overlay = launch.overlay();
     if !(keep_overlay && overlay.exists()) {
         let _ = std::fs::remove_file(&overlay);
@@ -619,6 +680,33 @@ fn prepare_run_files(target: &Target, paths: &Paths, launch: &Launch, keep_overl
     // Truncated so that the error tails show this boot only.
     fs_err::write(paths.console(), b"").map_err(io("write", &paths.console()))?;
     Ok(())
+}
+
+/// A sparse raw file with an empty ext4 on it, made on the host (the guest needs no mkfs): no
+/// journal (a throw-away build tree needs none) and inode tables left uninitialised, which is safe
+/// because a fresh sparse file reads as zeros (the guest mounts it with `noinit_itable`). Costs a
+/// few MiB of real disk, whatever its size.
+pub fn make_scratch(path: &Path, bytes: u64) -> Result<(), VmError> {
+    let _ = std::fs::remove_file(path);
+    let file = fs_err::File::create(path).map_err(io("create", path))?;
+    file.set_len(bytes).map_err(io("size", path))?;
+    drop(file);
+    Cmd::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", SCRATCH_LABEL, "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard"])
+        .arg(path)
+        .install_hint("e2fsprogs (Debian) or sys-fs/e2fsprogs (Gentoo)")
+        .output()?;
+    Ok(())
+}
+
+/// Mounts the scratch disk on `dir` in the guest (for PORTAGE_TMPDIR's `portage/`); a guest without
+/// one (an old image, `dbh vm start`) keeps its root filesystem.
+pub fn mount_scratch_command(dir: &str) -> String {
+    let d = crate::guest::shell_quote(dir);
+    format!(
+        "mkdir -p {d} && if ! mountpoint -q {d}; then mount -o noinit_itable,discard LABEL={SCRATCH_LABEL} {d}; fi && chmod 0775 {d} && \
+         {{ chown portage:portage {d} 2>/dev/null || :; }}"
+    )
 }
 
 fn spawn(target: &Target, paths: &Paths, launch: &Launch, lock: &Lock, detached: bool) -> Result<tokio::process::Child, VmError> {
@@ -809,6 +897,7 @@ pub async fn stop_running(home: &Home, target: &str, how: Shutdown, reporter: &d
             remove_run_files(&paths);
             if state.detached {
                 let _ = std::fs::remove_file(paths.run.join("overlay.qcow2"));
+                let _ = std::fs::remove_file(paths.run.join("scratch.img"));
             }
             return Ok(());
         }

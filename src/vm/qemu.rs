@@ -106,11 +106,28 @@ pub struct Launch {
     pub firmware: Option<Firmware>,
     pub accel: Accel,
     pub smp: u32,
+    /// Guest RAM (setting `vm.memory`; the target file's `qemu.memory_mib` when not given).
+    pub memory_mib: u32,
     /// Host port forwarded to the guest's port 22.
     pub ssh_port: u16,
     pub version: QemuVersion,
-    /// Direct-boot targets: the kernel command line (the image's `cmdline` file).
+    /// The kernel command line (the image's `cmdline` file) when QEMU loads the kernel with
+    /// `-kernel/-initrd/-append`: direct-boot targets, and UEFI images without a UKI, whose
+    /// firmware then starts the kernel's EFI stub from fw_cfg. `None`: the firmware boots the ESP.
     pub cmdline: Option<String>,
+    /// Read-only raw disks after the root disk and the ESP (repository snapshots).
+    pub disks: Vec<ReadOnlyDisk>,
+    /// A scratch disk for PORTAGE_TMPDIR (raw, sparse, ext4 labelled `dbh-scratch`), thrown away
+    /// with the run.
+    pub scratch: Option<PathBuf>,
+}
+
+/// A raw image attached read-only, found in the guest by its virtio serial
+/// (`/sys/block/vdX/serial`; at most 20 bytes, VIRTIO_BLK_ID_BYTES).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOnlyDisk {
+    pub path: PathBuf,
+    pub serial: String,
 }
 
 impl Launch {
@@ -126,6 +143,9 @@ impl Launch {
     pub fn qmp(&self) -> PathBuf {
         self.run_dir.join("qmp.sock")
     }
+    pub fn scratch_path(&self) -> PathBuf {
+        self.run_dir.join("scratch.img")
+    }
 }
 
 /// The QEMU arguments (without the program) for `target`.
@@ -140,7 +160,7 @@ pub fn argv(target: &Target, l: &Launch) -> Vec<String> {
         Accel::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", &q.cpu_tcg]),
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", &q.cpu_kvm]),
     }
-    push(&["-smp", &l.smp.to_string(), "-m", &q.memory_mib.to_string()]);
+    push(&["-smp", &l.smp.to_string(), "-m", &l.memory_mib.to_string()]);
     if let Some(fw) = &l.firmware {
         push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", p(&fw.code))]);
         push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", p(&l.vars()))]);
@@ -149,13 +169,26 @@ pub fn argv(target: &Target, l: &Launch) -> Vec<String> {
     // shared by every run) and first in the firmware's boot order.
     push(&["-drive", &format!("if=none,id=root,format=qcow2,discard=unmap,file={}", p(&l.overlay()))]);
     push(&["-device", &format!("{},drive=root", q.disk_device)]);
-    if target.is_uefi() {
-        let esp = l.image_dir.join("esp.img");
-        push(&["-drive", &format!("if=none,id=esp,format=raw,readonly=on,file={}", p(&esp))]);
-        push(&["-device", &format!("{},drive=esp,bootindex=0", q.disk_device)]);
-    } else {
-        push(&["-kernel", &p(&l.image_dir.join("vmlinuz")), "-initrd", &p(&l.image_dir.join("initrd.img"))]);
-        push(&["-append", l.cmdline.as_deref().unwrap_or_default()]);
+    match &l.cmdline {
+        None if target.is_uefi() => {
+            let esp = l.image_dir.join("esp.img");
+            push(&["-drive", &format!("if=none,id=esp,format=raw,readonly=on,file={}", p(&esp))]);
+            push(&["-device", &format!("{},drive=esp,bootindex=0", q.disk_device)]);
+        }
+        cmdline => {
+            push(&["-kernel", &p(&l.image_dir.join("vmlinuz")), "-initrd", &p(&l.image_dir.join("initrd.img"))]);
+            push(&["-append", cmdline.as_deref().unwrap_or_default()]);
+        }
+    }
+    // The scratch disk after the boot disks: the guest finds it by its label, not its name.
+    if let Some(scratch) = &l.scratch {
+        push(&["-drive", &format!("if=none,id=scratch,format=raw,discard=unmap,file={}", p(scratch))]);
+        push(&["-device", &format!("{},drive=scratch,serial=dbh-scratch", q.disk_device)]);
+    }
+    // After the root disk and the ESP, so that those keep their names; never bootable.
+    for (i, d) in l.disks.iter().enumerate() {
+        push(&["-drive", &format!("if=none,id=ro{i},format=raw,readonly=on,file={}", p(&d.path))]);
+        push(&["-device", &format!("{},drive=ro{i},serial={}", q.disk_device, d.serial)]);
     }
     // One NIC, user-mode networking, SSH reachable only from this host.
     push(&["-netdev", &format!("user,id=net0,hostfwd=tcp:127.0.0.1:{}-:22", l.ssh_port)]);
@@ -246,9 +279,14 @@ fn probe_kvm(target: &Target, host: &str) -> bool {
     }
 }
 
-/// Two host CPUs per guest at most would starve the host; one would serialise the guest.
+/// Every host core: under TCG each vCPU is a host thread, and a build guest is the host's job.
 pub fn default_smp() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| n.get() as u32).min(4)
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+}
+
+/// `-smp` for `target`: the wanted count within what its machine supports (`qemu.max_cpus`).
+pub fn smp_for(target: &Target, wanted: u32) -> u32 {
+    target.qemu.max_cpus.map_or(wanted, |max| wanted.min(max)).max(1)
 }
 
 #[cfg(test)]
@@ -272,11 +310,54 @@ mod tests {
             firmware,
             accel: Accel::Tcg,
             smp: 2,
+            memory_mib: target.qemu.memory_mib,
             ssh_port: 40022,
             version: QemuVersion { major: 10, minor: 0, micro: 2 },
             cmdline: (!target.is_uefi())
                 .then(|| "root=LABEL=dbh-root rw console=hvc0 panic=-1".to_owned()),
+            disks: Vec::new(),
+            scratch: None,
         }
+    }
+
+    /// Repository snapshots: read-only raw drives after the root disk and the ESP, with serials.
+    #[test]
+    fn argv_with_repository_disks() {
+        let t = Targets::builtin();
+        let target = t.get("arm64").unwrap();
+        let mut l = launch(target);
+        l.disks = vec![
+            ReadOnlyDisk { path: "/home/u/.local/share/dbh/repos/gentoo/snapshots/abc.sqfs".into(), serial: "repo-gentoo".into() },
+            ReadOnlyDisk { path: "/home/u/.local/share/dbh/repos/dbh-test/snapshots/def.sqfs".into(), serial: "repo-dbh-test".into() },
+        ];
+        insta::assert_snapshot!("argv_arm64_repository_disks", argv(target, &l).join("\n"));
+    }
+
+    #[test]
+    fn an_image_without_a_uki_boots_its_kernel_through_the_firmware() {
+        let t = Targets::builtin();
+        for name in ["arm64", "amd64", "riscv64"] {
+            let target = t.get(name).unwrap();
+            let mut l = launch(target);
+            l.cmdline = Some("root=LABEL=dbh-root rw console=ttyAMA0,115200".into());
+            l.scratch = Some(l.run_dir.join("scratch.img"));
+            l.memory_mib = 6144;
+            let args = argv(target, &l).join(" ");
+            assert!(args.contains("if=pflash,format=raw,unit=0,readonly=on"), "{args}");
+            assert!(args.contains("-kernel /home/u/.local/share/dbh/images/") && args.contains("/vmlinuz -initrd "), "{args}");
+            assert!(args.contains("-append root=LABEL=dbh-root rw console=ttyAMA0,115200"), "{args}");
+            assert!(!args.contains("esp.img"), "{args}");
+            assert!(args.contains("-m 6144"), "{args}");
+            assert!(args.contains("format=raw,discard=unmap,file=/home/u/.local/share/dbh/images/") && args.contains("drive=scratch,serial=dbh-scratch"), "{args}");
+        }
+    }
+
+    #[test]
+    fn smp_is_capped_by_the_machine() {
+        let t = Targets::builtin();
+        assert_eq!(smp_for(t.get("arm64").unwrap(), 64), 8);
+        assert_eq!(smp_for(t.get("amd64").unwrap(), 64), 64);
+        assert_eq!(smp_for(t.get("amd64").unwrap(), 0), 1);
     }
 
     #[test]

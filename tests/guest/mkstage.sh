@@ -4,9 +4,18 @@
 #
 # usage: tests/guest/mkstage.sh TARGET        (TARGET: arm64 | amd64 | riscv64)
 # prints the output directory on its last stdout line; it holds
-#   stage3-TARGET-dbhtest.tar.xz, .tar.xz.CONTENTS.gz and .tar.xz.DIGESTS (Gentoo format, BLAKE2B + SHA512)
-# Cached in ${DBH_TEST_CACHE:-~/.cache/dbh-tests}/stages/TARGET-<hash of this script>/ (the package list
-# lives in this script, so editing it rebuilds).
+#   stage3-TARGET-dbhtest.tar.xz, .tar.xz.CONTENTS.gz and .tar.xz.DIGESTS (Gentoo format, BLAKE2B + SHA512,
+#   clear-signed like Gentoo's release DIGESTS), release-key.gpg (the public key that signed it, as a
+#   keyring for `image create --keyring`), and stub/linux<efi arch>.efi.stub: Debian's systemd-stub for
+#   the target, kept OUT of the stage (for tests of the UKI path).
+# Cached in ${DBH_TEST_CACHE:-~/.cache/dbh-tests}/stages/TARGET-<hash of this script and getuto>/ (the
+# package list lives in this script, so editing it rebuilds).
+#
+# The stage is shaped like a real Gentoo stage3 where it matters to dbh: no ebuild repository (make.profile
+# points into an absent ::gentoo), no systemd-stub (stage profiles have systemd[boot] off), Gentoo's
+# /etc/portage/binrepos.conf/gentoobinhost.conf (pointing at an address that never answers), gnupg,
+# openssl and the real getuto (tests/fixtures/getuto) with a "release" key in
+# /usr/share/openpgp-keys/gentoo-release.asc (the test key that clear-signs the DIGESTS).
 #
 # No dpkg database, no maintainer scripts, no binfmt_misc: .debs are fetched with a private apt
 # configuration for the foreign architecture (the host's /etc/apt is only read for the mirror URL),
@@ -19,8 +28,9 @@ set -euo pipefail
 
 TARGET=${1:?usage: mkstage.sh TARGET}
 SELF=$(realpath "$0")
+GETUTO=$(dirname "$SELF")/../fixtures/getuto/getuto
 CACHE=${DBH_TEST_CACHE:-$HOME/.cache/dbh-tests}
-HASH=$(sha256sum "$SELF" | cut -c1-16)
+HASH=$(cat "$SELF" "$GETUTO" | sha256sum | cut -c1-16)
 OUT=$CACHE/stages/$TARGET-$HASH
 NAME=stage3-$TARGET-dbhtest.tar.xz
 log() { echo "mkstage[$TARGET]: $*" >&2; }
@@ -37,21 +47,29 @@ if [ -s "$OUT/$NAME.DIGESTS" ] && [ -s "$OUT/$NAME" ]; then
 fi
 
 # CHOST: Gentoo's triplet for the target; DTRIPLET: Debian's (its tools' prefix in /usr/bin).
+# STUB: systemd-stub's name; PARCH/PPROFILE: Gentoo's ARCH and profile (binhost path, make.profile).
 case $TARGET in
-arm64) DARCH=arm64 SUITE=bookworm KMETA=linux-image-cloud-arm64 CHOST=aarch64-unknown-linux-gnu DTRIPLET=aarch64-linux-gnu ;;
-amd64) DARCH=amd64 SUITE=bookworm KMETA=linux-image-cloud-amd64 CHOST=x86_64-pc-linux-gnu DTRIPLET=x86_64-linux-gnu ;;
+arm64) DARCH=arm64 SUITE=bookworm KMETA=linux-image-cloud-arm64 CHOST=aarch64-unknown-linux-gnu DTRIPLET=aarch64-linux-gnu
+	STUB=linuxaa64.efi.stub PARCH=arm64 PPROFILE=default/linux/arm64/23.0 ;;
+amd64) DARCH=amd64 SUITE=bookworm KMETA=linux-image-cloud-amd64 CHOST=x86_64-pc-linux-gnu DTRIPLET=x86_64-linux-gnu
+	STUB=linuxx64.efi.stub PARCH=amd64 PPROFILE=default/linux/amd64/23.0 ;;
 # bookworm has no riscv64; trixie does.
-riscv64) DARCH=riscv64 SUITE=trixie KMETA=linux-image-riscv64 CHOST=riscv64-unknown-linux-gnu DTRIPLET=riscv64-linux-gnu ;;
+riscv64) DARCH=riscv64 SUITE=trixie KMETA=linux-image-riscv64 CHOST=riscv64-unknown-linux-gnu DTRIPLET=riscv64-linux-gnu
+	STUB=linuxriscv64.efi.stub PARCH=riscv PPROFILE=default/linux/riscv/23.0/rv64/lp64d ;;
 *) echo "unknown target $TARGET" >&2; exit 2 ;;
 esac
 
 # Everything a dbh guest needs: a shell and coreutils, busybox (init, ip, udhcpc), a real sshd like
 # Gentoo's, python3 for Portage, a C toolchain for building, the compressors Portage calls, kmod,
-# util-linux (mount, switch_root, findfs: the initramfs's non-busybox tools), systemd-stub so that
-# `image create` finds the UKI stub in the stage itself, and the distcc client (`dbh vm build --distcc`).
+# util-linux (mount, switch_root, findfs: the initramfs's non-busybox tools), the distcc client
+# (`dbh vm build --distcc`), and what a stage3 has for binpkg signatures: gnupg and openssl (getuto).
+# No systemd-boot-efi: a stage3 has no systemd-stub (its .deb is fetched for the stub/ directory only).
 PACKAGES="base-files base-passwd bash dash coreutils diffutils findutils grep gzip sed tar util-linux mount
  hostname libc-bin mawk busybox-static kmod openssh-server python3 gcc make libc6-dev xz-utils zstd bzip2
- patch procps systemd-boot-efi distcc"
+ patch procps distcc openssl"
+# `dbh vm build` fetches binpkgs from the host's binhost with Portage's FETCHCOMMAND (wget) and
+# verifies their signatures with gpg, as on a Gentoo stage3.
+PACKAGES="$PACKAGES wget gnupg"
 
 # The mirror comes from the host's apt configuration (never hard-coded).
 MIRROR=$(awk 'BEGIN{RS=""} /(^|\n)Suites:[^\n]*bookworm( |\n|$)/ && !/security/ {
@@ -93,7 +111,7 @@ CLOSURE=$(apt-get "${APT[@]}" -s install $PACKAGES 2>&1 | awk '/^Inst / {print $
 	skip "apt cannot resolve the package set for $DARCH"
 [ -n "$CLOSURE" ] || skip "apt resolved an empty package set for $DARCH"
 log "downloading $(echo $CLOSURE | wc -w) packages + $KPKG"
-(cd "$APTDIR/debs" && apt-get "${APT[@]}" -qq download $CLOSURE "$KPKG" >&2) || skip "cannot download the .debs"
+(cd "$APTDIR/debs" && apt-get "${APT[@]}" -qq download $CLOSURE "$KPKG" systemd-boot-efi >&2) || skip "cannot download the .debs"
 
 mkdir -p "$CACHE/stages"
 WORK=$(mktemp -d "$CACHE/stages/.work-$TARGET-XXXXXX")
@@ -249,10 +267,33 @@ CFLAGS="\${COMMON_FLAGS}"
 CXXFLAGS="\${COMMON_FLAGS}"
 LC_MESSAGES=C.utf8
 MC
-# make.profile points into a repository that is copied or synced in later.
-ln -s ../../var/db/repos/dbh-test/profiles/dbh/$TARGET "$R/etc/portage/make.profile"
-printf '[DEFAULT]\nmain-repo = dbh-test\n\n[dbh-test]\nlocation = /var/db/repos/dbh-test\n' > "$R/etc/portage/repos.conf/dbh-test.conf"
+# As in a stage3: make.profile points into ::gentoo, which the stage does not carry, and repos.conf
+# is Portage's default (gentoo at /var/db/repos/gentoo).
+ln -s ../../var/db/repos/gentoo/profiles/$PPROFILE "$R/etc/portage/make.profile"
+rmdir "$R/etc/portage/repos.conf"
+# Gentoo's binhost as catalyst writes it, at an address that never answers (TEST-NET-1: connections
+# hang until they time out): a build guest must not wait on it.
+install -d -m 0755 "$R/etc/portage/binrepos.conf"
+cat > "$R/etc/portage/binrepos.conf/gentoobinhost.conf" <<BR
+# These settings were set by the catalyst build script that automatically
+# built this stage.
+# Please consider using a local mirror.
+
+[gentoobinhost]
+priority = 1
+sync-uri = https://192.0.2.1/releases/$PARCH/binpackages/23.0/$PARCH/
+BR
 chown -R 250:250 "$R/var/lib/portage/home"
+
+# getuto (projg2/getuto, vendored byte for byte) and the release key it imports, as
+# sec-keys/openpgp-keys-gentoo-release installs it. The test release key also clear-signs the DIGESTS.
+install -m 0755 "$GETUTO" "$R/usr/bin/getuto"
+export GNUPGHOME=$WORK/gnupg
+install -d -m 0700 "$GNUPGHOME"
+gpg --batch -q --passphrase '' --quick-gen-key "dbh test release key <release@dbh.test>" ed25519 sign never 2>/dev/null ||
+	skip "gpg cannot generate the test release key"
+install -d -m 0755 "$R/usr/share/openpgp-keys"
+gpg --batch -q --armor --export > "$R/usr/share/openpgp-keys/gentoo-release.asc"
 
 # xz -0: ~10x faster than -3 for ~15 % more bytes; the stage is built in CI where time is short.
 log "packing $(du -sh "$R" | cut -f1) (unpacked) with xz -0"
@@ -265,7 +306,14 @@ tar -tJf "$WORK/out/$NAME" | gzip -n > "$WORK/out/$NAME.CONTENTS.gz"
 	b2sum "$NAME.CONTENTS.gz" "$NAME"
 	echo "# SHA512 HASH"
 	sha512sum "$NAME.CONTENTS.gz" "$NAME"
-) > "$WORK/out/$NAME.DIGESTS"
+) | gpg --batch -q --clearsign --digest-algo SHA512 > "$WORK/out/$NAME.DIGESTS"
+gpg --batch -q --export > "$WORK/out/release-key.gpg"
+gpgconf --kill all 2>/dev/null || :
+# The target's systemd-stub beside the stage, not in it.
+mkdir -p "$WORK/out/stub"
+dpkg-deb --fsys-tarfile "$(ls "$APTDIR"/debs/systemd-boot-efi_*.deb | head -1)" |
+	tar -x -O "./usr/lib/systemd/boot/efi/$STUB" > "$WORK/out/stub/$STUB"
+[ -s "$WORK/out/stub/$STUB" ] || skip "systemd-boot-efi:$DARCH has no $STUB"
 rm -rf "$OUT"
 mkdir -p "$(dirname "$OUT")"
 mv "$WORK/out" "$OUT"

@@ -57,6 +57,15 @@ pub fn trust_args(stage: &Path) -> Vec<String> {
     }
 }
 
+/// Debian's systemd-stub for `target`, which mkstage keeps beside the stage (not in it: a stage3 has
+/// none), for the tests of the UKI path.
+pub fn test_stub(target: &str) -> Option<PathBuf> {
+    let stage = test_stage(target)?;
+    let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
+    let name = dbh::uki::stub_name(&t).unwrap().to_owned();
+    Some(stage.parent().unwrap().join("stub").join(name))
+}
+
 /// A tiny HTTP/1.1 file server over `dir` (GET with optional `Range: bytes=N-`), on a thread.
 pub struct FileServer {
     pub port: u16,
@@ -157,6 +166,9 @@ fn shared_home_root() -> PathBuf {
     .clone()
 }
 
+/// Per target: whether the shared image boots the kernel's EFI stub (no systemd-stub anywhere).
+static PROCESS_HOMES_BOOT: Mutex<std::collections::BTreeMap<String, bool>> = Mutex::new(std::collections::BTreeMap::new());
+
 /// A $DBH_HOME holding an image of `target` made by `dbh vm image create` from the test stage
 /// served over HTTP (the product path: download + DIGESTS). Built once per test process.
 pub fn image_home(target: &str) -> Option<PathBuf> {
@@ -179,6 +191,17 @@ pub fn image_home(target: &str) -> Option<PathBuf> {
         let (ok, stdout, stderr) = run_dbh(&home, &args);
         assert!(ok, "image create failed:\n{stderr}");
         eprintln!("image create for {target} took {:?}: {stdout}", t0.elapsed());
+        // No systemd-stub in the stage (as in a stage3) nor on this host for a foreign target:
+        // the image boots the kernel's own EFI stub, and says so.
+        let stub_on_host = dbh::uki::STUB_DIRS.iter().any(|d| {
+            let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
+            Path::new("/").join(d).join(dbh::uki::stub_name(&t).unwrap()).is_file()
+        });
+        if !stub_on_host {
+            assert!(stderr.contains("boot (efi-kernel): no systemd-stub"), "{stderr}");
+            assert!(stdout.contains("boot efi-kernel"), "{stdout}");
+        }
+        PROCESS_HOMES_BOOT.lock().unwrap().insert(target.to_owned(), !stub_on_host);
         let reqs = server.requests.lock().unwrap().clone();
         assert!(reqs.iter().any(|r| r.contains(&format!("/{name}.DIGESTS"))), "{reqs:?}");
         Some(home)
@@ -191,7 +214,7 @@ pub fn image_home(target: &str) -> Option<PathBuf> {
 fn image_create_writes_the_contract_layout() {
     let Some(home) = image_home("arm64") else { return };
     let dir = home.join("images/arm64");
-    for f in ["disk.qcow2", "esp.img", "uki.efi", "image.toml", "ssh/id_ed25519", "ssh/id_ed25519.pub", "ssh/host_ed25519_key.pub"] {
+    for f in ["disk.qcow2", "image.toml", "ssh/id_ed25519", "ssh/id_ed25519.pub", "ssh/host_ed25519_key.pub"] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     assert!(!dir.join("ssh/host_ed25519_key").exists(), "the host's private key must only be in the image");
@@ -208,8 +231,27 @@ fn image_create_writes_the_contract_layout() {
     // Dependencies first: virtio_ring before virtio_pci before virtio_blk.
     let pos = |m: &str| info.initramfs.modules.iter().position(|x| x == m).unwrap();
     assert!(pos("virtio_ring") < pos("virtio_pci") && pos("virtio_pci") < pos("virtio_blk"));
+    if PROCESS_HOMES_BOOT.lock().unwrap().get("arm64") == Some(&true) {
+        // The stage3 path: no stub, so the kernel (a PE/COFF EFI application) with the initramfs
+        // and command line beside it; no ESP, no UKI.
+        assert_eq!(info.boot, "efi-kernel");
+        assert!(info.boot_note.contains("no systemd-stub linuxaa64.efi.stub") && info.boot_note.contains("fw_cfg"), "{}", info.boot_note);
+        assert!(!dir.join("esp.img").exists() && !dir.join("uki.efi").exists());
+        let kernel = std::fs::read(dir.join("vmlinuz")).unwrap();
+        assert_eq!(pe::parse(&kernel, Path::new("vmlinuz")).unwrap().machine, 0xaa64);
+        assert_eq!(std::fs::read_to_string(dir.join("cmdline")).unwrap().trim(), info.cmdline);
+        let cpio = Cpio::parse(&initramfs::decompress(&std::fs::read(dir.join("initrd.img")).unwrap()).unwrap()).unwrap();
+        assert!(matches!(cpio.get("init"), Some(Entry::File { mode: 0o755, .. })));
+        assert!(matches!(cpio.get("dbh/modules/virtio_blk.ko"), Some(Entry::File { .. })));
+    } else {
+        assert_eq!(info.boot, "uefi");
+        check_uki_image(&dir, &info, "BOOTAA64 EFI");
+    }
+}
 
-    // The UKI is a valid PE with the sections in ukify's order, the initramfs inside parses back.
+/// A UKI image: a valid PE with the sections in ukify's order whose initramfs parses back, on an
+/// ESP where the firmware looks.
+fn check_uki_image(dir: &Path, info: &dbh::image::ImageInfo, boot_file: &str) {
     let uki = std::fs::read(dir.join("uki.efi")).unwrap();
     let pe = pe::parse(&uki, Path::new("uki.efi")).unwrap();
     let names: Vec<&str> = pe.sections.iter().map(|s| s.name.as_str()).collect();
@@ -220,10 +262,8 @@ fn image_create_writes_the_contract_layout() {
     let cpio = Cpio::parse(&initrd).unwrap();
     assert!(matches!(cpio.get("init"), Some(Entry::File { mode: 0o755, .. })));
     assert!(matches!(cpio.get("dbh/modules/virtio_blk.ko"), Some(Entry::File { .. })));
-
-    // The ESP holds the UKI where the firmware looks.
     let out = Command::new("mdir").arg("-i").arg(dir.join("esp.img")).arg("::/EFI/BOOT").output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("BOOTAA64 EFI"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(boot_file), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 /// Makes a copy of the stage directory with `edit` applied, served by a fresh server.
@@ -231,6 +271,9 @@ fn tampered_copy(stage: &Path, edit: impl FnOnce(&Path, &Path)) -> (tempfile::Te
     let dir = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(stage.parent().unwrap()).unwrap() {
         let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            continue; // stub/
+        }
         std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
     }
     let name = stage.file_name().unwrap();
@@ -367,9 +410,15 @@ fn boots_and_runs_portage(target: &str, machine: &str) {
     let mut t = dbh::target::Targets::builtin().get(target).unwrap().clone();
     let Some(home) = image_home(target) else { return };
     // Modules the initramfs carries are plain ELF .ko even where the kernel ships .ko.xz (trixie).
-    let uki = std::fs::read(home.join(format!("images/{target}/uki.efi"))).unwrap();
-    let pe = pe::parse(&uki, Path::new("uki.efi")).unwrap();
-    let cpio = Cpio::parse(&initramfs::decompress(pe.section_data(&uki, ".initrd").unwrap()).unwrap()).unwrap();
+    let dir = home.join(format!("images/{target}"));
+    let initrd = if dir.join("uki.efi").exists() {
+        let uki = std::fs::read(dir.join("uki.efi")).unwrap();
+        let pe = pe::parse(&uki, Path::new("uki.efi")).unwrap();
+        pe.section_data(&uki, ".initrd").unwrap().to_vec()
+    } else {
+        std::fs::read(dir.join("initrd.img")).unwrap()
+    };
+    let cpio = Cpio::parse(&initramfs::decompress(&initrd).unwrap()).unwrap();
     let kos: Vec<String> = cpio.paths().into_iter().filter(|p| p.starts_with("dbh/modules/")).collect();
     assert!(kos.iter().any(|p| p.ends_with("virtio_net.ko")), "{kos:?}");
     for ko in &kos {
@@ -414,6 +463,10 @@ fn boots_and_runs_portage(target: &str, machine: &str) {
     assert!(console.contains("dbh-initramfs: started (tools: the stage's busybox)"), "{}", tail(&console));
     assert!(console.contains("dbh-initramfs: switching to"), "{}", tail(&console));
     assert!(console.contains("dbh-guest: sshd started"), "{}", tail(&console));
+    if dbh::image::ImageInfo::load(&dir).unwrap().boot == "efi-kernel" {
+        // The firmware started the kernel's own EFI stub, which took the initramfs from it.
+        assert!(console.contains("EFI stub: "), "the kernel's EFI stub ran: {}", tail(&console));
+    }
     eprintln!("{target}: booted, ran uname + portage in {:?}", t0.elapsed());
 }
 
@@ -479,12 +532,12 @@ fn ukify_agrees(target: &str) {
         .arg(&stage)
         .arg("-C")
         .arg(dir.path())
-        .args(["./usr/lib/systemd/boot/efi", "./boot"])
+        .args(["./boot"])
         .status()
         .unwrap();
     assert!(st.success());
     let t = dbh::target::Targets::builtin().get(target).unwrap().clone();
-    let stub = dbh::uki::find_stub(&t, None, Some(dir.path())).unwrap();
+    let stub = dbh::uki::find_stub(&t, test_stub(target).as_deref(), Some(dir.path())).unwrap();
     let kernel = std::fs::read_dir(dir.path().join("boot"))
         .unwrap()
         .flatten()
@@ -565,6 +618,7 @@ fn ukify_oracle_amd64() {
 #[test]
 fn uki_build_cli_generates_the_initramfs_from_the_modules_root() {
     let Some((root, modules)) = unpacked_stage("arm64") else { return };
+    let stub = test_stub("arm64").unwrap();
     let kernel = std::fs::read_dir(root.path().join("boot"))
         .unwrap()
         .flatten()
@@ -575,7 +629,7 @@ fn uki_build_cli_generates_the_initramfs_from_the_modules_root() {
     let out = home.path().join("x.efi");
     let (ok, _, stderr) = run_dbh(
         home.path(),
-        &["uki", "build", "--target", "arm64", "--kernel", &kernel.to_string_lossy(), "--modules", &modules.to_string_lossy(), "--out", &out.to_string_lossy()],
+        &["uki", "build", "--target", "arm64", "--kernel", &kernel.to_string_lossy(), "--modules", &modules.to_string_lossy(), "--out", &out.to_string_lossy(), "--stub", &stub.to_string_lossy()],
     );
     assert!(ok, "{stderr}");
     let uki = std::fs::read(&out).unwrap();
@@ -597,9 +651,10 @@ fn uki_build_cli_generates_the_initramfs_from_the_modules_root() {
 }
 
 #[test]
-fn arm64_image_with_the_stage_tools_initramfs_boots() {
-    // The other initramfs variant (no busybox: dash, kmod, util-linux and their libraries) booted
-    // for real: same stage, image made through the library with Tools::Stage.
+fn arm64_uki_image_with_the_stage_tools_initramfs_boots() {
+    // The UKI path (a systemd-stub given, as where the host or stage has one) and the other
+    // initramfs variant (no busybox: dash, kmod, util-linux and their libraries) booted for real:
+    // same stage, image made through the library with Debian's stub and Tools::Stage.
     let t = dbh::target::Targets::builtin().get("arm64").unwrap().clone();
     if dbh::vm::firmware::find(&t).is_err() {
         eprintln!("SKIP: no arm64 firmware on this host");
@@ -611,8 +666,12 @@ fn arm64_image_with_the_stage_tools_initramfs_boots() {
     opts.keyring = stage_keyring(&stage);
     opts.insecure_no_signature = opts.keyring.is_none();
     opts.initramfs_tools = initramfs::Tools::Stage;
+    opts.stub = test_stub("arm64");
     let info = dbh::image::create(&dbh::settings::Home::new(home.path()), &t, &opts, &dbh::events::Silent).unwrap();
     assert!(!info.initramfs.busybox);
+    assert_eq!(info.boot, "uefi", "{}", info.boot_note);
+    assert!(info.boot_note.contains("linuxaa64.efi.stub"), "{}", info.boot_note);
+    check_uki_image(&home.path().join("images/arm64"), &info, "BOOTAA64 EFI");
     let out = dbh()
         .arg("--home")
         .arg(home.path())

@@ -117,9 +117,16 @@ fn a_real_client_follows_rollback_and_roll_forward() {
     assert!(dir.join("dbh-test/greeter/greeter-1.0-2.gpkg.tar").is_file());
     check_clean(&dir);
 
+    // The client holding its cached generation-2 index, seconds after it was published, gets
+    // the new index, not a 304 (Portage sends its TIMESTAMP + 5 s as If-Modified-Since; each
+    // generation's TIMESTAMP is ahead of the one before by more), and reinstalls generation 1's
+    // greeter.
+    assert!(gens[2]["timestamp"].as_u64().unwrap() >= ts2 + 6, "{gens:?}");
+    let before = serve.log().len();
+    cl.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
+    assert_eq!(installed_build_id(&cl), "1", "the cached client follows the rollback:\n{}", &serve.log()[before..]);
+    assert!(serve.log()[before..].contains(" GET /amd64/Packages.gz 200 "), "{}", &serve.log()[before..]);
     // A fresh client installs generation 1's greeter.
-    // NOT YET: a client holding its cached generation-2 index is answered 304 on Packages.gz after
-    // the rollback and keeps installing greeter-1.0-2 (issue 15 stays open for it).
     let fresh = client(&tmp.path().join("fresh"), home.path(), url);
     fresh.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
     assert_eq!(installed_build_id(&fresh), "1");
@@ -128,6 +135,9 @@ fn a_real_client_follows_rollback_and_roll_forward() {
     // installs greeter-1.0-2 again.
     let out = dbh_ok(home.path(), &["binhost", "rollback", "--target", "amd64"]);
     assert!(out.contains("generation 4: rollback to 2"), "{out}");
+    // The cached client again, and a fresh one: greeter-1.0-2.
+    cl.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
+    assert_eq!(installed_build_id(&cl), "2", "the cached client follows the roll-forward");
     let again = client(&tmp.path().join("again"), home.path(), url);
     again.ok("emerge", &["--getbinpkgonly", "dbh-test/greeter"], &[]);
     assert_eq!(installed_build_id(&again), "2");
@@ -310,4 +320,36 @@ fn concurrent_add_and_prune_lose_nothing() {
     assert!(indexed(&dir).iter().any(|(c, _)| c == "dbh-test/greeter-1.0"), "greeter was lost");
     assert_one_whole_generation(&dir, 0);
     check_clean(&dir);
+}
+
+/// `prune --unreferenced` (eclean-pkg's rule): a package whose ebuild its repository no longer has
+/// leaves the index, with the repository that decided named; the rest stays and the binhost is
+/// clean for `dbh binhost check`.
+#[test]
+fn prune_unreferenced_drops_what_the_repository_no_longer_has() {
+    let (home, dir) = keyed_home();
+    add(home.path(), &[HELLO, GREETER]);
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    crate::portage::copy_tree(&crate::portage::fixture_repo(), &repo);
+    std::fs::remove_dir_all(repo.join("dbh-test/greeter")).unwrap();
+    let repo_arg = repo.to_str().unwrap();
+
+    let out = dbh_ok(home.path(), &["binhost", "prune", "--target", "amd64", "--unreferenced", "--repo", repo_arg, "--dry-run"]);
+    let why = format!("repository dbh-test ({repo_arg}) has no dbh-test/greeter/greeter-1.0.ebuild");
+    assert!(out.contains("would drop dbh-test/greeter-1.0-1") && out.contains(&why), "{out}");
+    assert!(!out.contains("hello"), "{out}");
+    assert_eq!(indexed(&dir).len(), 2, "--dry-run changed the index");
+
+    let out = dbh_ok(home.path(), &["binhost", "prune", "--target", "amd64", "--unreferenced", "--repo", repo_arg]);
+    assert!(out.contains(&why) && out.contains("dropped 1 package(s) from the index"), "{out}");
+    assert_eq!(indexed(&dir), vec![("dbh-test/hello-1.0".into(), 1)]);
+    let gens = generations(home.path());
+    assert_eq!(gens.last().unwrap()["removed"], serde_json::json!(["dbh-test/greeter-1.0-1"]));
+    check_clean(&dir);
+
+    // Without a repository to ask, it says how to give one.
+    let out = cmd(home.path(), &["binhost", "prune", "--target", "amd64", "--unreferenced"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", combined(&out));
+    assert!(combined(&out).contains("--repo"), "{}", combined(&out));
 }

@@ -6,19 +6,24 @@
 mod binhost;
 mod binpkg;
 mod cli;
+mod client;
 mod conventions;
 mod cross;
 mod distcc;
+mod distfiles;
 mod harden;
 mod image;
 mod lifecycle;
 mod portage;
 mod publish;
+mod repo;
 mod rootfs;
 mod serve;
 mod trust;
 mod vm;
 mod vm_build;
+mod vm_build_scale;
+mod scale_gen;
 
 /// Skips a test whose prerequisite this machine lacks — except under CI (`CI` set), where
 /// tests/setup-host.sh has installed everything, so a skip would hide a broken set-up and let the

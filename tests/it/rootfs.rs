@@ -390,8 +390,13 @@ fn bootable_qcow2_boots_and_runs_hello_from_its_root() {
     let kernel = stage.path().join(format!("boot/vmlinuz-{version}"));
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("r.qcow2");
+    // The stage is shaped like a stage3: it has no systemd-stub, so the UKI takes the target's
+    // stub from beside the stage (`--stub`, as the error's hint says).
+    let stub = super::image::test_stub("arm64").expect("the test stage's stub/ directory");
     let args = [
         "--bootable",
+        "--stub",
+        stub.to_str().unwrap(),
         "--kernel",
         kernel.to_str().unwrap(),
         "--modules",

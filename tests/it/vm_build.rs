@@ -3,12 +3,16 @@
 //! the host binhost, served by `dbh serve` and installed by a real Portage client that verifies
 //! signatures. Three guest boots in one test, in order, sharing one $DBH_HOME:
 //! 1. `broken` + `hello`: exit status non-zero, broken's log kept and shown, hello published;
-//! 2. `greeter`: hello comes from the seeded binhost (not rebuilt), greeter is built; a client
-//!    installs both and `hello` is an AArch64 ELF;
-//! 3. no atom: the host's `world` file (greeter) is built as @dbh-world — nothing to do, zero
-//!    binpkgs transferred; the host's repos.conf reached the guest's Portage;
+//! 2. `greeter`: hello is fetched from the host's binhost over HTTP (the build's access log shows
+//!    exactly that one binpkg), signature verified; greeter is built; a client installs both and
+//!    `hello` is an AArch64 ELF;
+//! 3. no atom: the host's `world` file (greeter) is satisfied by the binhost — the host's Portage
+//!    says so and no guest boots; 3b. with a repository only the guest has (so it boots) and
+//!    hello replaced by an unsigned copy, the guest's Portage refuses it;
 //! 4. Ctrl-C while emerge compiles: dbh exits promptly, non-zero, no QEMU left, the binhost is
-//!    byte-for-byte as before and `dbh binhost check` passes.
+//!    byte-for-byte as before and `dbh binhost check` passes;
+//! 5. `--update` after bumping hello (and greeter's dependency on it): exactly those two are
+//!    rebuilt, each with its reason; the rest keeps its BUILD_ID; a re-run does not boot.
 //!
 //! The repository is a git checkout (a copy of the fixture repository): its commit must show up
 //! in the binhost header's REPO_REVISIONS, and the client must still install from that binhost.
@@ -33,6 +37,8 @@ fn command(home: &Path, args: &[&str]) -> std::process::Command {
             cmd.env_remove(k);
         }
     }
+    // The host's Portage decides before booting whether anything is to be built.
+    cmd.env("DBH_PORTAGE_EMERGE", super::portage::portage().venv.join("bin/emerge"));
     cmd
 }
 
@@ -124,12 +130,20 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     assert!(stdout(&out).contains("1 binpkg(s) transferred"), "{text}");
     assert_no_qemu(home);
 
-    // 2. greeter: hello is reused from the binhost, greeter built and published.
+    // 2. greeter: hello comes from the binhost over HTTP (dbh serves it to the guest on the
+    // loopback for this build, signature verified), greeter is built and published.
     let out = build(home, repo, &["dbh-test/greeter"]);
     let text = combined(&out);
     assert!(out.status.success(), "{text}");
     assert!(stdout(&out).contains("published dbh-test/greeter-1.0 (BUILD_ID 1)"), "{text}");
     assert!(stdout(&out).contains("arm64: 1 binpkg(s) transferred"), "hello must come from the binhost:\n{text}");
+    assert!(text.contains("built dbh-test/greeter-1.0: new package"), "the run says why greeter was built:\n{text}");
+    let log = last_emerge_log(home);
+    assert!(log.contains("--getbinpkg"), "{log}");
+    assert!(log.contains(">>> Emerging binary (1 of 2) dbh-test/hello-1.0"), "{log}");
+    let fetched = binpkg_requests(&last_log_dir(home).join("binhost-access.log"));
+    assert_eq!(fetched.len(), 1, "the guest fetches exactly the one binpkg its graph needs: {fetched:?}");
+    assert!(fetched[0].contains("/arm64/dbh-test/hello/hello-1.0-1.gpkg.tar 200"), "{fetched:?}");
     assert_no_qemu(home);
     let index = std::fs::read_to_string(home.join("binhost/arm64/Packages")).unwrap();
     assert!(index.contains("CHOST: aarch64-unknown-linux-gnu"), "{index}");
@@ -145,30 +159,129 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
     assert_elf_machine(&client.root.join("usr/bin/hello"), 183);
     assert!(client.root.join("usr/bin/greeter").is_file());
 
-    // 3. No atom: the world file is the build. Nothing to do: no binpkg comes back.
+    // 3. No atom: the world file is the build. Everything is in the binhost: the host's Portage
+    // says so before booting, and no guest starts.
     let config = home.join("targets/arm64/portage");
     std::fs::write(config.join("world"), "# what this binhost carries\ndbh-test/greeter\n").unwrap();
-    std::fs::write(config.join("repos.conf"), "[dbh-extra]\nlocation = /var/db/repos/dbh-extra\n").unwrap();
+    let t0 = Instant::now();
     let out = build(home, repo, &[]);
     let text = combined(&out);
     assert!(out.status.success(), "{text}");
+    assert!(text.contains("arm64: nothing to build, no guest booted"), "{text}");
     assert!(stdout(&out).contains("arm64: 0 binpkg(s) transferred, 0 published"), "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "no boot: {:?}", t0.elapsed());
+    assert!(!last_log_dir(home).join("emerge.log").exists(), "no emerge ran in a guest");
+
+    // 3b. A repository only the guest has (the target's repos.conf) makes the guest decide; with
+    // hello in the binhost tampered (an unsigned copy, index fixed up to match), the guest's
+    // Portage refuses it and nothing is published.
+    std::fs::write(config.join("repos.conf"), "[dbh-extra]\nlocation = /var/db/repos/dbh-extra\n").unwrap();
+    let binhost = home.join("binhost/arm64");
+    let untampered = snapshot(&binhost);
+    let mtimes: BTreeMap<PathBuf, std::time::SystemTime> =
+        untampered.keys().map(|p| (p.clone(), std::fs::metadata(p).unwrap().modified().unwrap())).collect();
+    tamper_unsigned(&binhost, "dbh-test/hello-1.0");
+    let out = build(home, repo, &[]);
+    let text = combined(&out);
+    assert!(!out.status.success(), "an unsigned binpkg from the binhost must be refused:\n{text}");
     let log = last_emerge_log(home);
-    assert!(log.contains(" @dbh-world"), "{log}");
-    assert!(log.contains(">>> Emerging binary (2 of 2) dbh-test/greeter-1.0"), "greeter comes from the binhost:\n{log}");
-    // The guest's Portage read the host's repos.conf (and says the location is missing there).
-    assert!(log.contains("/var/db/repos/dbh-extra"), "{log}");
+    assert!(log.contains("/var/db/repos/dbh-extra"), "the guest's Portage read the host's repos.conf:\n{log}");
     assert!(log.contains(&format!("# repository dbh-test at {commit}")), "{log}");
+    // Portage's own words, from the failed package's log that dbh shows.
+    assert!(text.contains("GnuPG verification failed"), "Portage says why it refused the binpkg:\n{text}\n{log}");
+    assert!(!stdout(&out).contains("published dbh-test/") && stdout(&out).contains(" 0 published, 1 failed"), "{text}");
     assert_no_qemu(home);
+    // Put the binhost back as it was, mtimes included (the index records them).
+    for (path, bytes) in &untampered {
+        std::fs::write(path, bytes).unwrap();
+        std::fs::File::options().write(true).open(path).unwrap().set_modified(mtimes[path]).unwrap();
+    }
+    std::fs::write(config.join("repos.conf"), "").unwrap();
 
     // 4. Ctrl-C while emerge runs in the guest.
-    let binhost = home.join("binhost/arm64");
     let before = snapshot(&binhost);
     interrupt_during_emerge(home, repo);
     assert_no_qemu(home);
     assert_eq!(snapshot(&binhost), before, "an interrupted build must leave the binhost as it was");
     let check = run(home, &["binhost", "check", binhost.to_str().unwrap()]);
     assert!(check.status.success(), "{}", combined(&check));
+
+    // 5. --update after a repository update: hello 1.1, and greeter now needs it (its deps
+    // changed). Both are rebuilt and say why; nothing else changes; a second --update has
+    // nothing to do and does not boot.
+    let ebuilds = repo.join("dbh-test");
+    std::fs::rename(ebuilds.join("hello/hello-1.0.ebuild"), ebuilds.join("hello/hello-1.1.ebuild")).unwrap();
+    let greeter = ebuilds.join("greeter/greeter-1.0.ebuild");
+    let text = std::fs::read_to_string(&greeter).unwrap().replace("RDEPEND=\"dbh-test/hello\"", "RDEPEND=\">=dbh-test/hello-1.1\"");
+    std::fs::write(&greeter, text).unwrap();
+    let before = std::fs::read_to_string(binhost.join("Packages")).unwrap();
+    let mut args = build_args(repo, &[]);
+    args.push("--update");
+    let out = run(home, &args);
+    let text = combined(&out);
+    eprintln!("dbh vm build --update: {}\n{text}", out.status);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("built dbh-test/hello-1.1: new version (the binhost has dbh-test/hello-1.0)"), "{text}");
+    assert!(text.contains("built dbh-test/greeter-1.0: dependencies changed"), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/hello-1.1 (BUILD_ID 1)"), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/greeter-1.0 (BUILD_ID 2)"), "{text}");
+    assert!(last_emerge_log(home).contains("--binpkg-changed-deps=y"), "{}", last_emerge_log(home));
+    let after = std::fs::read_to_string(binhost.join("Packages")).unwrap();
+    let stanza = |index: &str, build_id: &str, cpv: &str| {
+        index.split("\n\n").any(|s| s.contains(&format!("CPV: {cpv}\n")) && s.contains(&format!("BUILD_ID: {build_id}\n")))
+    };
+    assert!(stanza(&before, "1", "dbh-test/hello-1.0") && stanza(&after, "1", "dbh-test/hello-1.0"), "{after}");
+    assert!(stanza(&after, "1", "dbh-test/greeter-1.0"), "the old greeter keeps its BUILD_ID:\n{after}");
+    let t0 = Instant::now();
+    let out = run(home, &args);
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("arm64: nothing to build, no guest booted"), "{text}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    assert_no_qemu(home);
+}
+
+/// The newest build log directory.
+fn last_log_dir(home: &Path) -> PathBuf {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(home.join("logs/arm64")).unwrap().flatten().map(|e| e.path()).collect();
+    dirs.sort();
+    dirs.pop().unwrap()
+}
+
+/// The binpkg requests in a build's binhost access log (`PEER GET TARGET STATUS BYTES`).
+fn binpkg_requests(log: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    text.lines().filter(|l| l.contains(".gpkg.tar") || l.contains(".tbz2")).map(str::to_owned).collect()
+}
+
+/// Replaces the binhost's binpkg of `cpv` by an unsigned copy and fixes SIZE/MD5/SHA1 of its
+/// index entry to match, as someone able to write the binhost but not to sign could.
+fn tamper_unsigned(binhost: &Path, cpv: &str) {
+    use md5::Digest as _;
+    let index_path = binhost.join("Packages");
+    let index = std::fs::read_to_string(&index_path).unwrap();
+    let mut stanzas: Vec<String> = index.split("\n\n").map(str::to_owned).collect();
+    let st = stanzas.iter_mut().find(|s| s.contains(&format!("CPV: {cpv}\n"))).unwrap_or_else(|| panic!("{cpv} not in {index}"));
+    let path = st.lines().find_map(|l| l.strip_prefix("PATH: ")).unwrap().to_owned();
+    let file = binhost.join(&path);
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = tmp.path().join(file.file_name().unwrap());
+    dbh::binpkg::rewrite_gpkg(&file, &copy, &dbh::binpkg::Rewrite { build_id: None, signer: None }).unwrap();
+    let bytes = std::fs::read(&copy).unwrap();
+    std::fs::write(&file, &bytes).unwrap();
+    let md5 = hex::encode(md5::Md5::digest(&bytes));
+    let lines: Vec<String> = st
+        .lines()
+        .map(|l| match l.split_once(": ") {
+            Some(("SIZE", _)) => format!("SIZE: {}", bytes.len()),
+            Some(("MD5", _)) => format!("MD5: {md5}"),
+            _ => l.to_owned(),
+        })
+        .filter(|l| !l.starts_with("SHA1: "))
+        .collect();
+    *st = lines.join("\n");
+    std::fs::write(&index_path, stanzas.join("\n\n")).unwrap();
+    let _ = std::fs::remove_file(binhost.join("Packages.gz"));
 }
 
 /// Starts a from-source build of hello (`--usepkg=n` after dbh's `--usepkg`), waits for emerge's
@@ -347,4 +460,195 @@ fn repo_revisions_survive_reindexing_by_dbh_and_by_portage() {
     prefix.ok("emaint", &["binhost", "--fix"], &[]);
     assert_ne!(header(), before, "Portage rewrote the index");
     assert!(header().contains(both), "Portage keeps it:\n{}", header());
+}
+
+/// `dbh --home HOME ARGS` with the venv's Portage, whose egencache makes the metadata cache of
+/// the fixture repository (it has none) once per revision.
+fn run_with_portage(home: &Path, args: &[&str]) -> Output {
+    let out = command(home, args).env("DBH_PORTAGE_EMERGE", super::portage::portage().venv.join("bin/emerge")).output().unwrap();
+    eprintln!("dbh {args:?}: {}\n{}", out.status, combined(&out));
+    out
+}
+
+/// The repository reaches the guest as a read-only squashfs snapshot on its own virtio disk; a
+/// second build at the same revision reuses the cached image (not remade: same inode and mtime,
+/// no mksquashfs, no egencache), a new commit makes a new one and REPO_REVISIONS records it.
+#[test]
+fn vm_build_mounts_repositories_from_cached_read_only_snapshots() {
+    if super::image::image_home("arm64").is_none() {
+        return;
+    }
+    let home = product_home(None);
+    let home = home.path();
+    let work = tempfile::tempdir().unwrap();
+    let (repo, commit) = git_repo(work.path());
+    let key = run(home, &["key", "generate"]);
+    assert!(key.status.success(), "{}", combined(&key));
+
+    // 1. First build: snapshot made (with egencache), mounted read-only from a block device.
+    let mut args = build_args(&repo, &["dbh-test/hello"]);
+    args.insert(2, "--keep-vm");
+    let out = run_with_portage(home, &args);
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("generating one with egencache") && text.contains("made snapshot"), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/hello-1.0"), "{text}");
+    let image = home.join(format!("repos/dbh-test/snapshots/{commit}.sqfs"));
+    assert!(image.is_file(), "{text}");
+    let mnt = run(home, &["vm", "exec", "--target", "arm64", "--", "findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "/var/db/repos/dbh-test"]);
+    let line = stdout(&mnt);
+    eprintln!("findmnt in the guest: {line}");
+    assert!(mnt.status.success(), "{}", combined(&mnt));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert!(fields.len() == 3 && fields[0].starts_with("/dev/vd") && fields[1] == "squashfs", "{line}");
+    assert!(fields[2].split(',').any(|o| o == "ro"), "mounted read-only: {line}");
+    let serial = run(home, &["vm", "exec", "--target", "arm64", "--", "sh", "-c", &format!("cat /sys/block/{}/serial", fields[0].trim_start_matches("/dev/"))]);
+    assert_eq!(stdout(&serial).trim(), "repo-dbh-test");
+    let write = run(home, &["vm", "exec", "--target", "arm64", "--", "touch", "/var/db/repos/dbh-test/x"]);
+    assert!(!write.status.success() && combined(&write).contains("Read-only file system"), "{}", combined(&write));
+    let cache = run(home, &["vm", "exec", "--target", "arm64", "--", "cat", "/var/db/repos/dbh-test/metadata/md5-cache/dbh-test/hello-1.0"]);
+    assert!(stdout(&cache).contains("EAPI=8"), "the guest sees the generated metadata cache: {}", combined(&cache));
+    let stop = run(home, &["vm", "stop", "--target", "arm64"]);
+    assert!(stop.status.success(), "{}", combined(&stop));
+    assert_no_qemu(home);
+
+    // 2. The same revision: the cached snapshot, untouched.
+    let meta = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (std::os::unix::fs::MetadataExt::ino(&m), m.modified().unwrap())
+    };
+    let before = meta(&image);
+    let out = run_with_portage(home, &build_args(&repo, &["dbh-test/hello"]));
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("repository dbh-test at {commit}: using the cached snapshot")), "{text}");
+    assert!(!text.contains("made snapshot") && !text.contains("egencache"), "{text}");
+    assert_eq!(meta(&image), before, "the cached image is not remade");
+    assert_no_qemu(home);
+
+    // 3. A new commit: a new snapshot, recorded with what it built.
+    std::fs::write(repo.join("dbh-test/greeter/note.txt"), "a new commit\n").unwrap();
+    for args in [&["add", "-A"][..], &["-c", "user.name=t", "-c", "user.email=t@t.invalid", "commit", "-q", "-m", "two"]] {
+        assert!(std::process::Command::new("git").arg("-C").arg(&repo).args(args).status().unwrap().success());
+    }
+    let two = String::from_utf8(std::process::Command::new("git").arg("-C").arg(&repo).args(["rev-parse", "HEAD"]).output().unwrap().stdout).unwrap();
+    let two = two.trim();
+    let out = run_with_portage(home, &build_args(&repo, &["dbh-test/greeter"]));
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("repository dbh-test at {two}: made snapshot")), "{text}");
+    assert!(home.join(format!("repos/dbh-test/snapshots/{two}.sqfs")).is_file());
+    assert!(stdout(&out).contains("published dbh-test/greeter-1.0"), "{text}");
+    let index = std::fs::read_to_string(home.join("binhost/arm64/Packages")).unwrap();
+    let header = index.split("\n\n").next().unwrap();
+    assert!(header.contains(&format!("\nREPO_REVISIONS: {{\"dbh-test\": \"{two}\"}}\n")), "{header}");
+    assert!(last_emerge_log(home).contains(&format!("# repository dbh-test at {two}")));
+    assert_no_qemu(home);
+}
+
+/// Deliverables 5 and 6 on the stage3-shaped test stage: sizes from the command line, the scratch
+/// disk under the build trees, a `--keep-vm` guest reused warm by the next build, and `vm image
+/// update` installing a package from the binhost into the base image so that the next throw-away
+/// guest has it.
+#[test]
+fn sized_build_on_scratch_warm_reuse_and_image_update() {
+    if super::image::image_home("arm64").is_none() {
+        return;
+    }
+    let home = product_home(None);
+    let home = home.path();
+    let work = tempfile::tempdir().unwrap();
+    let (repo, _) = git_repo(work.path());
+    let repo = repo.as_path();
+    assert!(run(home, &["key", "generate"]).status.success());
+
+    // `dbh config show` says where each size comes from.
+    // The user's config ($XDG_CONFIG_HOME/dbh/dbh.toml): ./dbh.toml is not read as root.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.join("dbh")).unwrap();
+    std::fs::write(home.join("dbh/dbh.toml"), "[vm.arm64]\nscratch_size = \"20G\"\n").unwrap();
+    let shown = command(home, &["config", "show"]).current_dir(dir.path()).output().unwrap();
+    let text = stdout(&shown);
+    assert!(text.contains("vm.arm64.scratch_size = \"20G\""), "{text}");
+    assert!(text.contains("# from: this host (all") && text.contains("vm.cpus = "), "{text}");
+    assert!(text.contains("# from: this host (half of"), "{text}");
+
+    // A kept guest is detached: stop it even when an assertion fails.
+    struct StopOnDrop<'a>(&'a Path);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = run(self.0, &["vm", "stop", "--target", "arm64"]);
+        }
+    }
+    let _stop = StopOnDrop(home);
+
+    // 1. A sized build that keeps its guest.
+    let t0 = Instant::now();
+    let mut args = build_args(repo, &["dbh-test/hello"]);
+    args.extend(["--keep-vm", "--cpus", "1", "--memory", "1536M"]);
+    let out = command(home, &args).current_dir(dir.path()).output().unwrap();
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 vCPUs, 1536 MiB, 20 GiB scratch"), "{text}");
+    assert!(text.contains("keeps running (--keep-vm)"), "{text}");
+    eprintln!("first build with --keep-vm: {:?}", t0.elapsed());
+    let pid = std::fs::read_to_string(home.join("images/arm64/run/state.json")).unwrap();
+    let inside = run(home, &["vm", "exec", "--target", "arm64", "--", "sh", "-c", "nproc; grep MemTotal /proc/meminfo; grep ' /var/tmp/portage ' /proc/mounts; df -k /var/tmp/portage | tail -n 1"]);
+    let text = stdout(&inside);
+    assert!(inside.status.success(), "{}", combined(&inside));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "1", "{text}");
+    let kib: u64 = lines[1].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!((1_300_000..1_600_000).contains(&kib), "MemTotal {kib} kB for --memory 1536M");
+    assert!(lines[2].contains(" /var/tmp/portage ext4 "), "the build trees are on the scratch disk: {text}");
+    let size_kib: u64 = lines[3].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(size_kib > 19 << 20, "a 20G scratch disk: {text}");
+    let scratch = home.join("images/arm64/run/scratch.img");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&scratch).unwrap();
+    assert_eq!(meta.len(), 20 << 30);
+    assert!(meta.blocks() * 512 < 512 << 20, "the scratch disk is sparse: {} bytes used", meta.blocks() * 512);
+
+    // 2. The next build reuses the running guest: no second QEMU, no boot.
+    let t1 = Instant::now();
+    let out = build(home, repo, &["dbh-test/greeter"]);
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("reusing the running arm64 guest"), "{text}");
+    assert!(!text.contains("already running"), "{text}");
+    assert!(stdout(&out).contains("published dbh-test/greeter-1.0"), "{text}");
+    assert_eq!(std::fs::read_to_string(home.join("images/arm64/run/state.json")).unwrap(), pid, "the same guest");
+    eprintln!("warm build: {:?}", t1.elapsed());
+    assert!(run(home, &["vm", "stop", "--target", "arm64"]).status.success());
+    assert_no_qemu(home);
+    assert!(!scratch.exists(), "the scratch disk goes with the guest");
+
+    // 3. vm image update: the default build tools are there (distcc, gpg) ...
+    let profile = ["--repo", repo.to_str().unwrap(), "--profile", "dbh-test:dbh/arm64"];
+    let mut args = vec!["vm", "image", "update", "--target", "arm64"];
+    args.extend(profile);
+    let out = run(home, &args);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(stdout(&out).contains("nothing to install; the image is unchanged"), "{}", combined(&out));
+    // ... and a package from the binhost goes into the base image.
+    let disk = home.join("images/arm64/disk.qcow2");
+    let before = std::fs::symlink_metadata(&disk).unwrap();
+    args.push("dbh-test/greeter");
+    let out = run(home, &args);
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(stdout(&out).contains("installed dbh-test/greeter into the base image"), "{text}");
+    let after = std::fs::symlink_metadata(&disk).unwrap();
+    assert!(before.file_type().is_symlink() && after.file_type().is_file(), "disk.qcow2 was replaced, not written through");
+    let info = std::fs::read_to_string(home.join("images/arm64/image.toml")).unwrap();
+    assert!(info.contains("dbh-test/greeter"), "image.toml records the update: {info}");
+    assert_no_qemu(home);
+    // A throw-away guest of the updated image has greeter and hello, and no build inputs.
+    let out = run(home, &["vm", "exec", "--target", "arm64", "--", "sh", "-c", "ls /var/db/pkg/dbh-test; ls /var/db/repos; ls /var/cache/binpkgs | wc -l"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{}", combined(&out));
+    assert!(text.contains("greeter-1.0") && text.contains("hello-1.0"), "{text}");
+    assert!(!text.contains("dbh-test\n"), "the repository is not left in the image: {text}");
+    assert!(text.trim_end().ends_with('0'), "no seeded binpkgs left: {text}");
+    assert_no_qemu(home);
 }

@@ -1,0 +1,403 @@
+//! Ebuild repositories as builders see them: which repositories a build uses ([`plan`]), the
+//! revision each is at ([`revision`]: git commit, `<commit>-dirty`, or a content hash), the
+//! read-only squashfs snapshot made once per revision and cached under `$DBH_HOME/repos/`
+//! ([`snapshot`], with a metadata cache from `egencache` when the tree has none), and the
+//! repositories dbh manages itself for hosts that are not Gentoo ([`sync`]: `dbh repo sync`).
+//!
+//! Layout (docs/vm-build.md, "Repositories"):
+//! `$DBH_HOME/repos/<name>/.lock` (flock held by every writer of this directory),
+//! `snapshots/<key>.sqfs` + `snapshots/<key>.json` (immutable once renamed into place),
+//! `source.json`, `git/` (bare mirror), `trees/<revision>/` and `current` (managed repositories).
+//! Nothing here holds a tree in memory: trees are walked one directory at a time, files are
+//! streamed through the hasher, and mksquashfs/egencache/git/rsync do the heavy lifting.
+
+pub mod snapshot;
+pub mod sync;
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use sha2::Digest as _;
+
+use crate::hint::Hint;
+use crate::events::{Event, Reporter};
+use crate::process::Cmd;
+use crate::settings::Home;
+
+pub use snapshot::{Snapshot, snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("cannot {doing} {path}")]
+    Io {
+        doing: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot use {path} as an ebuild repository: {reason}")]
+    NotARepo { path: PathBuf, reason: String },
+    #[error("`{name}` is not a valid repository name")]
+    BadName { name: String },
+    #[error("making the snapshot of repository {name} failed: {reason}")]
+    Snapshot { name: String, reason: String },
+    #[error("generating the metadata cache of repository {name} at {revision} with egencache failed")]
+    Egencache {
+        name: String,
+        revision: String,
+        #[source]
+        source: crate::process::ProcessError,
+    },
+    #[error("repository {name} is not managed by dbh and no URL was given")]
+    NoUrl { name: String },
+    #[error("repository {name} has never been synced ({dir} has no tree)")]
+    NeverSynced { name: String, dir: PathBuf },
+    #[error("syncing repository {name} from {url} failed")]
+    SyncFailed {
+        name: String,
+        url: String,
+        #[source]
+        source: crate::process::ProcessError,
+    },
+    #[error("{url} is not a repository dbh can sync from: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error(transparent)]
+    Process(#[from] crate::process::ProcessError),
+}
+
+impl Hint for RepoError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            RepoError::NotARepo { .. } => {
+                Some("an ebuild repository has its name in profiles/repo_name (or metadata/layout.conf repo-name)".into())
+            }
+            RepoError::BadName { .. } => Some("repository names are letters, digits, `_` and `-` (PMS 3.1.5), e.g. gentoo".into()),
+            RepoError::Snapshot { .. } => {
+                Some("mksquashfs comes with squashfs-tools (Debian) / sys-fs/squashfs-tools (Gentoo); see the message above".into())
+            }
+            RepoError::Egencache { .. } => Some(
+                "egencache comes with Portage; point dbh at it with the setting portage.emerge (egencache is its sibling), \
+                 or give the repository a metadata/md5-cache"
+                    .into(),
+            ),
+            RepoError::NoUrl { name } => {
+                Some(format!("give the URL once: `dbh repo sync {name} --url URL` (a git URL, rsync://…, or a local directory)"))
+            }
+            RepoError::NeverSynced { name, .. } => Some(format!("run `dbh repo sync {name} --url URL` first")),
+            RepoError::SyncFailed { .. } => Some("check the URL and that git/rsync can reach it; run with -v for the full output".into()),
+            RepoError::BadUrl { .. } => Some("use a git URL (https://…, git://…, file://…, a path to a git checkout) or rsync://HOST/MODULE".into()),
+            RepoError::Process(e) => e.hint(),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) fn io<'a>(doing: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RepoError + 'a {
+    move |source| RepoError::Io { doing, path: path.to_owned(), source }
+}
+
+/// Where a build's repository comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// `--repo PATH`.
+    Cli,
+    /// A section of the target's repos.conf whose location exists on the host.
+    ReposConf,
+    /// `dbh repo sync NAME`: `$DBH_HOME/repos/NAME/current`.
+    Managed,
+}
+
+/// One repository a build uses, on the host.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub path: PathBuf,
+    pub origin: Origin,
+    /// Known without looking at the tree (a managed tree is named by its revision).
+    pub revision: Option<String>,
+}
+
+/// A revision: what `REPO_REVISIONS` records, and the key of the cached snapshot (the same unless
+/// the tree is a dirty git checkout, whose content decides which snapshot is right).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision {
+    pub recorded: String,
+    pub key: String,
+}
+
+/// Repository names as PMS allows them (they also name directories and QEMU drive serials here).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// `$DBH_HOME/repos/<name>/`.
+pub fn dir(home: &Home, name: &str) -> PathBuf {
+    home.root().join("repos").join(name)
+}
+
+/// The revision `path` is at: a clean git checkout's commit; `<commit>-dirty` (keyed by the
+/// content too) when `git status` shows changes under `path`, with a warning; otherwise
+/// `tree-<sha256 of the content>`.
+pub fn revision(path: &Path, reporter: &dyn Reporter) -> Result<Revision, RepoError> {
+    let git = |args: &[&str]| Cmd::new("git").arg("-C").arg(path).args(args).output().ok();
+    if let Some(head) = git(&["rev-parse", "--verify", "-q", "HEAD"]).map(|o| o.stdout_str().trim().to_owned())
+        && head.len() >= 40
+        && let Some(status) = git(&["status", "--porcelain", "--", "."])
+    {
+        if status.stdout_str().trim().is_empty() {
+            return Ok(Revision { recorded: head.clone(), key: head });
+        }
+        reporter.event(Event::Note {
+            message: format!("warning: {} has changes not committed to {head}; its revision is recorded as {head}-dirty", path.display()),
+        });
+        let hash = content_hash(path)?;
+        return Ok(Revision { recorded: format!("{head}-dirty"), key: format!("{head}-dirty-{}", &hash[..16]) });
+    }
+    let hash = content_hash(path)?;
+    let rev = format!("tree-{}", &hash[..32]);
+    Ok(Revision { recorded: rev.clone(), key: rev })
+}
+
+/// The revision of `src`: its known one, else [`revision`] of its tree.
+pub fn source_revision(src: &Source, reporter: &dyn Reporter) -> Result<Revision, RepoError> {
+    match &src.revision {
+        Some(r) => Ok(Revision { recorded: r.clone(), key: r.clone() }),
+        None => revision(&src.path, reporter),
+    }
+}
+
+/// SHA-256 over the tree under `root` (without `.git`/`.svn`), in name order: each entry's
+/// relative path, kind, executable bit and content (or link target). Streams every file; holds
+/// one directory listing at a time.
+pub fn content_hash(root: &Path) -> Result<String, RepoError> {
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    walk(root, &mut |rel, path, kind| {
+        use std::os::unix::fs::PermissionsExt as _;
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        match kind {
+            Kind::Dir => h.update(b"d\0"),
+            Kind::Symlink => {
+                let target = std::fs::read_link(path).map_err(io("read", path))?;
+                h.update(b"l\0");
+                h.update(target.as_os_str().as_encoded_bytes());
+                h.update([0]);
+            }
+            Kind::File => {
+                let meta = std::fs::metadata(path).map_err(io("read", path))?;
+                h.update(if meta.permissions().mode() & 0o111 != 0 { b"x\0" } else { b"f\0" });
+                h.update(meta.len().to_le_bytes());
+                let mut f = std::fs::File::open(path).map_err(io("read", path))?;
+                loop {
+                    let n = f.read(&mut buf).map_err(io("read", path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(hex::encode(h.finalize()))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Dir,
+    File,
+    Symlink,
+}
+
+/// Calls `f(relative path, absolute path, kind)` for every entry under `root` except VCS
+/// metadata, depth first, entries of each directory in name order.
+pub(crate) fn walk(root: &Path, f: &mut dyn FnMut(&Path, &Path, Kind) -> Result<(), RepoError>) -> Result<(), RepoError> {
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let abs = root.join(&rel);
+        let mut entries: Vec<_> = std::fs::read_dir(&abs).map_err(io("read", &abs))?.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        let mut dirs = Vec::new();
+        for e in entries {
+            let name = e.file_name();
+            if name == ".git" || name == ".svn" {
+                continue;
+            }
+            let rel = rel.join(&name);
+            let path = e.path();
+            let t = e.file_type().map_err(io("read", &path))?;
+            let kind = if t.is_dir() {
+                Kind::Dir
+            } else if t.is_symlink() {
+                Kind::Symlink
+            } else {
+                Kind::File
+            };
+            f(&rel, &path, kind)?;
+            if kind == Kind::Dir {
+                dirs.push(rel);
+            }
+        }
+        stack.extend(dirs.into_iter().rev());
+    }
+    Ok(())
+}
+
+/// The name of the ebuild repository at `path` (profiles/repo_name, else layout.conf repo-name).
+pub fn repo_name(path: &Path) -> Result<String, RepoError> {
+    let bad = |reason: &str| RepoError::NotARepo { path: path.to_owned(), reason: reason.into() };
+    if !path.is_dir() {
+        return Err(bad("it is not a directory"));
+    }
+    let name = fs_err::read_to_string(path.join("profiles/repo_name")).ok().map(|t| t.trim().to_owned()).filter(|n| !n.is_empty());
+    let name = name.or_else(|| {
+        let text = fs_err::read_to_string(path.join("metadata/layout.conf")).ok()?;
+        text.lines().find_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == "repo-name").map(|(_, v)| v.trim().to_owned()))
+    });
+    let name = name.ok_or_else(|| bad("it has no profiles/repo_name"))?;
+    if !valid_name(&name) {
+        return Err(RepoError::BadName { name });
+    }
+    Ok(name)
+}
+
+/// The repositories a build uses, each once (a `--repo` wins over a repos.conf section of the same
+/// name, which wins over a dbh-managed tree): every `--repo`; every section of the target's
+/// `repos_conf` whose `location` is a repository directory on the host; and the dbh-managed
+/// repository of each name that is still missing and is either named by a repos.conf section
+/// (whose location the host lacks) or is the profile's repository. Sections with no host tree
+/// and no managed tree stay the guest's own business.
+pub fn plan(home: &Home, cli: &[(String, PathBuf)], repos_conf: &str, profile_repo: &str) -> Vec<Source> {
+    let mut out: Vec<Source> = cli
+        .iter()
+        .map(|(n, p)| Source { name: n.clone(), path: p.clone(), origin: Origin::Cli, revision: None })
+        .collect();
+    let has = |out: &[Source], n: &str| out.iter().any(|s| s.name == n);
+    let mut wanted = Vec::new();
+    for (name, body) in crate::build::repos_conf_sections(repos_conf) {
+        if name == "DEFAULT" || has(&out, &name) {
+            continue;
+        }
+        let location = body.lines().find_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == "location").map(|(_, v)| v.trim().to_owned()));
+        match location.map(PathBuf::from).filter(|p| p.is_absolute() && repo_name(p).is_ok()) {
+            Some(path) => out.push(Source { name, path, origin: Origin::ReposConf, revision: None }),
+            None => wanted.push(name),
+        }
+    }
+    wanted.push(profile_repo.to_owned());
+    for name in wanted {
+        if has(&out, &name) || !valid_name(&name) {
+            continue;
+        }
+        if let Some((path, rev)) = sync::current(home, &name) {
+            out.push(Source { name, path, origin: Origin::Managed, revision: Some(rev) });
+        }
+    }
+    out
+}
+
+/// The guest-side repos.conf for the snapshots: each at `/var/db/repos/<name>`, never synced.
+pub fn guest_repos_conf(profile_repo: &str, names: &[String]) -> String {
+    let mut conf = format!("# written by dbh before each build\n[DEFAULT]\nmain-repo = {profile_repo}\n");
+    for name in names {
+        conf.push_str(&format!("\n[{name}]\nlocation = /var/db/repos/{name}\nauto-sync = no\n"));
+    }
+    conf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Silent;
+    impl Reporter for Silent {
+        fn event(&self, _: Event) {}
+    }
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t.invalid"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("gentoo") && valid_name("dbh-test") && valid_name("my_overlay2"));
+        assert!(!valid_name("") && !valid_name("-x") && !valid_name("a/b") && !valid_name("a b") && !valid_name("../x"));
+    }
+
+    #[test]
+    fn revisions_git_dirty_and_content() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("profiles")).unwrap();
+        std::fs::write(dir.path().join("profiles/repo_name"), "r\n").unwrap();
+        let plain = revision(dir.path(), &Silent).unwrap();
+        assert!(plain.recorded.starts_with("tree-") && plain.recorded.len() == 37, "{plain:?}");
+        assert_eq!(plain.key, plain.recorded);
+        assert_eq!(revision(dir.path(), &Silent).unwrap(), plain, "the same content, the same revision");
+        std::fs::write(dir.path().join("profiles/x"), "1").unwrap();
+        let changed = revision(dir.path(), &Silent).unwrap();
+        assert_ne!(changed, plain);
+        // A file made executable is another tree.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir.path().join("profiles/x"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_ne!(revision(dir.path(), &Silent).unwrap(), changed);
+
+        git(dir.path(), &["init", "-q"]);
+        git(dir.path(), &["add", "-A"]);
+        git(dir.path(), &["commit", "-q", "-m", "x"]);
+        let head = git(dir.path(), &["rev-parse", "HEAD"]);
+        assert_eq!(revision(dir.path(), &Silent).unwrap(), Revision { recorded: head.clone(), key: head.clone() });
+        std::fs::write(dir.path().join("profiles/x"), "2").unwrap();
+        let dirty = revision(dir.path(), &Silent).unwrap();
+        assert_eq!(dirty.recorded, format!("{head}-dirty"));
+        assert!(dirty.key.starts_with(&format!("{head}-dirty-")), "{dirty:?}");
+        std::fs::write(dir.path().join("profiles/x"), "3").unwrap();
+        assert_ne!(revision(dir.path(), &Silent).unwrap().key, dirty.key, "other dirty content, another snapshot");
+    }
+
+    #[test]
+    fn the_content_hash_ignores_vcs_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "x").unwrap();
+        let before = content_hash(dir.path()).unwrap();
+        std::fs::create_dir(dir.path().join(".git")).unwrap();
+        std::fs::write(dir.path().join(".git/HEAD"), "y").unwrap();
+        assert_eq!(content_hash(dir.path()).unwrap(), before);
+    }
+
+    #[test]
+    fn the_plan_takes_cli_host_and_managed_repositories() {
+        let home_dir = tempfile::tempdir().unwrap();
+        let home = Home::new(home_dir.path());
+        let host = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(host.path().join("profiles")).unwrap();
+        std::fs::write(host.path().join("profiles/repo_name"), "overlay\n").unwrap();
+        let conf = format!(
+            "[overlay]\nlocation = {}\n[missing]\nlocation = /nonexistent/missing\n[cli]\nlocation = /elsewhere\n",
+            host.path().display()
+        );
+        let cli = vec![("cli".to_owned(), PathBuf::from("/src/cli"))];
+        let plan = plan(&home, &cli, &conf, "gentoo");
+        let names: Vec<(&str, &Origin)> = plan.iter().map(|s| (s.name.as_str(), &s.origin)).collect();
+        assert_eq!(names, [("cli", &Origin::Cli), ("overlay", &Origin::ReposConf)]);
+        assert_eq!(plan[1].path, host.path());
+    }
+
+    #[test]
+    fn the_guest_repos_conf_names_every_snapshot() {
+        let c = guest_repos_conf("gentoo", &["gentoo".into(), "dbh-test".into()]);
+        assert!(c.contains("main-repo = gentoo\n"), "{c}");
+        assert!(c.contains("[dbh-test]\nlocation = /var/db/repos/dbh-test\nauto-sync = no\n"), "{c}");
+    }
+}
