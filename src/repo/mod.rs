@@ -142,6 +142,16 @@ pub fn dir(home: &Home, name: &str) -> PathBuf {
 /// content too) when `git status` shows changes under `path`, with a warning; otherwise
 /// `tree-<sha256 of the content>`.
 pub fn revision(path: &Path, reporter: &dyn Reporter) -> Result<Revision, RepoError> {
+    revision_with(path, &|p| content_hash(p), reporter)
+}
+
+/// [`revision`] with the content hash remembered under `home` ([`content_hash_cached`]): a
+/// plain directory of 20 000 ebuilds is stat'ed, not read, when nothing in it changed.
+pub fn revision_cached(home: &Home, path: &Path, reporter: &dyn Reporter) -> Result<Revision, RepoError> {
+    revision_with(path, &|p| content_hash_cached(home, p), reporter)
+}
+
+fn revision_with(path: &Path, content_hash: &dyn Fn(&Path) -> Result<String, RepoError>, reporter: &dyn Reporter) -> Result<Revision, RepoError> {
     let git = |args: &[&str]| Cmd::new("git").arg("-C").arg(path).args(args).output().ok();
     if let Some(head) = git(&["rev-parse", "--verify", "-q", "HEAD"]).map(|o| o.stdout_str().trim().to_owned())
         && head.len() >= 40
@@ -161,12 +171,54 @@ pub fn revision(path: &Path, reporter: &dyn Reporter) -> Result<Revision, RepoEr
     Ok(Revision { recorded: rev.clone(), key: rev })
 }
 
-/// The revision of `src`: its known one, else [`revision`] of its tree.
-pub fn source_revision(src: &Source, reporter: &dyn Reporter) -> Result<Revision, RepoError> {
+/// The revision of `src`: its known one, else [`revision_cached`] of its tree.
+pub fn source_revision(home: &Home, src: &Source, reporter: &dyn Reporter) -> Result<Revision, RepoError> {
     match &src.revision {
         Some(r) => Ok(Revision { recorded: r.clone(), key: r.clone() }),
-        None => revision(&src.path, reporter),
+        None => revision_cached(home, &src.path, reporter),
     }
+}
+
+/// SHA-256 over every entry's metadata under `root` (relative path, kind, mode, size, mtime and
+/// ctime in nanoseconds, device and inode): one lstat per entry, no file is read.
+fn stat_fingerprint(root: &Path) -> Result<String, RepoError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut h = sha2::Sha256::new();
+    walk(root, &mut |rel, path, _| {
+        let m = std::fs::symlink_metadata(path).map_err(io("read", path))?;
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        for v in [m.mode() as i64, m.size() as i64, m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec(), m.dev() as i64, m.ino() as i64] {
+            h.update(v.to_le_bytes());
+        }
+        Ok(())
+    })?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// [`content_hash`] of `root`, remembered in `$DBH_HOME/repos/.content-hashes/<sha256 of the
+/// path>` with the tree's [`stat_fingerprint`]: while the fingerprint is unchanged the files are
+/// not read again, the way git's index trusts stat data. ctime cannot be set back (`touch` moves
+/// it forward), so any edit, rename or permission change is seen. The fingerprint is taken
+/// before the content is read: a file changed meanwhile makes the next fingerprint differ, so a
+/// stale pair is never reused. Written atomically; a cache that cannot be written is only slower.
+pub fn content_hash_cached(home: &Home, root: &Path) -> Result<String, RepoError> {
+    let fingerprint = stat_fingerprint(root)?;
+    let abs = std::fs::canonicalize(root).map_err(io("read", root))?;
+    let dir = home.root().join("repos/.content-hashes");
+    let file = dir.join(hex::encode(sha2::Sha256::digest(abs.as_os_str().as_encoded_bytes())));
+    if let Ok(text) = std::fs::read_to_string(&file)
+        && let Some((fp, hash)) = text.trim().split_once(' ')
+        && fp == fingerprint
+        && hash.len() == 64
+    {
+        return Ok(hash.to_owned());
+    }
+    let hash = content_hash(root)?;
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = snapshot::write_atomic(&file, format!("{fingerprint} {hash}\n").as_bytes());
+    }
+    Ok(hash)
 }
 
 /// SHA-256 over the tree under `root` (without `.git`/`.svn`), in name order: each entry's
@@ -364,6 +416,35 @@ mod tests {
         assert!(dirty.key.starts_with(&format!("{head}-dirty-")), "{dirty:?}");
         std::fs::write(dir.path().join("profiles/x"), "3").unwrap();
         assert_ne!(revision(dir.path(), &Silent).unwrap().key, dirty.key, "other dirty content, another snapshot");
+    }
+
+    #[test]
+    fn the_cached_content_hash_sees_every_change() {
+        let home = tempfile::tempdir().unwrap();
+        let home = Home::new(home.path());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("c/p")).unwrap();
+        std::fs::write(dir.path().join("c/p/p-1.ebuild"), "EAPI=8\n").unwrap();
+        let first = content_hash_cached(&home, dir.path()).unwrap();
+        assert_eq!(first, content_hash(dir.path()).unwrap());
+        assert_eq!(std::fs::read_dir(home.root().join("repos/.content-hashes")).unwrap().count(), 1);
+        assert_eq!(content_hash_cached(&home, dir.path()).unwrap(), first, "unchanged: from the cache");
+        // Same size, mtime put back: ctime still moves, so the edit is seen.
+        let f = dir.path().join("c/p/p-1.ebuild");
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, "EAPI=7\n").unwrap();
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
+        let edited = content_hash_cached(&home, dir.path()).unwrap();
+        assert_ne!(edited, first);
+        assert_eq!(edited, content_hash(dir.path()).unwrap());
+        // A new file, and a cache entry that is garbage, are both handled.
+        std::fs::write(dir.path().join("c/p/p-2.ebuild"), "EAPI=8\n").unwrap();
+        assert_eq!(content_hash_cached(&home, dir.path()).unwrap(), content_hash(dir.path()).unwrap());
+        for e in std::fs::read_dir(home.root().join("repos/.content-hashes")).unwrap().flatten() {
+            std::fs::write(e.path(), "garbage").unwrap();
+        }
+        assert_eq!(content_hash_cached(&home, dir.path()).unwrap(), content_hash(dir.path()).unwrap());
     }
 
     #[test]

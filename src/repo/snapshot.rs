@@ -83,7 +83,7 @@ fn has_metadata_cache(tree: &Path) -> bool {
 /// The snapshot of `src` at its current revision: the cached one, or a new one. `others` are the
 /// build's other repositories (egencache needs a repository's masters).
 pub fn snapshot(home: &Home, src: &Source, others: &[Source], tools: &Tools, reporter: &dyn Reporter) -> Result<Snapshot, RepoError> {
-    let revision = source_revision(src, reporter)?;
+    let revision = source_revision(home, src, reporter)?;
     let snaps = dir(home, &src.name).join("snapshots");
     let image = snaps.join(format!("{}.sqfs", revision.key));
     let found = |made, egencache| Snapshot { name: src.name.clone(), revision: revision.clone(), image: image.clone(), made, egencache };
