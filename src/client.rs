@@ -134,6 +134,9 @@ fn host_and_path(url: &str) -> Result<(String, String), ClientError> {
     Ok((host.to_owned(), path.trim_matches('/').to_owned()))
 }
 
+/// Largest index `explain` reads (decompressed): a 100 000-package binhost's is about 50 MiB.
+pub const MAX_INDEX: u64 = 1 << 30;
+
 /// The binhost's index, as Portage fetches it: `Packages.gz`, else `Packages`.
 pub fn fetch_index(url: &str) -> Result<Index, ClientError> {
     let client = reqwest::blocking::Client::builder()
@@ -151,16 +154,17 @@ pub fn fetch_index(url: &str) -> Result<Index, ClientError> {
             last = Some(ClientError::Status { url: u, status });
             continue;
         }
-        let body = resp.bytes().map_err(|source| ClientError::Fetch { url: u.clone(), source })?;
-        let text = if gz {
-            let mut out = Vec::new();
-            flate2::read::MultiGzDecoder::new(&body[..])
-                .read_to_end(&mut out)
-                .map_err(|e| ClientError::BadIndex { url: u.clone(), reason: e.to_string() })?;
-            out
+        // Streamed and capped on the decompressed side: the URL is the user's, the bytes are not.
+        let mut text = Vec::new();
+        let read = if gz {
+            flate2::read::MultiGzDecoder::new(resp).take(MAX_INDEX + 1).read_to_end(&mut text)
         } else {
-            body.to_vec()
+            resp.take(MAX_INDEX + 1).read_to_end(&mut text)
         };
+        read.map_err(|e| ClientError::BadIndex { url: u.clone(), reason: e.to_string() })?;
+        if text.len() as u64 > MAX_INDEX {
+            return Err(ClientError::BadIndex { url: u, reason: format!("it is larger than {} MiB", MAX_INDEX >> 20) });
+        }
         return Index::parse(&text).map_err(|e| ClientError::BadIndex { url: u, reason: e.to_string() });
     }
     Err(last.unwrap_or(ClientError::BadUrl { url: url.to_owned() }))
@@ -241,12 +245,12 @@ fn iuse_names(iuse: &str) -> BTreeSet<String> {
     iuse.split_whitespace().map(|f| f.trim_start_matches(['+', '-']).to_owned()).collect()
 }
 
-/// Whether `accept` (ACCEPT_KEYWORDS, plus package.accept_keywords' effect not known here)
-/// accepts an ebuild with `keywords` on `arch`.
-fn accepted(keywords: &str, arch: &str, accept: &str) -> bool {
+/// Whether `accept` (the global ACCEPT_KEYWORDS; package.accept_keywords is not seen here, but
+/// then emerge would have picked that version) accepts an ebuild with `keywords`.
+fn accepted(keywords: &str, accept: &str) -> bool {
     let accept: BTreeSet<&str> = accept.split_whitespace().collect();
     keywords.split_whitespace().any(|k| {
-        k == "*" || accept.contains(k) || (k == arch && accept.contains(arch)) || accept.contains("**") || (k.starts_with('~') && accept.contains("~*"))
+        k == "*" || accept.contains(k) || accept.contains("**") || (k.starts_with('~') && accept.contains("~*"))
     })
 }
 
@@ -287,7 +291,7 @@ fn reason_for(cpv: &str, client_use: &[String], index: &Index, vars: &std::colle
     // The most recently built other version whose keywords the client does not accept.
     if let Some(e) = others
         .iter()
-        .filter(|e| !accepted(e.get("KEYWORDS").unwrap_or_default(), &arch, &accept))
+        .filter(|e| !accepted(e.get("KEYWORDS").unwrap_or_default(), &accept))
         .max_by_key(|e| e.get("BUILD_TIME").and_then(|t| t.parse::<u64>().ok()).unwrap_or(0))
     {
         let keywords = e.get("KEYWORDS").unwrap_or_default().to_owned();

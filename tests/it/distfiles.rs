@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use blake2::Digest as _;
 
-use super::portage::{combined, copy_tree, fixture_repo};
+use super::portage::combined;
 use super::vm::{assert_no_qemu, product_home};
 use super::vm_build::{run, stdout};
 
@@ -87,8 +87,7 @@ fn dist_line(name: &str, data: &[u8]) -> String {
 /// A git checkout of the fixture repository with two packages that need distfiles: `fetched`
 /// (from `SRC_URI`) and `restricted` (RESTRICT="fetch": only from the user's DISTDIR).
 fn repo_with_sources(dir: &Path, port: u16, fetched: &[u8], restricted: &[u8]) -> std::path::PathBuf {
-    let repo = dir.join("repo");
-    copy_tree(&fixture_repo(), &repo);
+    let (repo, _) = super::vm_build::git_repo(dir);
     for (pn, uri, restrict, data) in [
         ("fetched", format!("http://10.0.2.2:{port}/fetched-1.0.tar"), "", fetched),
         ("restricted", "restricted-1.0.tar".to_owned(), "RESTRICT=\"fetch\"\n", restricted),
@@ -105,7 +104,8 @@ fn repo_with_sources(dir: &Path, port: u16, fetched: &[u8], restricted: &[u8]) -
         .unwrap();
         std::fs::write(d.join("Manifest"), dist_line(&format!("{pn}-1.0.tar"), data)).unwrap();
     }
-    let git = |args: &[&str]| {
+    // Committed, so the snapshot's revision is a clean commit.
+    for args in [&["add", "-A"][..], &["commit", "-q", "-m", "packages with distfiles"]] {
         let out = std::process::Command::new("git")
             .arg("-C")
             .arg(&repo)
@@ -114,10 +114,7 @@ fn repo_with_sources(dir: &Path, port: u16, fetched: &[u8], restricted: &[u8]) -
             .output()
             .unwrap();
         assert!(out.status.success(), "git {args:?}: {}", combined(&out));
-    };
-    git(&["init", "-q"]);
-    git(&["add", "-A"]);
-    git(&["commit", "-q", "-m", "fixture with distfiles"]);
+    }
     repo
 }
 

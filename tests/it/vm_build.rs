@@ -59,7 +59,7 @@ fn build(home: &Path, repo: &Path, atoms: &[&str]) -> Output {
 }
 
 /// A git checkout of the fixture repository under `dir`, and its commit.
-fn git_repo(dir: &Path) -> (PathBuf, String) {
+pub fn git_repo(dir: &Path) -> (PathBuf, String) {
     let repo = dir.join("repo");
     copy_tree(&fixture_repo(), &repo);
     let git = |args: &[&str]| {
