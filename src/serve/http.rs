@@ -389,8 +389,9 @@ pub fn http_date(t: SystemTime) -> String {
     httpdate::fmt_http_date(time_from_secs(secs))
 }
 
-/// The `Date` header value, formatted at most once per second per thread.
-pub fn now_date() -> String {
+/// Calls `f` with the `Date` header value, formatted at most once per second per thread (no
+/// allocation per response).
+pub fn with_now_date<R>(f: impl FnOnce(&str) -> R) -> R {
     use std::cell::RefCell;
     thread_local! {
         static CACHE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
@@ -402,7 +403,7 @@ pub fn now_date() -> String {
         if c.0 != secs || c.1.is_empty() {
             *c = (secs, http_date(now));
         }
-        c.1.clone()
+        f(&c.1)
     })
 }
 
@@ -428,16 +429,33 @@ pub fn reason(status: u16) -> &'static str {
 /// Builds a response head. `headers` are written as given; Date, Server, Connection and (unless
 /// `length` is None) Content-Length are added here.
 pub fn response_head(status: u16, keep_alive: bool, length: Option<u64>, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    head_with_lines(status, keep_alive, &header_lines(headers, length), &mut out);
+    out
+}
+
+/// `Name: value\r\n` per header, then `Content-Length` unless `length` is None: the part of a
+/// head that depends only on the file, which the open-file cache renders once per file.
+pub fn header_lines(headers: &[(&str, &str)], length: Option<u64>) -> Vec<u8> {
     let mut s = String::with_capacity(256);
-    let _ = write!(s, "HTTP/1.1 {status} {}\r\nServer: dbh/{}\r\nDate: {}\r\n", reason(status), env!("CARGO_PKG_VERSION"), now_date());
     for (k, v) in headers {
         let _ = write!(s, "{k}: {v}\r\n");
     }
     if let Some(len) = length {
         let _ = write!(s, "Content-Length: {len}\r\n");
     }
-    s.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
     s.into_bytes()
+}
+
+/// Appends a whole head to `out`: status line, Server, Date, the pre-rendered `lines`
+/// ([`header_lines`]) and Connection — the same bytes [`response_head`] gives.
+pub fn head_with_lines(status: u16, keep_alive: bool, lines: &[u8], out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    let _ = write!(out, "HTTP/1.1 {status} {}\r\nServer: dbh/{}\r\nDate: ", reason(status), env!("CARGO_PKG_VERSION"));
+    with_now_date(|d| out.extend_from_slice(d.as_bytes()));
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(lines);
+    out.extend_from_slice(if keep_alive { b"Connection: keep-alive\r\n\r\n" } else { b"Connection: close\r\n\r\n" });
 }
 
 /// A `Host` header value safe to paste into a URL and a config file: host name, IPv4, or a
