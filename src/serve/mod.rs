@@ -582,7 +582,17 @@ fn log_access(peer: SocketAddr, method: &str, target: &str, o: &Outcome, started
     LINE.with(|line| {
         let mut line = line.borrow_mut();
         line.clear();
-        let _ = write!(line, "{peer} {method} ");
+        // The peer is formatted by hand: SocketAddr's Display goes through the padding-aware
+        // formatter byte by byte.
+        match peer {
+            SocketAddr::V4(a) => {
+                let [o1, o2, o3, o4] = a.ip().octets();
+                let _ = write!(line, "{o1}.{o2}.{o3}.{o4}:{} {method} ", a.port());
+            }
+            SocketAddr::V6(_) => {
+                let _ = write!(line, "{peer} {method} ");
+            }
+        }
         push_escaped(&mut line, target);
         let _ = write!(line, " {} {} {:.1}ms", o.status, o.bytes, started.elapsed().as_secs_f64() * 1000.0);
         tracing::info!(target: "dbh::access", "{}", line.as_str());
