@@ -16,8 +16,9 @@
 //! - `/<target>/portage/` and `/<target>/portage/<file>`: the build configuration
 //!   ([`crate::binhost::clientconf`]).
 //!
-//! Consistency: every body is served from one descriptor opened for that request, and validators
-//! come from that descriptor ([`fs`]). The binhost writer replaces `Packages` and `Packages.gz` by
+//! Consistency: every body is served from one descriptor — opened for that request, or held by
+//! the open-file cache ([`cache`]) after a `fstatat` of the path found it still names that very
+//! file — and validators come from that descriptor ([`fs`]). The binhost writer replaces `Packages` and `Packages.gz` by
 //! rename, each written complete before its rename. So the server guarantees that every response
 //! is one complete generation of the file it names, with an ETag and Last-Modified describing
 //! exactly those bytes. It does not (cannot, over separate requests) promise that a `Packages`
