@@ -732,9 +732,9 @@ mod tests {
         // The sums the issue names: one part spanning everything, and many whose total wraps u64.
         assert_eq!(parse_ranges("bytes=0-18446744073709551615", 10), Ranges::Partial(vec![r(0, 10)]));
         assert_eq!(parse_ranges("bytes=0-18446744073709551615", u64::MAX), Ranges::Partial(vec![r(0, u64::MAX)]));
-        let wrap = format!("bytes={}", vec!["0-18446744073709551614"; 5].join(","));
+        let wrap = format!("bytes={}", ["0-18446744073709551614"; 5].join(","));
         assert_eq!(parse_ranges(&wrap, u64::MAX), Ranges::Full);
-        let wrap = format!("bytes={}", vec!["1-"; 3].join(","));
+        let wrap = format!("bytes={}", ["1-"; 3].join(","));
         assert_eq!(parse_ranges(&wrap, 1 << 63), Ranges::Full);
         assert_eq!(parse_ranges("bytes=18446744073709551616-", 10), Ranges::Full, "beyond u64 is malformed");
     }

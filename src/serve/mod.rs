@@ -880,7 +880,7 @@ async fn serve_file(stream: &TcpStream, req: &Request, keep: bool, entry: &cache
             let mut h = vec![("Content-Type", ctype), ("Content-Range", cr.as_str())];
             h.extend_from_slice(&common);
             let head = http::response_head(206, keep, Some(r.len()), &h);
-            send_file_body(stream, &head, &file, &[(Vec::new(), r)], b"", get, limits, 206, keep).await
+            send_file_body(stream, &head, file, &[(Vec::new(), r)], b"", get, limits, 206, keep).await
         }
         Ranges::Partial(parts) => {
             // The boundary only has to be absent from the part bodies' framing lines; a value
@@ -907,7 +907,7 @@ async fn serve_file(stream: &TcpStream, req: &Request, keep: bool, entry: &cache
             let mut h = vec![("Content-Type", ct.as_str())];
             h.extend_from_slice(&common);
             let head = http::response_head(206, keep, Some(total), &h);
-            send_file_body(stream, &head, &file, &framed, &trailer, get, limits, 206, keep).await
+            send_file_body(stream, &head, file, &framed, &trailer, get, limits, 206, keep).await
         }
     }
 }
