@@ -726,7 +726,7 @@ mod tests {
         let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
             (vec![1001], vec![]),
             (vec![], vec![1000]),
-            (vec![0 + 1, 3999], vec![0, 3998]),
+            (vec![1, 3999], vec![0, 3998]),
             (vec![], (0..400).step_by(2).collect()),
             ((1..600).step_by(2).collect(), vec![]),
             (vec![2001, 2003, 3001], vec![2000, 2002, 100]),
