@@ -37,7 +37,7 @@ pub fn init_tracing(verbose: u8, quiet: bool, color: bool, timestamps: bool) {
         });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LineWriter)
         // Colour codes only when asked for: logs and CI output must stay plain text.
         .with_ansi(color)
         .with_target(false);
@@ -47,6 +47,29 @@ pub fn init_tracing(verbose: u8, quiet: bool, color: bool, timestamps: bool) {
     } else {
         builder.without_time().try_init()
     };
+}
+
+/// Where log lines go: stderr, by one write(2) per line without std's stderr lock. tracing
+/// formats each event completely and hands it over in one `write_all`, so the lock only made the
+/// threads of `dbh serve` (one access line per request) wait for each other; a write of a
+/// line to a file or pipe is not torn by the kernel.
+struct LineWriter;
+
+impl std::io::Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: fd 2 and a valid buffer of `buf.len()` bytes.
+        let n = unsafe { libc::write(libc::STDERR_FILENO, buf.as_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        // As std's Stderr: a closed stderr swallows output rather than failing the program.
+        if e.raw_os_error() == Some(libc::EBADF) { Ok(buf.len()) } else { Err(e) }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Draws bars when stderr is a terminal and not quiet; otherwise prints notes and finishes as lines.

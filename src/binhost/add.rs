@@ -188,7 +188,7 @@ pub fn add_with_header(
     let new_text = if !pending.is_empty() {
         None
     } else {
-        Some(index_text(old_text.as_deref(), &entries, target, ts, edit, &parse)?)
+        Some(index_text(old_text.as_deref(), &entries, target, ts, edit, &parse, dir)?)
     };
     let old_index = match (&new_text, &old_text) {
         (None, Some(t)) => {
@@ -213,7 +213,11 @@ pub fn add_with_header(
             super::sync_dir(parent)?;
         }
         match new_text {
-            Some(text) => super::write_index_as(dir, &text, Some(ts), "add").map(|_| ()),
+            Some(NewIndex::Text(text)) => super::write_index_as(dir, &text, Some(ts), "add").map(|_| ()),
+            Some(NewIndex::Edits(header, edits)) => {
+                let old = old_text.as_deref().expect("edits are of an old index");
+                super::generations::publish_edit(dir, old, &header, &edits, ts, "add").map(|_| ())
+            }
             None => {
                 let opts = Options { full: false, target: Some(target) };
                 scan::reindex_locked(dir, old_index, opts, reporter).map(|_| ())
@@ -313,6 +317,13 @@ fn ids_on_disk(dir: &Path, input: &Input) -> Result<Vec<(u64, PathBuf)>, Binhost
     Ok(ids)
 }
 
+/// The new index: either as edits of the old text (the published generation, which dbh wrote
+/// as it renders: only the new stanzas are rendered and put in their sorted places) or whole.
+enum NewIndex {
+    Edits(String, Vec<super::generations::Edit>),
+    Text(String),
+}
+
 /// The index with `entries` added (Portage's `inject`): header from the old index plus the
 /// target's ARCH/CHOST/PROFILE, PACKAGES, TIMESTAMP `ts`.
 fn index_text(
@@ -322,7 +333,8 @@ fn index_text(
     ts: u64,
     edit: HeaderEdit<'_>,
     parse: &dyn Fn(&str) -> Result<Index, BinhostError>,
-) -> Result<String, BinhostError> {
+    dir: &Path,
+) -> Result<NewIndex, BinhostError> {
     let header_only = |t: &str| t.split_once("\n\n").map(|(h, _)| format!("{h}\n\n"));
     let mut index = match old.and_then(header_only) {
         // The header is small: parse it (its line numbers are the file's).
@@ -336,9 +348,20 @@ fn index_text(
     index.header.insert("TIMESTAMP".into(), ts.to_string());
     edit(&mut index.header);
     if let Some(text) = old
+        && matches!(super::generations::state(dir)?, super::generations::State::Published(_))
+        && let Some(edits) = insertions(text, &index.header, entries)
+    {
+        let mut header = index.header.clone();
+        let count = header.get("PACKAGES").and_then(|v| v.parse::<usize>().ok());
+        if let Some(count) = count {
+            header.insert("PACKAGES".into(), (count + entries.len()).to_string());
+            return Ok(NewIndex::Edits(Index { header, packages: Vec::new() }.render(), edits));
+        }
+    }
+    if let Some(text) = old
         && let Some(spliced) = super::index::splice(text, &index.header, entries)
     {
-        return Ok(spliced);
+        return Ok(NewIndex::Text(spliced));
     }
     let mut index = match old {
         Some(t) => {
@@ -355,7 +378,76 @@ fn index_text(
     index.packages.retain(|e| !new_paths.contains(&e.effective_path()));
     index.packages.extend(entries.iter().cloned());
     index.header.insert("PACKAGES".into(), index.packages.len().to_string());
-    Ok(index.render())
+    Ok(NewIndex::Text(index.render()))
+}
+
+/// Where `entries` go in `old`, a published generation's text (sorted by CPV and BUILD_ID, as
+/// dbh renders), as insertions of their rendered stanzas: found by searching the `CPV: ` lines,
+/// nothing else of the text is read. `None` when this is not a plain insertion (the header
+/// changes what stanzas inherit, or a new PATH is already listed): the caller splices.
+fn insertions(old: &str, header: &std::collections::BTreeMap<String, String>, entries: &[Entry]) -> Option<Vec<super::generations::Edit>> {
+    let (old_header, _) = old.split_once("\n\n")?;
+    let body_at = old_header.len() + 2;
+    let parsed = Index::parse(format!("{old_header}\n\n").as_bytes()).ok()?;
+    for key in super::index::INHERITED_KEYS {
+        if parsed.header(key) != header.get(*key).map(String::as_str).filter(|v| !v.is_empty()) {
+            return None;
+        }
+    }
+    for e in entries {
+        let needle = format!("\nPATH: {}\n", e.effective_path());
+        if memchr::memmem::find(old.as_bytes(), needle.as_bytes()).is_some() {
+            return None;
+        }
+    }
+    let rendered = Index { header: header.clone(), packages: entries.to_vec() };
+    let sorted = rendered.packages_sorted();
+    let text = rendered.render();
+    let (_, body) = text.split_once("\n\n")?;
+    let mut edits: Vec<super::generations::Edit> = Vec::new();
+    for (entry, stanza) in sorted.into_iter().zip(body.split_terminator("\n\n")) {
+        let key = (entry.cpv(), entry.build_id());
+        let at = insertion_point(old, body_at, key)?;
+        let text = format!("{stanza}\n\n");
+        match edits.last_mut() {
+            Some(last) if last.start == at => last.text.push_str(&text),
+            _ => edits.push(super::generations::Edit { start: at, end: at, text }),
+        }
+    }
+    Some(edits)
+}
+
+/// The offset of the first stanza of `old`'s body whose (CPV, BUILD_ID) is greater than `key`
+/// (the end of the text when none is).
+fn insertion_point(old: &str, body_at: usize, key: (&str, Option<u64>)) -> Option<usize> {
+    let bytes = old.as_bytes();
+    let body = &bytes[body_at..];
+    let mut hits: Vec<usize> = Vec::new();
+    if body.starts_with(b"CPV: ") {
+        hits.push(body_at);
+    }
+    hits.extend(memchr::memmem::find_iter(body, b"\nCPV: ").map(|i| body_at + i + 1));
+    for line_at in hits {
+        let line_end = memchr::memchr(b'\n', &bytes[line_at..]).map_or(bytes.len(), |i| line_at + i);
+        let cpv = &old[line_at + 5..line_end];
+        if cpv < key.0 {
+            continue;
+        }
+        let start = old[..line_at].rfind("\n\n").map_or(body_at, |i| i + 2).max(body_at);
+        if cpv > key.0 {
+            return Some(start);
+        }
+        let id = old[start..line_at].lines().find_map(|l| l.strip_prefix("BUILD_ID: ")).map(|v| v.parse::<u64>().ok());
+        let id = match id {
+            Some(Some(id)) => Some(id),
+            Some(None) => return None,
+            None => None,
+        };
+        if id > key.1 {
+            return Some(start);
+        }
+    }
+    Some(bytes.len())
 }
 
 /// TIMESTAMP from an index's header, without parsing the rest.
@@ -368,7 +460,7 @@ fn header_timestamp(text: &str) -> Option<u64> {
 fn max_build_id(text: &str, cpv: &str) -> u64 {
     let needle = format!("\nCPV: {cpv}\n");
     let mut max = 0;
-    for (at, _) in text.match_indices(&needle) {
+    for at in memchr::memmem::find_iter(text.as_bytes(), needle.as_bytes()) {
         let start = text[..at].rfind("\n\n").map_or(0, |i| i + 2);
         let end = text[at..].find("\n\n").map_or(text.len(), |i| at + i);
         let stanza = &text[start..end];

@@ -408,24 +408,239 @@ pub fn publish(dir: &Path, text: &str, timestamp: u64, op: &str) -> Result<Gener
         }
         w.flush().map_err(|e| io_at(&path, "cannot write", e))?;
     }
-    gz.sync(Some(timestamp))?;
     let mut plain = TempFile::new(dir, "Packages")?;
     plain.file().write_all(text.as_bytes()).map_err(|e| io_at(plain.path(), "cannot write", e))?;
+    commit(dir, gz, plain, &record)?;
+    Ok(record)
+}
+
+/// Steps (1)–(3) of a publish once both temp files hold their complete content: fsync them
+/// with the index's TIMESTAMP as mtime, record the generation, rename both into place.
+fn commit(dir: &Path, mut gz: TempFile, mut plain: TempFile, record: &Generation) -> Result<(), BinhostError> {
+    let (timestamp, number) = (record.timestamp, record.generation);
+    let gdir = gen_dir(dir);
+    gz.sync(Some(timestamp))?;
     plain.sync(Some(timestamp))?;
     // (2) The record.
     let link = gz_path(dir, number);
     let _ = std::fs::remove_file(&link);
     fs_err::hard_link(gz.path(), &link)?;
     let mut rec = TempFile::new(dir, "generation")?;
-    let json = serde_json::to_vec_pretty(&record).expect("a record serializes");
+    let json = serde_json::to_vec_pretty(record).expect("a record serializes");
     rec.file().write_all(&json).map_err(|e| io_at(rec.path(), "cannot write", e))?;
     rec.persist(&record_path(dir, number), None)?;
     sync_dir(&gdir)?;
     // (3) Publish.
     gz.rename(&dir.join("Packages.gz"))?;
     plain.rename(&dir.join("Packages"))?;
-    sync_dir(dir)?;
+    sync_dir(dir)
+}
+
+/// One change of the current index's body for [`publish_edit`]: bytes `start..end` of the
+/// current `Packages` (past its header; `start == end` inserts) become `text` (whole stanzas,
+/// each ending in its blank line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub start: usize,
+    pub end: usize,
+    pub text: String,
+}
+
+/// `old` (the current `Packages` text) with its header replaced by `header` and `edits` (sorted,
+/// not overlapping) applied.
+pub fn apply(old: &str, header: &str, edits: &[Edit]) -> String {
+    let body_at = old.find("\n\n").map_or(old.len(), |i| i + 2);
+    let mut out = String::with_capacity(old.len() + edits.iter().map(|e| e.text.len()).sum::<usize>());
+    out.push_str(header);
+    let mut pos = body_at;
+    for e in edits {
+        out.push_str(&old[pos..e.start]);
+        out.push_str(&e.text);
+        pos = e.end;
+    }
+    out.push_str(&old[pos..]);
+    out
+}
+
+/// [`publish`] of `apply(old, header, edits)`, at O(change) when the published files are exactly
+/// the latest generation (the usual case): only the blocks the edits touch are split and
+/// compressed again; every other block is copied, for `Packages.gz` by the kernel from the
+/// published file (copy_file_range), without being read or compared. Anything else — no
+/// generation yet, files another tool wrote, a header of another length than recorded — takes
+/// [`publish`]'s full path, which gives the same files.
+///
+/// The result equals [`publish`]'s, block boundaries included: a changed run of blocks starts
+/// at an old boundary (everything before it is unchanged, and the boundary scan only looks
+/// back to the last boundary) and is extended until it ends with a stanza that is a boundary
+/// by its hash, so every block after it starts where it did.
+pub fn publish_edit(dir: &Path, old: &str, header: &str, edits: &[Edit], timestamp: u64, op: &str) -> Result<Generation, BinhostError> {
+    recover(dir)?;
+    let full = || publish(dir, &apply(old, header, edits), timestamp, op);
+    let Some(last) = newest(dir, 1)?.pop() else { return full() };
+    let body_at = old.find("\n\n").map_or(old.len(), |i| i + 2);
+    let gz_file = match std::fs::File::open(dir.join("Packages.gz")) {
+        Ok(f) => f,
+        Err(_) => return full(),
+    };
+    let usable = same_inode(&dir.join("Packages.gz"), &gz_path(dir, last.generation))
+        && gz_file.metadata().is_ok_and(|m| m.len() == last.gz_len())
+        && old.len() as u64 == last.plain_len()
+        && body_at as u64 == last.header_plain
+        && !last.blocks.is_empty()
+        && header.ends_with("\n\n")
+        && !header[..header.len() - 2].contains("\n\n");
+    if !usable {
+        return full();
+    }
+    let nb = last.blocks.len();
+    let (mut poff, mut zoff) = (Vec::with_capacity(nb + 1), Vec::with_capacity(nb + 1));
+    let (mut p, mut z) = (last.header_plain as usize, last.header_gz);
+    for b in &last.blocks {
+        poff.push(p);
+        zoff.push(z);
+        p += b.plain as usize;
+        z += b.gz;
+    }
+    poff.push(p);
+    zoff.push(z);
+    // The block an offset falls in (an insertion at a block's start belongs to that block, one
+    // at the very end to the last block).
+    let block_of = |at: usize| poff[1..].partition_point(|end| *end <= at).min(nb - 1);
+    let mut dirty = vec![false; nb];
+    for e in edits {
+        if e.start < body_at || e.end < e.start || e.end > old.len() {
+            return full();
+        }
+        let last_byte = if e.end > e.start { e.end - 1 } else { e.start };
+        for d in &mut dirty[block_of(e.start)..=block_of(last_byte)] {
+            *d = true;
+        }
+    }
+
+    // The new layout: old blocks kept as they are, and the recompressed runs.
+    enum Seg {
+        Keep(usize, usize),
+        New(Vec<u8>, Vec<u8>),
+    }
+    let mut segs: Vec<Seg> = Vec::new();
+    let mut blocks: Vec<Block> = Vec::with_capacity(nb + 2);
+    let (mut added, mut removed): (BTreeSet<String>, BTreeSet<String>) = (BTreeSet::new(), BTreeSet::new());
+    let mut next_edit = 0;
+    let mut i = 0;
+    while i < nb {
+        if !dirty[i] {
+            let j = (i..nb).find(|k| dirty[*k]).unwrap_or(nb);
+            segs.push(Seg::Keep(i, j));
+            blocks.extend_from_slice(&last.blocks[i..j]);
+            i = j;
+            continue;
+        }
+        let a = i;
+        let mut b = i;
+        let first_edit = next_edit;
+        let text = loop {
+            while b + 1 < nb && dirty[b + 1] {
+                b += 1;
+            }
+            let (from, to) = (poff[a], poff[b + 1]);
+            let mut text = String::with_capacity(to - from);
+            let mut pos = from;
+            let mut k = first_edit;
+            while k < edits.len() && block_of(edits[k].start) <= b {
+                text.push_str(&old[pos..edits[k].start]);
+                text.push_str(&edits[k].text);
+                pos = edits[k].end;
+                k += 1;
+            }
+            text.push_str(&old[pos..to]);
+            next_edit = k;
+            let ends_on_boundary = stanzas(&text).last().is_some_and(|s| boundary_hash(s).is_multiple_of(BLOCK_TARGET));
+            if b + 1 == nb || ends_on_boundary {
+                break text;
+            }
+            b += 1;
+        };
+        let old_run = &old[poff[a]..poff[b + 1]];
+        removed.extend(stanzas(old_run).iter().map(|s| stanza_id(s)));
+        let new_stanzas = stanzas(&text);
+        added.extend(new_stanzas.iter().map(|s| stanza_id(s)));
+        let mut plain = Vec::with_capacity(text.len());
+        let mut gz = Vec::new();
+        let mut at = 0;
+        for (s, e) in blocks_of(&new_stanzas) {
+            let len: usize = new_stanzas[s..e].iter().map(|t| t.len()).sum();
+            let member = gzip_member(&text.as_bytes()[at..at + len], 0);
+            blocks.push(Block { plain: len as u64, gz: member.len() as u64, count: (e - s) as u64 });
+            gz.extend_from_slice(&member);
+            at += len;
+        }
+        plain.extend_from_slice(text.as_bytes());
+        segs.push(Seg::New(plain, gz));
+        i = b + 1;
+    }
+    if next_edit != edits.len() {
+        return full();
+    }
+    let both: Vec<String> = added.intersection(&removed).cloned().collect();
+    for id in &both {
+        added.remove(id);
+        removed.remove(id);
+    }
+    let header_gz = gzip_member(header.as_bytes(), timestamp as u32);
+    let record = Generation {
+        generation: last.generation + 1,
+        time: super::now(),
+        timestamp,
+        op: op.to_owned(),
+        packages: blocks.iter().map(|b| b.count).sum(),
+        added: added.into_iter().collect(),
+        removed: removed.into_iter().collect(),
+        header_plain: header.len() as u64,
+        header_gz: header_gz.len() as u64,
+        blocks,
+    };
+
+    let mut gz = TempFile::new(dir, "Packages.gz")?;
+    let mut plain = TempFile::new(dir, "Packages")?;
+    {
+        let (gz_path_, plain_path) = (gz.path().to_owned(), plain.path().to_owned());
+        let (gzf, pf) = (gz.file(), plain.file());
+        gzf.write_all(&header_gz).map_err(werr(&gz_path_))?;
+        let mut pw = std::io::BufWriter::with_capacity(1 << 20, &*pf);
+        pw.write_all(header.as_bytes()).map_err(werr(&plain_path))?;
+        for seg in &segs {
+            match seg {
+                Seg::Keep(i, j) => {
+                    pw.write_all(&old.as_bytes()[poff[*i]..poff[*j]]).map_err(werr(&plain_path))?;
+                    copy_range(&gz_file, zoff[*i], zoff[*j] - zoff[*i], gzf).map_err(werr(&gz_path_))?;
+                }
+                Seg::New(p, z) => {
+                    pw.write_all(p).map_err(werr(&plain_path))?;
+                    gzf.write_all(z).map_err(werr(&gz_path_))?;
+                }
+            }
+        }
+        pw.flush().map_err(werr(&plain_path))?;
+    }
+    commit(dir, gz, plain, &record)?;
     Ok(record)
+}
+
+fn werr(p: &Path) -> impl Fn(std::io::Error) -> BinhostError + '_ {
+    move |e| io_at(p, "cannot write", e)
+}
+
+/// Appends `len` bytes of `from` at `offset` to `to` (in the kernel: copy_file_range, which
+/// std's `io::copy` uses between files).
+fn copy_range(from: &std::fs::File, offset: u64, len: u64, to: &mut std::fs::File) -> std::io::Result<()> {
+    use std::io::Seek;
+    let mut src = from;
+    src.seek(std::io::SeekFrom::Start(offset))?;
+    let copied = std::io::copy(&mut src.take(len), to)?;
+    if copied != len {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("copied {copied} of {len} bytes")));
+    }
+    Ok(())
 }
 
 /// Deletes the records (and their Packages.gz) of every generation but the newest `keep`.
@@ -490,6 +705,89 @@ mod tests {
         assert_eq!(read_text(dir, 1).unwrap(), a);
         assert_eq!(state(dir).unwrap(), State::Published(2));
         assert_eq!(list(dir).unwrap().len(), 2);
+    }
+
+    /// publish_edit gives byte for byte the files and block layout publish gives for the same
+    /// text, for insertions and removals anywhere (first, last, block boundaries, several at
+    /// once), and marks only what changed as added or removed.
+    #[test]
+    fn publish_edit_equals_publish() {
+        let stanza = |i: usize| format!("BUILD_ID: 1\nCPV: c/p{i:05}-1\nPATH: c/p{i:05}/p{i:05}-1-1.gpkg.tar\nSIZE: {i}\n\n");
+        let header = |n: usize, ts: u64| format!("PACKAGES: {n}\nTIMESTAMP: {ts}\nVERSION: 0\n\n");
+        // Every other number is in the index: the odd ones can be inserted between.
+        let base: Vec<usize> = (0..4000).step_by(2).collect();
+        let text_of = |ids: &[usize], ts: u64| {
+            let mut t = header(ids.len(), ts);
+            for i in ids {
+                t.push_str(&stanza(*i));
+            }
+            t
+        };
+        let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
+            (vec![1001], vec![]),
+            (vec![], vec![1000]),
+            (vec![1, 3999], vec![0, 3998]),
+            (vec![], (0..400).step_by(2).collect()),
+            ((1..600).step_by(2).collect(), vec![]),
+            (vec![2001, 2003, 3001], vec![2000, 2002, 100]),
+        ];
+        for (case, (add, rm)) in cases.into_iter().enumerate() {
+            let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let old = text_of(&base, 10);
+            publish(a.path(), &old, 10, "index").unwrap();
+            publish(b.path(), &old, 10, "index").unwrap();
+            let mut ids: Vec<usize> = base.iter().copied().filter(|i| !rm.contains(i)).chain(add.iter().copied()).collect();
+            ids.sort_unstable();
+            let new = text_of(&ids, 16);
+            let full = publish(a.path(), &new, 16, "add").unwrap();
+            // The same change as edits of the old text.
+            let body_at = header(base.len(), 10).len();
+            let mut edits: Vec<Edit> = Vec::new();
+            let mut pos = body_at;
+            for i in 0..4000 {
+                let s = stanza(i);
+                if base.contains(&i) {
+                    if rm.contains(&i) {
+                        edits.push(Edit { start: pos, end: pos + s.len(), text: String::new() });
+                    }
+                    pos += s.len();
+                } else if add.contains(&i) {
+                    edits.push(Edit { start: pos, end: pos, text: s });
+                }
+            }
+            let lean = publish_edit(b.path(), &old, &header(ids.len(), 16), &edits, 16, "add").unwrap();
+            assert_eq!(lean.blocks, full.blocks, "case {case}: block layout");
+            assert_eq!((&lean.added, &lean.removed, lean.packages), (&full.added, &full.removed, full.packages), "case {case}");
+            for f in ["Packages", "Packages.gz"] {
+                assert_eq!(std::fs::read(a.path().join(f)).unwrap(), std::fs::read(b.path().join(f)).unwrap(), "case {case}: {f}");
+            }
+            assert_eq!(std::fs::read_to_string(b.path().join("Packages")).unwrap(), new, "case {case}");
+            assert_eq!(state(b.path()).unwrap(), State::Published(2));
+            let changed = lean.blocks.iter().filter(|blk| !publish_blocks_of(a.path(), 1).contains(blk)).count();
+            assert!(changed <= 2 * (add.len() + rm.len()).max(1), "case {case}: {changed} blocks recompressed");
+        }
+    }
+
+    fn publish_blocks_of(dir: &Path, n: u64) -> Vec<Block> {
+        read_record(dir, n).unwrap().blocks
+    }
+
+    /// Without a usable current generation (none yet, or Packages.gz from another tool),
+    /// publish_edit takes the full path and still publishes the edited text.
+    #[test]
+    fn publish_edit_falls_back_to_the_full_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let old = index(100, 10);
+        std::fs::write(dir.join("Packages"), &old).unwrap();
+        let at = old.find("BUILD_ID: 1\nCPV: c/p00050-1").unwrap();
+        let end = at + old[at..].find("\n\n").unwrap() + 2;
+        let g = publish_edit(dir, &old, "PACKAGES: 99\nTIMESTAMP: 11\nVERSION: 0\n\n", &[Edit { start: at, end, text: String::new() }], 11, "rm")
+            .unwrap();
+        assert_eq!(g.packages, 99);
+        let text = std::fs::read_to_string(dir.join("Packages")).unwrap();
+        assert!(!text.contains("c/p00050-1") && text.contains("c/p00051-1") && text.starts_with("PACKAGES: 99\n"));
+        assert_eq!(gunzip_all(&std::fs::read(dir.join("Packages.gz")).unwrap()).unwrap(), text);
     }
 
     #[test]

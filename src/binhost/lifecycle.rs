@@ -116,7 +116,7 @@ pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporte
             None => format!("\nCPV: {p}-"),
         };
         let mut any = false;
-        for (at, _) in text.match_indices(&needle) {
+        for at in memchr::memmem::find_iter(text.as_bytes(), needle.as_bytes()) {
             let (start, end) = stanza_at(&text, at + 1, header_end);
             let entry = parse_stanza(&text[start..end], &path)?;
             if matches(&entry, p) {
@@ -126,7 +126,7 @@ pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporte
         }
         // A CPV-BUILD_ID pattern: its CPV prefix is what the text has.
         if !any && let Some((cpv, id)) = p.rsplit_once('-') && id.parse::<u64>().is_ok() {
-            for (at, _) in text.match_indices(&format!("\nCPV: {cpv}\n")) {
+            for at in memchr::memmem::find_iter(text.as_bytes(), format!("\nCPV: {cpv}\n").as_bytes()) {
                 let (start, end) = stanza_at(&text, at + 1, header_end);
                 let entry = parse_stanza(&text[start..end], &path)?;
                 if matches(&entry, p) {
@@ -139,32 +139,29 @@ pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporte
             return Err(BinhostError::NoMatch { dir: dir.to_owned(), pattern: p.to_owned() });
         }
     }
-    let mut body = String::with_capacity(text.len());
-    let mut pos = header_end;
-    for (start, (end, _)) in &gone {
-        body.push_str(&text[pos..*start]);
-        pos = *end;
-    }
-    body.push_str(&text[pos..]);
     let gone_entries: Vec<Entry> = gone.values().map(|(_, e)| e.clone()).collect();
     let mut out = RmOutcome {
         removed: gone_entries.iter().map(|e| (instance(e), e.effective_path())).collect(),
-        warnings: dependants_in_text(&body, &gone_entries, &path)?,
+        warnings: dependants_in_text(&text, header_end, &gone, &path)?,
         generation: None,
     };
     if dry_run {
         return Ok(out);
     }
     let count = header.header("PACKAGES").and_then(|v| v.parse::<usize>().ok()).map(|n| n.saturating_sub(gone.len()));
-    let count = count.unwrap_or_else(|| body.matches("\nCPV: ").count() + usize::from(body.starts_with("CPV: ")));
+    let count = count.unwrap_or_else(|| {
+        let body = &text.as_bytes()[header_end..];
+        memchr::memmem::find_iter(body, b"\nCPV: ").count() + usize::from(body.starts_with(b"CPV: ")) - gone.len()
+    });
     let old_ts = header.timestamp();
     let ts = super::next_timestamp(old_ts);
     let mut h = header.header.clone();
     h.insert("TIMESTAMP".into(), ts.to_string());
     h.insert("PACKAGES".into(), count.to_string());
-    let mut new = Index { header: h, packages: Vec::new() }.render();
-    new.push_str(&body);
-    out.generation = Some(super::write_index_as(dir, &new, Some(ts), "rm")?);
+    let new_header = Index { header: h, packages: Vec::new() }.render();
+    let edits: Vec<generations::Edit> =
+        gone.iter().map(|(start, (end, _))| generations::Edit { start: *start, end: *end, text: String::new() }).collect();
+    out.generation = Some(generations::publish_edit(dir, &text, &new_header, &edits, ts, "rm")?);
     Ok(out)
 }
 
@@ -185,16 +182,27 @@ fn parse_stanza(stanza: &str, path: &Path) -> Result<Entry, BinhostError> {
     })
 }
 
-/// [`dependants`], parsing only the stanzas of `body` that mention a removed `cat/pn`.
-fn dependants_in_text(body: &str, gone: &[Entry], path: &Path) -> Result<Vec<String>, BinhostError> {
-    let mut cps: BTreeSet<String> = gone.iter().filter_map(|e| cp_of(e.cpv())).collect();
+/// [`dependants`], parsing only the stanzas of `text`'s body (from `body_at`) that mention a
+/// removed `cat/pn` and are not themselves removed (`gone`, by start offset).
+fn dependants_in_text(
+    text: &str,
+    body_at: usize,
+    gone: &BTreeMap<usize, (usize, Entry)>,
+    path: &Path,
+) -> Result<Vec<String>, BinhostError> {
+    let gone_entries: Vec<&Entry> = gone.values().map(|(_, e)| e).collect();
+    let mut cps: BTreeSet<String> = gone_entries.iter().filter_map(|e| cp_of(e.cpv())).collect();
     let mut mentioning: BTreeMap<usize, Entry> = BTreeMap::new();
     let mut still = Vec::new();
+    let body = &text.as_bytes()[body_at..];
     for cp in &cps {
-        for (at, _) in body.match_indices(cp.as_str()) {
-            let (start, end) = stanza_at(body, at, 0);
+        for at in memchr::memmem::find_iter(body, cp.as_bytes()) {
+            let (start, end) = stanza_at(text, body_at + at, body_at);
+            if gone.contains_key(&start) {
+                continue;
+            }
             if let std::collections::btree_map::Entry::Vacant(v) = mentioning.entry(start) {
-                v.insert(parse_stanza(&body[start..end], path)?);
+                v.insert(parse_stanza(&text[start..end], path)?);
             }
         }
     }
@@ -206,7 +214,8 @@ fn dependants_in_text(body: &str, gone: &[Entry], path: &Path) -> Result<Vec<Str
     for cp in still {
         cps.remove(&cp);
     }
-    let gone: Vec<Entry> = gone.iter().filter(|e| cp_of(e.cpv()).is_some_and(|cp| cps.contains(&cp))).cloned().collect();
+    let gone: Vec<Entry> =
+        gone_entries.into_iter().filter(|e| cp_of(e.cpv()).is_some_and(|cp| cps.contains(&cp))).cloned().collect();
     let kept: Vec<Entry> = mentioning.into_values().collect();
     Ok(dependants(&gone, &kept))
 }

@@ -1,7 +1,8 @@
 //! Opening files beneath the served root without ever leaving it, the validators (ETag,
 //! Last-Modified) taken from the opened descriptor, and zero-copy bodies with sendfile(2).
 //!
-//! Every response body is served from ONE descriptor opened for that request. The binhost writer
+//! Every response body is served from ONE descriptor, opened here for that request or kept by the
+//! open-file cache (`super::cache`, revalidated per request against the path). The binhost writer
 //! replaces `Packages`/`Packages.gz` by rename, so a descriptor keeps the old, complete file even
 //! if a new index lands mid-download: a client can get an old index, never a torn one. The
 //! validators come from `fstat`/`pread` of the same descriptor, so they always describe the bytes

@@ -332,7 +332,9 @@ pub fn parse_ranges(header: &str, size: u64) -> Ranges {
     }
     // Overlapping parts that add up to more than the file would let a client amplify one file
     // into many copies; the whole file (200) is a correct and cheaper answer.
-    if out.len() > 1 && out.iter().map(ByteRange::len).sum::<u64>() > size {
+    // Checked: parts near u64::MAX must not wrap around to a small sum and pass the check (a
+    // sum that does not fit u64 exceeds any size).
+    if out.len() > 1 && out.iter().try_fold(0u64, |sum, r| sum.checked_add(r.len())).is_none_or(|total| total > size) {
         return Ranges::Full;
     }
     Ranges::Partial(out)
@@ -389,8 +391,9 @@ pub fn http_date(t: SystemTime) -> String {
     httpdate::fmt_http_date(time_from_secs(secs))
 }
 
-/// The `Date` header value, formatted at most once per second per thread.
-pub fn now_date() -> String {
+/// Calls `f` with the `Date` header value, formatted at most once per second per thread (no
+/// allocation per response).
+pub fn with_now_date<R>(f: impl FnOnce(&str) -> R) -> R {
     use std::cell::RefCell;
     thread_local! {
         static CACHE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
@@ -402,7 +405,7 @@ pub fn now_date() -> String {
         if c.0 != secs || c.1.is_empty() {
             *c = (secs, http_date(now));
         }
-        c.1.clone()
+        f(&c.1)
     })
 }
 
@@ -428,16 +431,33 @@ pub fn reason(status: u16) -> &'static str {
 /// Builds a response head. `headers` are written as given; Date, Server, Connection and (unless
 /// `length` is None) Content-Length are added here.
 pub fn response_head(status: u16, keep_alive: bool, length: Option<u64>, headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    head_with_lines(status, keep_alive, &header_lines(headers, length), &mut out);
+    out
+}
+
+/// `Name: value\r\n` per header, then `Content-Length` unless `length` is None: the part of a
+/// head that depends only on the file, which the open-file cache renders once per file.
+pub fn header_lines(headers: &[(&str, &str)], length: Option<u64>) -> Vec<u8> {
     let mut s = String::with_capacity(256);
-    let _ = write!(s, "HTTP/1.1 {status} {}\r\nServer: dbh/{}\r\nDate: {}\r\n", reason(status), env!("CARGO_PKG_VERSION"), now_date());
     for (k, v) in headers {
         let _ = write!(s, "{k}: {v}\r\n");
     }
     if let Some(len) = length {
         let _ = write!(s, "Content-Length: {len}\r\n");
     }
-    s.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
     s.into_bytes()
+}
+
+/// Appends a whole head to `out`: status line, Server, Date, the pre-rendered `lines`
+/// ([`header_lines`]) and Connection — the same bytes [`response_head`] gives.
+pub fn head_with_lines(status: u16, keep_alive: bool, lines: &[u8], out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    let _ = write!(out, "HTTP/1.1 {status} {}\r\nServer: dbh/{}\r\nDate: ", reason(status), env!("CARGO_PKG_VERSION"));
+    with_now_date(|d| out.extend_from_slice(d.as_bytes()));
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(lines);
+    out.extend_from_slice(if keep_alive { b"Connection: keep-alive\r\n\r\n" } else { b"Connection: close\r\n\r\n" });
 }
 
 /// A `Host` header value safe to paste into a URL and a config file: host name, IPv4, or a
@@ -624,5 +644,202 @@ mod tests {
         assert!(if_range_matches("\"abc\"", "\"abc\"", t));
         assert!(if_range_matches(&date, "\"abc\"", t));
         assert!(!if_range_matches("W/\"abc\"", "\"abc\"", t));
+    }
+
+    /// A small seeded generator (xorshift64*): the property tests below are deterministic and
+    /// bounded, so CI runs them in milliseconds and a failure reproduces exactly.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        /// Sizes and offsets from the edges where arithmetic breaks, and anywhere between.
+        fn edgy(&mut self, size: u64) -> u64 {
+            match self.below(9) {
+                0 => 0,
+                1 => 1,
+                2 => size.saturating_sub(1),
+                3 => size,
+                4 => size.saturating_add(1),
+                5 => u64::MAX,
+                6 => u64::MAX - 1,
+                7 => i64::MAX as u64,
+                _ => self.below(size.saturating_add(2)),
+            }
+        }
+    }
+
+    /// Range parsing against a model in u128 (no overflow possible there), for sizes and bounds
+    /// up to u64::MAX, single parts and up to MAX_RANGES + 6 parts.
+    #[test]
+    fn property_ranges_match_a_u128_model_and_never_overflow() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..50_000 {
+            let size = match rng.below(4) {
+                0 => rng.below(100),
+                1 => u64::MAX - rng.below(3),
+                2 => i64::MAX as u64,
+                _ => rng.next(),
+            };
+            let n = if rng.below(3) == 0 { 1 } else { 1 + rng.below(MAX_RANGES as u64 + 6) as usize };
+            let mut specs = Vec::new();
+            // The model: None for an unsatisfiable part, Some((start, end)) in u128.
+            let mut model: Vec<Option<(u128, u128)>> = Vec::new();
+            let mut syntactically_full = false;
+            for _ in 0..n {
+                match rng.below(3) {
+                    0 => {
+                        let k = rng.edgy(size);
+                        specs.push(format!("-{k}"));
+                        model.push((k > 0 && size > 0).then(|| ((size - k.min(size)) as u128, size as u128)));
+                    }
+                    1 => {
+                        let a = rng.edgy(size);
+                        specs.push(format!("{a}-"));
+                        model.push((a < size).then_some((a as u128, size as u128)));
+                    }
+                    _ => {
+                        let (a, b) = (rng.edgy(size), rng.edgy(size));
+                        specs.push(format!("{a}-{b}"));
+                        if b < a {
+                            syntactically_full = true;
+                        }
+                        model.push((a < size && b >= a).then(|| (a as u128, (b as u128 + 1).min(size as u128))));
+                    }
+                }
+            }
+            let header = format!("bytes={}", specs.join(","));
+            let got = parse_ranges(&header, size);
+            let want_parts: Vec<(u128, u128)> = model.iter().flatten().copied().collect();
+            let total: u128 = want_parts.iter().map(|(a, b)| b - a).sum();
+            let want = if syntactically_full || n > MAX_RANGES {
+                Ranges::Full
+            } else if want_parts.is_empty() {
+                Ranges::Unsatisfiable
+            } else if want_parts.len() > 1 && total > size as u128 {
+                Ranges::Full
+            } else {
+                Ranges::Partial(want_parts.iter().map(|&(a, b)| r(a as u64, b as u64)).collect())
+            };
+            assert_eq!(got, want, "{header} against {size} bytes");
+        }
+        // The sums the issue names: one part spanning everything, and many whose total wraps u64.
+        assert_eq!(parse_ranges("bytes=0-18446744073709551615", 10), Ranges::Partial(vec![r(0, 10)]));
+        assert_eq!(parse_ranges("bytes=0-18446744073709551615", u64::MAX), Ranges::Partial(vec![r(0, u64::MAX)]));
+        let wrap = format!("bytes={}", ["0-18446744073709551614"; 5].join(","));
+        assert_eq!(parse_ranges(&wrap, u64::MAX), Ranges::Full);
+        let wrap = format!("bytes={}", ["1-"; 3].join(","));
+        assert_eq!(parse_ranges(&wrap, 1 << 63), Ranges::Full);
+        assert_eq!(parse_ranges("bytes=18446744073709551616-", 10), Ranges::Full, "beyond u64 is malformed");
+    }
+
+    /// Heads built from random header sets (names in random case, legal values) parse back to
+    /// what was put in; the same heads with one byte flipped never panic the parser.
+    #[test]
+    fn property_heads_round_trip() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let value = |rng: &mut Rng| -> String {
+            let alphabet = b"abcXYZ0129 -_.,;:=\"/*\t";
+            let len = rng.below(20) as usize;
+            let v: String = (0..len).map(|_| alphabet[rng.below(alphabet.len() as u64) as usize] as char).collect();
+            let v = v.trim_matches([' ', '\t']).to_string();
+            if v.is_empty() { "v".into() } else { v }
+        };
+        let case = |rng: &mut Rng, name: &str| -> String {
+            name.chars().map(|c| if rng.below(2) == 0 { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() }).collect()
+        };
+        for _ in 0..20_000 {
+            let method = ["GET", "HEAD", "OPTIONS", "M-SEARCH"][rng.below(4) as usize];
+            let http11 = rng.below(2) == 0;
+            let target = format!("/t/p{}?q={}", rng.below(1000), rng.below(10));
+            let mut head = format!("{method} {target} HTTP/1.{}\r\n", u8::from(http11));
+            let mut fields: Vec<(&str, String)> = Vec::new();
+            let host = format!("h{}:{}", rng.below(10), rng.below(65536));
+            if http11 || rng.below(2) == 0 {
+                fields.push(("host", host.clone()));
+            }
+            for name in ["range", "if-range", "if-modified-since", "if-none-match", "x-other"] {
+                if rng.below(2) == 0 {
+                    fields.push((name, value(&mut rng)));
+                }
+            }
+            let close = rng.below(3) == 0;
+            if close {
+                fields.push(("connection", "close".into()));
+            }
+            for (name, v) in &fields {
+                head.push_str(&format!("{}:{}{v}\r\n", case(&mut rng, name), [" ", "", "\t"][rng.below(3) as usize]));
+            }
+            head.push_str("\r\n");
+            let req = parse_head(head.as_bytes()).unwrap_or_else(|e| panic!("{head:?}: {e:?}"));
+            let field = |n: &str| fields.iter().find(|(k, _)| *k == n).map(|(_, v)| v.clone());
+            assert_eq!(req.method_text, method);
+            assert_eq!(req.target, target);
+            assert_eq!(req.http11, http11);
+            assert_eq!(req.host, field("host"));
+            assert_eq!(req.range, field("range"));
+            assert_eq!(req.if_range, field("if-range"));
+            assert_eq!(req.if_modified_since, field("if-modified-since"));
+            assert_eq!(req.if_none_match, field("if-none-match"));
+            assert_eq!(req.keep_alive, http11 && !close);
+            assert!(!req.has_body);
+            assert_eq!(head_end(head.as_bytes()), Some(head.len()));
+            let mut bytes = head.into_bytes();
+            let at = rng.below(bytes.len() as u64) as usize;
+            bytes[at] = rng.next() as u8;
+            if let Some(end) = head_end(&bytes) {
+                let _ = parse_head(&bytes[..end]);
+            }
+        }
+    }
+
+    /// Path decoding: any segment made of safe bytes, percent-encoded at random, decodes to
+    /// itself; whatever is accepted never holds a separator, NUL, backslash or dot segment.
+    #[test]
+    fn property_path_decoding() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let safe = b"abcxyzABC019-_.+~@";
+        let hostile = b"/\\\0.%\x01\x7f\xff ";
+        for _ in 0..20_000 {
+            let n = 1 + rng.below(4) as usize;
+            let mut segs = Vec::new();
+            let mut target = String::new();
+            for _ in 0..n {
+                let len = 1 + rng.below(12) as usize;
+                let mut seg: String = (0..len).map(|_| safe[rng.below(safe.len() as u64) as usize] as char).collect();
+                if seg.starts_with('.') || seg.ends_with(".tmp") || seg.ends_with(".partial") {
+                    seg.insert(0, 'x');
+                }
+                target.push('/');
+                for b in seg.bytes() {
+                    if rng.below(4) == 0 {
+                        target.push_str(&if rng.below(2) == 0 { format!("%{b:02X}") } else { format!("%{b:02x}") });
+                    } else {
+                        target.push(b as char);
+                    }
+                }
+                segs.push(seg);
+            }
+            assert_eq!(decode_target(&target).as_ref(), Ok(&segs), "{target}");
+            // One hostile byte, raw or encoded, somewhere.
+            let b = hostile[rng.below(hostile.len() as u64) as usize];
+            let at = 1 + rng.below(target.len() as u64 - 1) as usize;
+            let mut bad = target.clone().into_bytes();
+            let piece = if rng.below(2) == 0 { vec![b] } else { format!("%{b:02x}").into_bytes() };
+            bad.splice(at..at, piece);
+            let Ok(bad) = String::from_utf8(bad) else { continue };
+            if let Ok(out) = decode_target(&bad) {
+                for s in &out {
+                    assert!(s != "." && s != ".." && !s.contains(['/', '\\', '\0']), "{bad:?} -> {s:?}");
+                    assert!(!s.bytes().any(|c| c < 0x20 || c == 0x7f), "{bad:?} -> {s:?}");
+                }
+            }
+        }
     }
 }

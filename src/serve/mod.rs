@@ -16,8 +16,9 @@
 //! - `/<target>/portage/` and `/<target>/portage/<file>`: the build configuration
 //!   ([`crate::binhost::clientconf`]).
 //!
-//! Consistency: every body is served from one descriptor opened for that request, and validators
-//! come from that descriptor ([`fs`]). The binhost writer replaces `Packages` and `Packages.gz` by
+//! Consistency: every body is served from one descriptor — opened for that request, or held by
+//! the open-file cache ([`cache`]) after a `fstatat` of the path found it still names that very
+//! file — and validators come from that descriptor ([`fs`]). The binhost writer replaces `Packages` and `Packages.gz` by
 //! rename, each written complete before its rename. So the server guarantees that every response
 //! is one complete generation of the file it names, with an ETag and Last-Modified describing
 //! exactly those bytes. It does not (cannot, over separate requests) promise that a `Packages`
@@ -25,6 +26,7 @@
 //! of them (`Packages.gz`, falling back to `Packages` on 404), and both files of a generation
 //! carry the same TIMESTAMP, so If-Modified-Since behaves the same whichever one a client holds.
 
+pub mod cache;
 pub mod fs;
 pub mod http;
 pub mod pages;
@@ -165,6 +167,8 @@ struct Shared {
     pressure: tokio::sync::Notify,
     /// Where access lines also go, one per request (`dbh vm build` keeps one per build).
     access_log: Mutex<Option<File>>,
+    /// Open descriptors and rendered heads of recently served files beneath the root.
+    files: cache::FileCache,
 }
 
 /// Identifies one version of a file: device, inode, mtime seconds and nanoseconds.
@@ -228,6 +232,7 @@ impl Server {
                 open: std::sync::atomic::AtomicUsize::new(0),
                 pressure: tokio::sync::Notify::new(),
                 access_log: Mutex::default(),
+                files: cache::FileCache::new(cache::DEFAULT_CAPACITY),
             }),
         })
     }
@@ -565,14 +570,44 @@ async fn linger_close(mut stream: TcpStream) {
 }
 
 fn log_access(peer: SocketAddr, method: &str, target: &str, o: &Outcome, started: Instant) {
-    tracing::info!(
-        target: "dbh::access",
-        "{peer} {method} {} {} {} {:.1}ms",
-        target.escape_debug(),
-        o.status,
-        o.bytes,
-        started.elapsed().as_secs_f64() * 1000.0
-    );
+    if !tracing::enabled!(target: "dbh::access", tracing::Level::INFO) {
+        return;
+    }
+    // The line is rendered here in one piece and handed to tracing as one string: formatting it
+    // argument by argument through tracing's escaping writer cost more than the rest of a small
+    // file's response.
+    use std::fmt::Write as _;
+    thread_local! {
+        static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    LINE.with(|line| {
+        let mut line = line.borrow_mut();
+        line.clear();
+        // The peer is formatted by hand: SocketAddr's Display goes through the padding-aware
+        // formatter byte by byte.
+        match peer {
+            SocketAddr::V4(a) => {
+                let [o1, o2, o3, o4] = a.ip().octets();
+                let _ = write!(line, "{o1}.{o2}.{o3}.{o4}:{} {method} ", a.port());
+            }
+            SocketAddr::V6(_) => {
+                let _ = write!(line, "{peer} {method} ");
+            }
+        }
+        push_escaped(&mut line, target);
+        let _ = write!(line, " {} {} {:.1}ms", o.status, o.bytes, started.elapsed().as_secs_f64() * 1000.0);
+        tracing::info!(target: "dbh::access", "{}", line.as_str());
+    });
+}
+
+/// `s.escape_debug()`, with a fast path for the plain ASCII a request target almost always is.
+fn push_escaped(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    if s.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'\\' | b'\'' | b'"')) {
+        out.push_str(s);
+    } else {
+        let _ = write!(out, "{}", s.escape_debug());
+    }
 }
 
 async fn simple(stream: &TcpStream, status: u16, keep_alive: bool, body: &str, limits: &Limits) -> Outcome {
@@ -689,7 +724,8 @@ async fn respond(
             match fs::open_path(&shared.key_file) {
                 // The key can be rotated: an hour, then revalidate.
                 Ok((file, meta)) => {
-                    serve_file(stream, req, keep, file, meta, "application/pgp-keys", None, "max-age=3600", limits).await
+                    let describe = cache::Describe { ctype: "application/pgp-keys", kind: None, cache_control: "max-age=3600" };
+                    serve_file(stream, req, keep, &cache::Entry::new(file, &meta, describe), limits).await
                 }
                 Err(_) => {
                     text(404, &format!(
@@ -731,32 +767,37 @@ async fn respond(
             let plain = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\0']);
             let found = shared.distfiles.as_ref().filter(|_| plain).map(|d| fs::open_path(&d.join(name)));
             match found {
-                Some(Ok((file, meta))) => serve_file(stream, req, keep, file, meta, "application/octet-stream", None, "max-age=3600", limits).await,
+                Some(Ok((file, meta))) => {
+                    let describe = cache::Describe { ctype: "application/octet-stream", kind: None, cache_control: "max-age=3600" };
+                    serve_file(stream, req, keep, &cache::Entry::new(file, &meta, describe), limits).await
+                }
                 _ => text(404, "no such distfile\n").await,
             }
         }
         [.., last] if last.is_empty() => text(404, "not found\n").await,
         [_, rest @ ..] => {
             let rel = segments.join("/");
-            let (file, meta) = match fs::open_file(&shared.root, &shared.root_path, &rel) {
-                Ok(f) => f,
-                Err(_) => return text(404, "not found\n").await,
+            let describe = || {
+                let name = segments.last().map(String::as_str).unwrap_or("");
+                let kind = match rest {
+                    [n] if n == "Packages" => Some(fs::IndexKind::Plain),
+                    [n] if n == "Packages.gz" => Some(fs::IndexKind::Gzip),
+                    _ => None,
+                };
+                let cache_control = match kind {
+                    // The index changes on every add: short freshness, then revalidate (304s are cheap).
+                    Some(_) => "max-age=60, must-revalidate",
+                    // A multi-instance binpkg (`PF-BUILD_ID.*`) never changes once published: a new
+                    // build gets a new BUILD_ID, hence a new name.
+                    None if crate::binhost::deps::parse_build_id(name) > 0 => "max-age=31536000, immutable",
+                    None => "max-age=3600",
+                };
+                cache::Describe { ctype: content_type(name), kind, cache_control }
             };
-            let name = segments.last().map(String::as_str).unwrap_or("");
-            let kind = match rest {
-                [n] if n == "Packages" => Some(fs::IndexKind::Plain),
-                [n] if n == "Packages.gz" => Some(fs::IndexKind::Gzip),
-                _ => None,
-            };
-            let cache = match kind {
-                // The index changes on every add: short freshness, then revalidate (304s are cheap).
-                Some(_) => "max-age=60, must-revalidate",
-                // A multi-instance binpkg (`PF-BUILD_ID.*`) never changes once published: a new
-                // build gets a new BUILD_ID, hence a new name.
-                None if crate::binhost::deps::parse_build_id(name) > 0 => "max-age=31536000, immutable",
-                None => "max-age=3600",
-            };
-            serve_file(stream, req, keep, file, meta, content_type(name), kind, cache, limits).await
+            match shared.files.open(&shared.root, &shared.root_path, &rel, describe) {
+                Ok(entry) => serve_file(stream, req, keep, &entry, limits).await,
+                Err(_) => text(404, "not found\n").await,
+            }
         }
     }
 }
@@ -794,49 +835,36 @@ async fn send_generated(
     .await
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn serve_file(
-    stream: &TcpStream,
-    req: &Request,
-    keep: bool,
-    file: File,
-    meta: std::fs::Metadata,
-    ctype: &str,
-    kind: Option<fs::IndexKind>,
-    cache: &str,
-    limits: &Limits,
-) -> io::Result<Outcome> {
+/// A file's response from its (cached or fresh) entry: body and validators come from the one
+/// descriptor the entry holds.
+async fn serve_file(stream: &TcpStream, req: &Request, keep: bool, entry: &cache::Entry, limits: &Limits) -> io::Result<Outcome> {
     let get = req.method == Method::Get;
-    let info = fs::file_info_of(&file, &meta, kind);
-    if !info.is_file {
-        return send_bytes(stream, 404, keep, &[("Content-Type", "text/plain; charset=utf-8")], b"not found\n", get, limits).await;
-    }
-    let lm = http::http_date(info.last_modified);
+    let info = &entry.info;
+    let (ctype, cache) = (entry.describe.ctype, entry.describe.cache_control);
+    let lm = entry.last_modified.as_str();
     let not_modified = match (&req.if_none_match, &req.if_modified_since) {
         (Some(inm), _) => http::none_match(inm, &info.etag),
         (None, Some(ims)) => http::not_modified_since(ims, info.last_modified),
         (None, None) => false,
     };
     if not_modified {
-        let head = http::response_head(304, keep, None, &[("ETag", &info.etag), ("Last-Modified", &lm), ("Cache-Control", cache)]);
+        let head = http::response_head(304, keep, None, &[("ETag", &info.etag), ("Last-Modified", lm), ("Cache-Control", cache)]);
         fs::send_all(stream, &head, limits.send_stall).await?;
         return Ok(Outcome { status: 304, bytes: 0, keep_alive: keep });
     }
     let ranges = match (&req.range, &req.if_range) {
-        (Some(r), Some(ir)) if !http::if_range_matches(ir, &info.etag, info.last_modified) => {
-            let _ = r;
-            Ranges::Full
-        }
+        (Some(_), Some(ir)) if !http::if_range_matches(ir, &info.etag, info.last_modified) => Ranges::Full,
         (Some(r), _) => http::parse_ranges(r, info.size),
         (None, _) => Ranges::Full,
     };
-    let common = [("ETag", info.etag.as_str()), ("Last-Modified", lm.as_str()), ("Accept-Ranges", "bytes"), ("Cache-Control", cache)];
+    let file = &entry.file;
+    let common = [("ETag", info.etag.as_str()), ("Last-Modified", lm), ("Accept-Ranges", "bytes"), ("Cache-Control", cache)];
     match ranges {
         Ranges::Full => {
-            let mut h = vec![("Content-Type", ctype)];
-            h.extend_from_slice(&common);
-            let head = http::response_head(200, keep, Some(info.size), &h);
-            send_file_body(stream, &head, &file, &[(Vec::new(), ByteRange { start: 0, end: info.size })], b"", get, limits, 200, keep).await
+            // The common case: the head rendered once per file, only Date and Connection added.
+            let mut head = Vec::with_capacity(entry.head_200.len() + 96);
+            http::head_with_lines(200, keep, &entry.head_200, &mut head);
+            send_file_body(stream, &head, file, &[(Vec::new(), ByteRange { start: 0, end: info.size })], b"", get, limits, 200, keep).await
         }
         Ranges::Unsatisfiable => {
             let cr = format!("bytes */{}", info.size);
@@ -852,7 +880,7 @@ async fn serve_file(
             let mut h = vec![("Content-Type", ctype), ("Content-Range", cr.as_str())];
             h.extend_from_slice(&common);
             let head = http::response_head(206, keep, Some(r.len()), &h);
-            send_file_body(stream, &head, &file, &[(Vec::new(), r)], b"", get, limits, 206, keep).await
+            send_file_body(stream, &head, file, &[(Vec::new(), r)], b"", get, limits, 206, keep).await
         }
         Ranges::Partial(parts) => {
             // The boundary only has to be absent from the part bodies' framing lines; a value
@@ -879,7 +907,7 @@ async fn serve_file(
             let mut h = vec![("Content-Type", ct.as_str())];
             h.extend_from_slice(&common);
             let head = http::response_head(206, keep, Some(total), &h);
-            send_file_body(stream, &head, &file, &framed, &trailer, get, limits, 206, keep).await
+            send_file_body(stream, &head, file, &framed, &trailer, get, limits, 206, keep).await
         }
     }
 }
@@ -924,6 +952,18 @@ async fn send_parts(
     trailer: &[u8],
     limits: &Limits,
 ) -> io::Result<u64> {
+    if let [(part_head, r)] = parts
+        && part_head.is_empty()
+        && trailer.is_empty()
+    {
+        // One plain range (every 200): the head, then the file, without copying the head.
+        if r.is_empty() {
+            fs::send_all(stream, head, limits.send_stall).await?;
+            return Ok(0);
+        }
+        fs::send_more(stream, head, limits.send_stall).await?;
+        return fs::send_file(stream, file, r.start, r.len(), limits.send_stall).await;
+    }
     let mut bytes = 0;
     let mut pending = head.to_vec();
     for (part_head, r) in parts {

@@ -931,3 +931,73 @@ fn header_size_and_connection_caps() {
     assert_eq!(parse_responses(&out).remove(0).status, 200);
     drop(b);
 }
+
+/// The open-file cache (src/serve/cache.rs): a cached file replaced by rename is served fresh
+/// with a head describing the new bytes, a deleted one is 404, a FIFO or directory in its place
+/// is refused as before, and serving more distinct files than the cache holds keeps the server's
+/// descriptors bounded.
+#[test]
+fn open_file_cache_follows_renames_deletions_and_stays_bounded() {
+    let tree = Tree::new();
+    let srv = tree.serve(&[], &[]);
+    let t = tree.dir().join("amd64");
+    let path = "/amd64/dbh-test/hello/hello-1.0-1.gpkg.tar";
+    let file = t.join("dbh-test/hello/hello-1.0-1.gpkg.tar");
+    let first = get(&srv.addr, path);
+    assert_eq!(first.body, tree.small);
+    assert_eq!(get(&srv.addr, path).header("etag"), first.header("etag"), "a repeat is the same file");
+    for generation in 0..20u64 {
+        let data = pattern(1000 + generation as usize * 37, 100 + generation);
+        replace_file(&file, &data, TS + generation);
+        let r = get(&srv.addr, path);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, data, "generation {generation}: the renamed-in file at once");
+        assert_eq!(r.header("content-length"), Some(data.len().to_string().as_str()));
+        assert_eq!(r.header("last-modified"), Some(http_date(TS + generation).as_str()));
+        assert_ne!(r.header("etag"), first.header("etag"));
+        // The validators of that response name it: a conditional request with them is a 304.
+        let etag = r.header("etag").unwrap().to_string();
+        let again = raw(&srv.addr, format!("GET {path} HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\nConnection: close\r\n\r\n").as_bytes());
+        assert_eq!(again.status, 304, "generation {generation}");
+    }
+    // The index too: the new TIMESTAMP as Last-Modified right after the rename.
+    for generation in 1..5u64 {
+        let text = index_text(generation, 10);
+        replace_file(&t.join("Packages"), text.as_bytes(), TS + generation);
+        replace_file(&t.join("Packages.gz"), &gzip(text.as_bytes()), TS + generation);
+        for name in ["/amd64/Packages", "/amd64/Packages.gz"] {
+            let r = get(&srv.addr, name);
+            assert_eq!(r.header("last-modified"), Some(http_date(TS + generation).as_str()), "{name}");
+        }
+        assert_eq!(verify_index(&get(&srv.addr, "/amd64/Packages").body), Ok(TS + generation));
+    }
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(get(&srv.addr, path).status, 404, "deleted");
+    std::fs::write(&file, b"back").unwrap();
+    assert_eq!(get(&srv.addr, path).body, b"back");
+    std::fs::remove_file(&file).unwrap();
+    nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    assert_eq!(get(&srv.addr, path).status, 404, "FIFO");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::create_dir(&file).unwrap();
+    assert_eq!(get(&srv.addr, path).status, 404, "directory");
+
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", srv.pid())).unwrap().count();
+    let before = fds();
+    std::fs::create_dir_all(t.join("many")).unwrap();
+    let n = 600;
+    for i in 0..n {
+        std::fs::write(t.join(format!("many/f{i}.gpkg.tar")), format!("file {i}")).unwrap();
+    }
+    for round in 0..2 {
+        for i in 0..n {
+            let r = get(&srv.addr, &format!("/amd64/many/f{i}.gpkg.tar"));
+            assert_eq!(r.body, format!("file {i}").as_bytes(), "round {round}");
+        }
+    }
+    // The cache holds at most 256 descriptors (cache::DEFAULT_CAPACITY); a little slack for
+    // connections still closing.
+    let after = fds();
+    assert!(after <= before + 256 + 8, "{after} descriptors after serving {n} files, {before} before");
+    assert!(srv.log().contains("GET /amd64/many/f599.gpkg.tar 200"));
+}
