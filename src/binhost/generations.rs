@@ -12,6 +12,8 @@
 //! 0 mod [`BLOCK_TARGET`]), so adding or removing one package changes one block: only that block
 //! is compressed again, every other member is copied byte for byte from the current
 //! `Packages.gz` after its plain text was compared with the new text (memcmp, not hashing).
+//! [`publish_edit`] (add, rm) skips even the comparison: it is given the edits and touches only
+//! the blocks they fall in.
 //!
 //! Storage: generation N is `N.json` (the record, with the member layout) and `N.Packages.gz`, a
 //! hard link to the very inode that was published as `Packages.gz` — a generation's index costs
