@@ -37,6 +37,8 @@ pub mod serve;
 pub mod settings;
 pub mod sign;
 pub mod target;
+#[cfg(test)]
+mod testutil;
 pub mod uki;
 pub mod vm;
 

@@ -449,38 +449,25 @@ fn xpak_converts_to_a_signed_gpkg() {
     assert!(e.to_string().contains("XPAK cannot carry signatures"), "{e}");
 }
 
-/// xorshift64*: a seeded PRNG so the mutation run is the same every time.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use crate::testutil::Rng;
 
 fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     let mut b = seed.to_vec();
-    for _ in 0..1 + rng.below(8) {
-        match rng.below(6) {
+    for _ in 0..1 + rng.index(8) {
+        match rng.index(6) {
             0 if !b.is_empty() => {
-                let i = rng.below(b.len());
-                b[i] ^= 1 << rng.below(8);
+                let i = rng.index(b.len());
+                b[i] ^= 1 << rng.index(8);
             }
             1 if !b.is_empty() => {
-                let i = rng.below(b.len());
+                let i = rng.index(b.len());
                 b[i] = rng.next() as u8;
             }
-            2 => b.truncate(rng.below(b.len() + 1)),
+            2 => b.truncate(rng.index(b.len() + 1)),
             3 if !b.is_empty() => {
                 // Overwrite four bytes with a "length" that is likely to matter.
-                let i = rng.below(b.len());
-                let v = [0u32, 1, 511, 512, 0x7fff_ffff, 0xffff_ffff][rng.below(6)].to_be_bytes();
+                let i = rng.index(b.len());
+                let v = [0u32, 1, 511, 512, 0x7fff_ffff, 0xffff_ffff][rng.index(6)].to_be_bytes();
                 for (k, byte) in v.iter().enumerate() {
                     if let Some(x) = b.get_mut(i + k) {
                         *x = *byte;
@@ -489,16 +476,16 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
             }
             4 if !b.is_empty() => {
                 // Overwrite with octal digits (tar size/checksum fields).
-                let i = rng.below(b.len());
+                let i = rng.index(b.len());
                 for k in 0..11 {
                     if let Some(x) = b.get_mut(i + k) {
-                        *x = b'0' + rng.below(8) as u8;
+                        *x = b'0' + rng.index(8) as u8;
                     }
                 }
             }
             _ => {
-                let i = rng.below(b.len() + 1);
-                let extra: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
+                let i = rng.index(b.len() + 1);
+                let extra: Vec<u8> = (0..rng.index(64)).map(|_| rng.next() as u8).collect();
                 b.splice(i..i, extra);
             }
         }
@@ -520,7 +507,7 @@ fn mutated_input_never_panics() {
         let _ = read_xpak_bytes(&x);
         if round % 100 == 0 {
             // Pure noise too.
-            let noise: Vec<u8> = (0..rng.below(4096)).map(|_| rng.next() as u8).collect();
+            let noise: Vec<u8> = (0..rng.index(4096)).map(|_| rng.next() as u8).collect();
             let _ = read_gpkg_bytes(&noise);
             let _ = read_xpak_bytes(&noise);
         }

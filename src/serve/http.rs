@@ -646,32 +646,20 @@ mod tests {
         assert!(!if_range_matches("W/\"abc\"", "\"abc\"", t));
     }
 
-    /// A small seeded generator (xorshift64*): the property tests below are deterministic and
-    /// bounded, so CI runs them in milliseconds and a failure reproduces exactly.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-        /// Sizes and offsets from the edges where arithmetic breaks, and anywhere between.
-        fn edgy(&mut self, size: u64) -> u64 {
-            match self.below(9) {
-                0 => 0,
-                1 => 1,
-                2 => size.saturating_sub(1),
-                3 => size,
-                4 => size.saturating_add(1),
-                5 => u64::MAX,
-                6 => u64::MAX - 1,
-                7 => i64::MAX as u64,
-                _ => self.below(size.saturating_add(2)),
-            }
+    use crate::testutil::Rng;
+
+    /// Sizes and offsets from the edges where arithmetic breaks, and anywhere between.
+    fn edgy(rng: &mut Rng, size: u64) -> u64 {
+        match rng.below(9) {
+            0 => 0,
+            1 => 1,
+            2 => size.saturating_sub(1),
+            3 => size,
+            4 => size.saturating_add(1),
+            5 => u64::MAX,
+            6 => u64::MAX - 1,
+            7 => i64::MAX as u64,
+            _ => rng.below(size.saturating_add(2)),
         }
     }
 
@@ -695,17 +683,17 @@ mod tests {
             for _ in 0..n {
                 match rng.below(3) {
                     0 => {
-                        let k = rng.edgy(size);
+                        let k = edgy(&mut rng, size);
                         specs.push(format!("-{k}"));
                         model.push((k > 0 && size > 0).then(|| ((size - k.min(size)) as u128, size as u128)));
                     }
                     1 => {
-                        let a = rng.edgy(size);
+                        let a = edgy(&mut rng, size);
                         specs.push(format!("{a}-"));
                         model.push((a < size).then_some((a as u128, size as u128)));
                     }
                     _ => {
-                        let (a, b) = (rng.edgy(size), rng.edgy(size));
+                        let (a, b) = (edgy(&mut rng, size), edgy(&mut rng, size));
                         specs.push(format!("{a}-{b}"));
                         if b < a {
                             syntactically_full = true;
