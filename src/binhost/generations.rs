@@ -72,11 +72,12 @@ pub struct Generation {
 }
 
 impl Generation {
+    // Saturating: the lengths come from a file on disk and are compared with real file sizes.
     fn plain_len(&self) -> u64 {
-        self.header_plain + self.blocks.iter().map(|b| b.plain).sum::<u64>()
+        self.blocks.iter().fold(self.header_plain, |a, b| a.saturating_add(b.plain))
     }
     fn gz_len(&self) -> u64 {
-        self.header_gz + self.blocks.iter().map(|b| b.gz).sum::<u64>()
+        self.blocks.iter().fold(self.header_gz, |a, b| a.saturating_add(b.gz))
     }
 }
 
@@ -500,11 +501,20 @@ pub fn publish_edit(dir: &Path, old: &str, header: &str, edits: &[Edit], timesta
     for b in &last.blocks {
         poff.push(p);
         zoff.push(z);
-        p += b.plain as usize;
-        z += b.gz;
+        // Lengths from disk: the sum was compared with the file's length, but a wrapped sum
+        // must not pass for it.
+        match (usize::try_from(b.plain).ok().and_then(|n| p.checked_add(n)), z.checked_add(b.gz)) {
+            (Some(np), Some(nz)) => (p, z) = (np, nz),
+            _ => return full(),
+        }
     }
     poff.push(p);
     zoff.push(z);
+    // The record is data on disk: its offsets are only used when each one is where a stanza
+    // ends in the text we hold (so no slice can fall inside a character or a stanza).
+    if poff[1..].iter().any(|o| !old.is_char_boundary(*o) || !old[..*o].ends_with("\n\n")) {
+        return full();
+    }
     // The block an offset falls in (an insertion at a block's start belongs to that block, one
     // at the very end to the last block).
     let block_of = |at: usize| poff[1..].partition_point(|end| *end <= at).min(nb - 1);
