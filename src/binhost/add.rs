@@ -404,10 +404,17 @@ fn insertions(old: &str, header: &std::collections::BTreeMap<String, String>, en
     let sorted = rendered.packages_sorted();
     let text = rendered.render();
     let (_, body) = text.split_once("\n\n")?;
+    // Where every `CPV: ` line starts, found once for the whole batch.
+    let old_body = &old.as_bytes()[body_at..];
+    let mut cpv_lines: Vec<usize> = Vec::new();
+    if old_body.starts_with(b"CPV: ") {
+        cpv_lines.push(body_at);
+    }
+    cpv_lines.extend(memchr::memmem::find_iter(old_body, b"\nCPV: ").map(|i| body_at + i + 1));
     let mut edits: Vec<super::generations::Edit> = Vec::new();
     for (entry, stanza) in sorted.into_iter().zip(body.split_terminator("\n\n")) {
         let key = (entry.cpv(), entry.build_id());
-        let at = insertion_point(old, body_at, key)?;
+        let at = insertion_point(old, body_at, &cpv_lines, key)?;
         let text = format!("{stanza}\n\n");
         match edits.last_mut() {
             Some(last) if last.start == at => last.text.push_str(&text),
@@ -418,21 +425,17 @@ fn insertions(old: &str, header: &std::collections::BTreeMap<String, String>, en
 }
 
 /// The offset of the first stanza of `old`'s body whose (CPV, BUILD_ID) is greater than `key`
-/// (the end of the text when none is).
-fn insertion_point(old: &str, body_at: usize, key: (&str, Option<u64>)) -> Option<usize> {
+/// (the end of the text when none is); `cpv_lines` are the offsets of the body's `CPV: ` lines,
+/// in order (the text is sorted, so a binary search finds the first CPV not below the key).
+fn insertion_point(old: &str, body_at: usize, cpv_lines: &[usize], key: (&str, Option<u64>)) -> Option<usize> {
     let bytes = old.as_bytes();
-    let body = &bytes[body_at..];
-    let mut hits: Vec<usize> = Vec::new();
-    if body.starts_with(b"CPV: ") {
-        hits.push(body_at);
-    }
-    hits.extend(memchr::memmem::find_iter(body, b"\nCPV: ").map(|i| body_at + i + 1));
-    for line_at in hits {
+    let cpv_at = |line_at: usize| {
         let line_end = memchr::memchr(b'\n', &bytes[line_at..]).map_or(bytes.len(), |i| line_at + i);
-        let cpv = &old[line_at + 5..line_end];
-        if cpv < key.0 {
-            continue;
-        }
+        &old[line_at + 5..line_end]
+    };
+    let first = cpv_lines.partition_point(|l| cpv_at(*l) < key.0);
+    for &line_at in &cpv_lines[first..] {
+        let cpv = cpv_at(line_at);
         let start = old[..line_at].rfind("\n\n").map_or(body_at, |i| i + 2).max(body_at);
         if cpv > key.0 {
             return Some(start);
