@@ -481,13 +481,14 @@ pub fn publish_edit(dir: &Path, old: &str, header: &str, edits: &[Edit], timesta
     let full = || publish(dir, &apply(old, header, edits), timestamp, op);
     let Some(last) = newest(dir, 1)?.pop() else { return full() };
     let body_at = old.find("\n\n").map_or(old.len(), |i| i + 2);
-    let gz_file = match std::fs::File::open(dir.join("Packages.gz")) {
-        Ok(f) => f,
-        Err(_) => return full(),
+    let (gz_file, plain_file) = match (std::fs::File::open(dir.join("Packages.gz")), std::fs::File::open(dir.join("Packages"))) {
+        (Ok(g), Ok(p)) => (g, p),
+        _ => return full(),
     };
     let usable = same_inode(&dir.join("Packages.gz"), &gz_path(dir, last.generation))
         && gz_file.metadata().is_ok_and(|m| m.len() == last.gz_len())
         && old.len() as u64 == last.plain_len()
+        && plain_file.metadata().is_ok_and(|m| m.len() == last.plain_len())
         && body_at as u64 == last.header_plain
         && !last.blocks.is_empty()
         && header.ends_with("\n\n")
@@ -618,21 +619,23 @@ pub fn publish_edit(dir: &Path, old: &str, header: &str, edits: &[Edit], timesta
         let (gz_path_, plain_path) = (gz.path().to_owned(), plain.path().to_owned());
         let (gzf, pf) = (gz.file(), plain.file());
         gzf.write_all(&header_gz).map_err(werr(&gz_path_))?;
-        let mut pw = std::io::BufWriter::with_capacity(1 << 20, &*pf);
-        pw.write_all(header.as_bytes()).map_err(werr(&plain_path))?;
+        // Kept ranges of both files are copied by the kernel: the caller's `old` is what
+        // `Packages` holds (same length, read under the same lock), and nothing rewrites a
+        // published file in place.
+        pf.write_all(header.as_bytes()).map_err(werr(&plain_path))?;
         for seg in &segs {
             match seg {
                 Seg::Keep(i, j) => {
-                    pw.write_all(&old.as_bytes()[poff[*i]..poff[*j]]).map_err(werr(&plain_path))?;
+                    let (from, len) = (poff[*i] as u64, (poff[*j] - poff[*i]) as u64);
+                    copy_range(&plain_file, from, len, pf).map_err(werr(&plain_path))?;
                     copy_range(&gz_file, zoff[*i], zoff[*j] - zoff[*i], gzf).map_err(werr(&gz_path_))?;
                 }
                 Seg::New(p, z) => {
-                    pw.write_all(p).map_err(werr(&plain_path))?;
+                    pf.write_all(p).map_err(werr(&plain_path))?;
                     gzf.write_all(z).map_err(werr(&gz_path_))?;
                 }
             }
         }
-        pw.flush().map_err(werr(&plain_path))?;
     }
     commit(dir, gz, plain, &record)?;
     Ok(record)
