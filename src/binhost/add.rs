@@ -93,7 +93,7 @@ pub fn add_with_header(
     let _lock = DirLock::exclusive(dir, reporter)?;
     super::clean_stale_temps(dir)?;
     let index_path = dir.join("Packages");
-    let old_text = match fs_err::read_to_string(&index_path) {
+    let old_text = match super::IndexText::open(&index_path) {
         Ok(t) => Some(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -115,10 +115,12 @@ pub fn add_with_header(
     // BUILD_IDs: the largest known for the CPV (index, disk, this batch) + 1, all u64 up to
     // MAX_BUILD_ID, with checked arithmetic. `next` remembers where the largest came from, so
     // that running out names the file responsible instead of the input.
+    // A published generation is sorted: lookups in it bisect instead of reading the whole text.
+    let published = old_text.is_some() && matches!(super::generations::state(dir)?, super::generations::State::Published(_));
     let mut next: HashMap<String, (u64, PathBuf)> = HashMap::new();
     for input in &inputs {
         let cpv = format!("{}/{}", input.category, input.pf);
-        let mut max = (old_text.as_deref().map_or(0, |t| max_build_id(t, &cpv)), index_path.clone());
+        let mut max = (old_text.as_deref().map_or(0, |t| max_build_id(t, &cpv, published)), index_path.clone());
         for (id, path) in ids_on_disk(dir, input)? {
             if id > max.0 {
                 max = (id, path);
@@ -188,7 +190,7 @@ pub fn add_with_header(
     let new_text = if !pending.is_empty() {
         None
     } else {
-        Some(index_text(old_text.as_deref(), &entries, target, ts, edit, &parse, dir)?)
+        Some(index_text(old_text.as_deref(), &entries, target, ts, edit, &parse, published)?)
     };
     let old_index = match (&new_text, &old_text) {
         (None, Some(t)) => {
@@ -333,7 +335,7 @@ fn index_text(
     ts: u64,
     edit: HeaderEdit<'_>,
     parse: &dyn Fn(&str) -> Result<Index, BinhostError>,
-    dir: &Path,
+    published: bool,
 ) -> Result<NewIndex, BinhostError> {
     let header_only = |t: &str| t.split_once("\n\n").map(|(h, _)| format!("{h}\n\n"));
     let mut index = match old.and_then(header_only) {
@@ -348,7 +350,7 @@ fn index_text(
     index.header.insert("TIMESTAMP".into(), ts.to_string());
     edit(&mut index.header);
     if let Some(text) = old
-        && matches!(super::generations::state(dir)?, super::generations::State::Published(_))
+        && published
         && let Some(edits) = insertions(text, &index.header, entries)
     {
         let mut header = index.header.clone();
@@ -382,9 +384,10 @@ fn index_text(
 }
 
 /// Where `entries` go in `old`, a published generation's text (sorted by CPV and BUILD_ID, as
-/// dbh renders), as insertions of their rendered stanzas: found by searching the `CPV: ` lines,
-/// nothing else of the text is read. `None` when this is not a plain insertion (the header
-/// changes what stanzas inherit, or a new PATH is already listed): the caller splices.
+/// dbh renders), as insertions of their rendered stanzas: found by bisecting the text
+/// ([`super::sorted`]). `None` when this is not a plain insertion (the header changes what
+/// stanzas inherit, or a new PATH is already listed) or the text is not as dbh writes it: the
+/// caller splices.
 fn insertions(old: &str, header: &std::collections::BTreeMap<String, String>, entries: &[Entry]) -> Option<Vec<super::generations::Edit>> {
     let (old_header, _) = old.split_once("\n\n")?;
     let body_at = old_header.len() + 2;
@@ -394,6 +397,8 @@ fn insertions(old: &str, header: &std::collections::BTreeMap<String, String>, en
             return None;
         }
     }
+    // A PATH is unique in an index; the text is sorted by CPV, not PATH, so this one reads it
+    // all (a plain byte search, the cheapest full pass there is).
     for e in entries {
         let needle = format!("\nPATH: {}\n", e.effective_path());
         if memchr::memmem::find(old.as_bytes(), needle.as_bytes()).is_some() {
@@ -404,17 +409,11 @@ fn insertions(old: &str, header: &std::collections::BTreeMap<String, String>, en
     let sorted = rendered.packages_sorted();
     let text = rendered.render();
     let (_, body) = text.split_once("\n\n")?;
-    // Where every `CPV: ` line starts, found once for the whole batch.
-    let old_body = &old.as_bytes()[body_at..];
-    let mut cpv_lines: Vec<usize> = Vec::new();
-    if old_body.starts_with(b"CPV: ") {
-        cpv_lines.push(body_at);
-    }
-    cpv_lines.extend(memchr::memmem::find_iter(old_body, b"\nCPV: ").map(|i| body_at + i + 1));
     let mut edits: Vec<super::generations::Edit> = Vec::new();
     for (entry, stanza) in sorted.into_iter().zip(body.split_terminator("\n\n")) {
         let key = (entry.cpv(), entry.build_id());
-        let at = insertion_point(old, body_at, &cpv_lines, key)?;
+        // After every stanza that sorts before or equal to the new one.
+        let at = super::sorted::partition(old, body_at, |k| k <= key)?;
         let text = format!("{stanza}\n\n");
         match edits.last_mut() {
             Some(last) if last.start == at => last.text.push_str(&text),
@@ -424,47 +423,27 @@ fn insertions(old: &str, header: &std::collections::BTreeMap<String, String>, en
     Some(edits)
 }
 
-/// The offset of the first stanza of `old`'s body whose (CPV, BUILD_ID) is greater than `key`
-/// (the end of the text when none is); `cpv_lines` are the offsets of the body's `CPV: ` lines,
-/// in order (the text is sorted, so a binary search finds the first CPV not below the key).
-fn insertion_point(old: &str, body_at: usize, cpv_lines: &[usize], key: (&str, Option<u64>)) -> Option<usize> {
-    let bytes = old.as_bytes();
-    let cpv_at = |line_at: usize| {
-        let line_end = memchr::memchr(b'\n', &bytes[line_at..]).map_or(bytes.len(), |i| line_at + i);
-        &old[line_at + 5..line_end]
-    };
-    let first = cpv_lines.partition_point(|l| cpv_at(*l) < key.0);
-    for &line_at in &cpv_lines[first..] {
-        let cpv = cpv_at(line_at);
-        let start = old[..line_at].rfind("\n\n").map_or(body_at, |i| i + 2).max(body_at);
-        if cpv > key.0 {
-            return Some(start);
-        }
-        let id = old[start..line_at].lines().find_map(|l| l.strip_prefix("BUILD_ID: ")).map(|v| v.parse::<u64>().ok());
-        let id = match id {
-            Some(Some(id)) => Some(id),
-            Some(None) => return None,
-            None => None,
-        };
-        if id > key.1 {
-            return Some(start);
-        }
-    }
-    Some(bytes.len())
-}
-
 /// TIMESTAMP from an index's header, without parsing the rest.
 fn header_timestamp(text: &str) -> Option<u64> {
     let header = text.split_once("\n\n").map_or(text, |(h, _)| h);
     header.lines().find_map(|l| l.strip_prefix("TIMESTAMP: ")?.parse().ok()).filter(|t| *t <= binpkg::MAX_TIME)
 }
 
-/// The largest BUILD_ID the index text has for `cpv` (0 if none), by searching the text.
-fn max_build_id(text: &str, cpv: &str) -> u64 {
+/// The largest BUILD_ID the index text has for `cpv` (0 if none): by bisection when the text
+/// is a `published` generation (sorted), else by searching the whole text.
+fn max_build_id(text: &str, cpv: &str, published: bool) -> u64 {
+    if published
+        && let Some(body_at) = text.find("\n\n").map(|i| i + 2)
+        && let Some(max) = super::sorted::max_build_id(text, body_at, cpv)
+    {
+        return max;
+    }
     let needle = format!("\nCPV: {cpv}\n");
     let mut max = 0;
     for at in memchr::memmem::find_iter(text.as_bytes(), needle.as_bytes()) {
-        let start = text[..at].rfind("\n\n").map_or(0, |i| i + 2);
+        // `at` is the newline before `CPV:`; a stanza that starts with its CPV line has the
+        // blank line's first newline just before it, so search up to and including `at`.
+        let start = text[..at + 1].rfind("\n\n").map_or(0, |i| i + 2);
         let end = text[at..].find("\n\n").map_or(text.len(), |i| at + i);
         let stanza = &text[start..end];
         if let Some(id) = stanza.lines().find_map(|l| {
@@ -532,4 +511,30 @@ fn create_dirs_synced(root: &Path, parent: &Path) -> Result<(), BinhostError> {
         super::sync_dir(d.parent().unwrap_or(root))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_build_id_by_bisection_equals_the_whole_text_search() {
+        let mut rng = crate::testutil::Rng(11);
+        for round in 0..200 {
+            let (text, _, keys) = super::super::sorted::tests::sorted_text(&mut rng, round % 30);
+            for (cpv, _) in keys.iter().chain([&("zzz/none-1".to_owned(), None)]) {
+                let want = keys.iter().filter(|(c, _)| c == cpv).filter_map(|(_, i)| *i).max().unwrap_or(0);
+                assert_eq!(max_build_id(&text, cpv, true), want, "{cpv} by bisection in\n{text}");
+                assert_eq!(max_build_id(&text, cpv, false), want, "{cpv} by search in\n{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stanza_that_starts_with_its_cpv_line_keeps_its_own_build_id() {
+        // Not sorted and CPV first: the search must not take the previous stanza's BUILD_ID.
+        let text = "TIMESTAMP: 1\n\nBUILD_ID: 9\nCPV: a/x-1\n\nCPV: a/b-1\nBUILD_ID: 2\n\n";
+        assert_eq!(max_build_id(text, "a/b-1", false), 2);
+        assert_eq!(max_build_id(text, "a/x-1", false), 9);
+    }
 }

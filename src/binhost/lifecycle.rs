@@ -92,13 +92,15 @@ fn matches(e: &Entry, pattern: &str) -> bool {
 /// (kept generations list them; `prune` deletes them later).
 ///
 /// Works on the index text at O(change): the stanzas of the named packages are found by
-/// searching for their `CPV: ` lines, every other byte is copied; dependants are found by
+/// bisecting the sorted text of the published generation ([`super::sorted`]; a text dbh did not
+/// write is searched for their `CPV: ` lines instead), every other byte is copied (by
+/// [`generations::publish_edit`], in the kernel); dependants are found by
 /// searching for the removed `cat/pn`s, so only stanzas that mention one are parsed.
 pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporter) -> Result<RmOutcome, BinhostError> {
     let _lock = DirLock::exclusive(dir, reporter)?;
     generations::recover(dir)?;
     let path = dir.join("Packages");
-    let text = match fs_err::read_to_string(&path) {
+    let text = match super::IndexText::open(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(BinhostError::NoMatch { dir: dir.to_owned(), pattern: patterns.join(" ") });
@@ -109,15 +111,24 @@ pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporte
     let header = Index::parse(&text.as_bytes()[..header_end]).map_err(|source| BinhostError::Parse { path: path.clone(), source })?;
     // (start, end) of every stanza to remove, and its entry.
     let mut gone: BTreeMap<usize, (usize, Entry)> = BTreeMap::new();
+    // The stanzas whose CPV starts with `prefix`: by bisection in a published (sorted)
+    // generation, else by searching the whole text.
+    let sorted = matches!(generations::state(dir)?, generations::State::Published(_));
+    let candidates = |prefix: &str| -> Vec<(usize, usize)> {
+        if sorted && let Some(found) = super::sorted::with_cpv_prefix(&text, header_end, prefix) {
+            return found;
+        }
+        let needle = format!("\nCPV: {prefix}");
+        memchr::memmem::find_iter(text.as_bytes(), needle.as_bytes()).map(|at| stanza_at(&text, at + 1, header_end)).collect()
+    };
     for p in patterns {
         let p = p.trim_start_matches('=');
-        let needle = match cp_of(p) {
-            Some(_) => format!("\nCPV: {p}"),
-            None => format!("\nCPV: {p}-"),
+        let prefix = match cp_of(p) {
+            Some(_) => p.to_owned(),
+            None => format!("{p}-"),
         };
         let mut any = false;
-        for at in memchr::memmem::find_iter(text.as_bytes(), needle.as_bytes()) {
-            let (start, end) = stanza_at(&text, at + 1, header_end);
+        for (start, end) in candidates(&prefix) {
             let entry = parse_stanza(&text[start..end], &path)?;
             if matches(&entry, p) {
                 any = true;
@@ -126,10 +137,9 @@ pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporte
         }
         // A CPV-BUILD_ID pattern: its CPV prefix is what the text has.
         if !any && let Some((cpv, id)) = p.rsplit_once('-') && id.parse::<u64>().is_ok() {
-            for at in memchr::memmem::find_iter(text.as_bytes(), format!("\nCPV: {cpv}\n").as_bytes()) {
-                let (start, end) = stanza_at(&text, at + 1, header_end);
+            for (start, end) in candidates(cpv) {
                 let entry = parse_stanza(&text[start..end], &path)?;
-                if matches(&entry, p) {
+                if entry.cpv() == cpv && matches(&entry, p) {
                     any = true;
                     gone.insert(start, (end, entry));
                 }

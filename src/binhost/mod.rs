@@ -14,6 +14,7 @@ pub mod generations;
 pub mod index;
 pub mod lifecycle;
 pub mod scan;
+pub mod sorted;
 pub mod trust;
 
 use std::fs::File;
@@ -25,6 +26,48 @@ use crate::hint::Hint;
 use crate::events::{Event, Reporter};
 
 pub use index::{Entry, Index};
+
+/// A binhost's `Packages` text, mapped read-only rather than read into memory: `add` and `rm`
+/// bisect it and copy its kept ranges in the kernel, so only the pages they look at are ever
+/// touched by dbh itself.
+pub struct IndexText {
+    // `None` for an empty file (an empty mapping is an error on Linux).
+    map: Option<memmap2::Mmap>,
+}
+
+impl IndexText {
+    /// Maps `path`. Errors as `fs::read_to_string` would: `NotFound`, or `InvalidData` when
+    /// the text is not UTF-8.
+    pub fn open(path: &Path) -> std::io::Result<IndexText> {
+        let file = fs_err::File::open(path)?;
+        if file.metadata()?.len() == 0 {
+            return Ok(IndexText { map: None });
+        }
+        // SAFETY: the mapping is only sound while nobody writes the file in place. Every dbh
+        // writer replaces Packages by rename (a new inode; see `TempFile::persist`) under the
+        // binhost lock, which our callers hold, and so does Portage (`atomic_ofstream`); a
+        // mapped inode therefore never changes while we read it.
+        // The whole file is read soon after (validation, search): populate it in one go.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(file.file()) }
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot map {}: {e}", path.display())))?;
+        if simdutf8::basic::from_utf8(&map).is_err() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is not valid UTF-8", path.display())));
+        }
+        Ok(IndexText { map: Some(map) })
+    }
+}
+
+impl std::ops::Deref for IndexText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match &self.map {
+            // SAFETY: validated as UTF-8 in `open`, and the mapping is read-only and not
+            // written by anyone while mapped (see there).
+            Some(m) => unsafe { std::str::from_utf8_unchecked(m) },
+            None => "",
+        }
+    }
+}
 
 /// The lock every writer of a binhost holds (`std::fs::File::lock`, an flock).
 pub const LOCK_FILE: &str = ".dbh.lock";
