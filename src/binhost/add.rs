@@ -92,6 +92,8 @@ pub fn add_with_header(
     fs_err::create_dir_all(dir)?;
     let _lock = DirLock::exclusive(dir, reporter)?;
     super::clean_stale_temps(dir)?;
+    // An interrupted publish is finished first, so the index read below is the current one.
+    let seen = super::generations::recover(dir)?;
     let index_path = dir.join("Packages");
     let old_text = match super::IndexText::open(&index_path) {
         Ok(t) => Some(t),
@@ -116,7 +118,7 @@ pub fn add_with_header(
     // MAX_BUILD_ID, with checked arithmetic. `next` remembers where the largest came from, so
     // that running out names the file responsible instead of the input.
     // A published generation is sorted: lookups in it bisect instead of reading the whole text.
-    let published = old_text.is_some() && matches!(super::generations::state(dir)?, super::generations::State::Published(_));
+    let published = old_text.is_some() && matches!(seen.state, super::generations::State::Published(_));
     let mut next: HashMap<String, (u64, PathBuf)> = HashMap::new();
     for input in &inputs {
         let cpv = format!("{}/{}", input.category, input.pf);
@@ -218,7 +220,7 @@ pub fn add_with_header(
             Some(NewIndex::Text(text)) => super::write_index_as(dir, &text, Some(ts), "add").map(|_| ()),
             Some(NewIndex::Edits(header, edits)) => {
                 let old = old_text.as_deref().expect("edits are of an old index");
-                super::generations::publish_edit(dir, old, &header, &edits, ts, "add").map(|_| ())
+                super::generations::publish_edit(dir, &seen, old, &header, &edits, ts, "add").map(|_| ())
             }
             None => {
                 let opts = Options { full: false, target: Some(target) };

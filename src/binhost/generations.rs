@@ -177,44 +177,67 @@ pub enum State {
 }
 
 pub fn state(dir: &Path) -> Result<State, BinhostError> {
+    observe(dir).map(|(state, _)| state)
+}
+
+/// The state, and the newest two records it was decided from (oldest first).
+fn observe(dir: &Path) -> Result<(State, Vec<Generation>), BinhostError> {
     let gens = newest(dir, 2)?;
-    let Some(last) = gens.last() else { return Ok(State::Unrecorded) };
+    let state = state_of(dir, &gens);
+    Ok((state, gens))
+}
+
+fn state_of(dir: &Path, gens: &[Generation]) -> State {
+    let Some(last) = gens.last() else { return State::Unrecorded };
     let published = dir.join("Packages.gz");
     let plain_is = |g: &Generation| {
         std::fs::metadata(dir.join("Packages")).is_ok_and(|m| m.len() == g.plain_len() && m.mtime() == g.timestamp as i64)
     };
     if same_inode(&published, &gz_path(dir, last.generation)) {
         if plain_is(last) {
-            return Ok(State::Published(last.generation));
+            return State::Published(last.generation);
         }
         // Only the state between the two renames: Packages is still the previous generation's.
         let before = gens.len() >= 2 && plain_is(&gens[gens.len() - 2]);
         let missing = !dir.join("Packages").exists() && gens.len() == 1;
-        return Ok(if before || missing { State::GzAhead(last.generation) } else { State::External });
+        return if before || missing { State::GzAhead(last.generation) } else { State::External };
     }
     if gens.len() >= 2 && same_inode(&published, &gz_path(dir, gens[gens.len() - 2].generation)) {
-        return Ok(State::Unpublished(last.generation));
+        return State::Unpublished(last.generation);
     }
-    Ok(State::External)
+    State::External
 }
 
-/// Brings an interrupted publish to a whole generation. Call with the lock held.
-pub fn recover(dir: &Path) -> Result<(), BinhostError> {
-    match state(dir)? {
+/// What a writer knows once [`recover`] is done: the state of the published index and the
+/// newest record. Valid while the caller holds the lock it was observed under.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub state: State,
+    pub last: Option<Generation>,
+}
+
+/// Brings an interrupted publish to a whole generation. Call with the lock held. Returns what
+/// the generations are afterwards, so that the caller does not read them again.
+pub fn recover(dir: &Path) -> Result<Observed, BinhostError> {
+    let (state, mut gens) = observe(dir)?;
+    match state {
         State::GzAhead(n) => {
             let g = read_record(dir, n)?;
             let text = read_text(dir, n)?;
             let mut plain = TempFile::new(dir, "Packages")?;
             plain.file().write_all(text.as_bytes()).map_err(|e| io_at(plain.path(), "cannot write", e))?;
             plain.persist(&dir.join("Packages"), Some(g.timestamp))?;
-            sync_dir(dir)
+            sync_dir(dir)?;
+            Ok(Observed { state: State::Published(n), last: Some(g) })
         }
         State::Unpublished(n) => {
             fs_err::remove_file(record_path(dir, n))?;
             let _ = std::fs::remove_file(gz_path(dir, n));
-            sync_dir(&gen_dir(dir))
+            sync_dir(&gen_dir(dir))?;
+            let (state, mut gens) = observe(dir)?;
+            Ok(Observed { state, last: gens.pop() })
         }
-        _ => Ok(()),
+        state => Ok(Observed { state, last: gens.pop() }),
     }
 }
 
@@ -470,16 +493,25 @@ pub fn apply(old: &str, header: &str, edits: &[Edit]) -> String {
 /// compressed again; every other block is copied, for `Packages.gz` by the kernel from the
 /// published file (copy_file_range), without being read or compared. Anything else — no
 /// generation yet, files another tool wrote, a header of another length than recorded — takes
-/// [`publish`]'s full path, which gives the same files.
+/// [`publish`]'s full path, which gives the same files. `seen` is what [`recover`] returned
+/// under the lock the caller still holds (one read of the records per command).
 ///
 /// The result equals [`publish`]'s, block boundaries included: a changed run of blocks starts
 /// at an old boundary (everything before it is unchanged, and the boundary scan only looks
 /// back to the last boundary) and is extended until it ends with a stanza that is a boundary
 /// by its hash, so every block after it starts where it did.
-pub fn publish_edit(dir: &Path, old: &str, header: &str, edits: &[Edit], timestamp: u64, op: &str) -> Result<Generation, BinhostError> {
-    recover(dir)?;
+pub fn publish_edit(
+    dir: &Path,
+    seen: &Observed,
+    old: &str,
+    header: &str,
+    edits: &[Edit],
+    timestamp: u64,
+    op: &str,
+) -> Result<Generation, BinhostError> {
     let full = || publish(dir, &apply(old, header, edits), timestamp, op);
-    let Some(last) = newest(dir, 1)?.pop() else { return full() };
+    // `seen` came from `recover` under the lock the caller still holds: nothing has changed.
+    let (State::Published(_), Some(last)) = (&seen.state, seen.last.clone()) else { return full() };
     let body_at = old.find("\n\n").map_or(old.len(), |i| i + 2);
     let (gz_file, plain_file) = match (std::fs::File::open(dir.join("Packages.gz")), std::fs::File::open(dir.join("Packages"))) {
         (Ok(g), Ok(p)) => (g, p),
@@ -770,7 +802,7 @@ mod tests {
                     edits.push(Edit { start: pos, end: pos, text: s });
                 }
             }
-            let lean = publish_edit(b.path(), &old, &header(ids.len(), 16), &edits, 16, "add").unwrap();
+            let lean = publish_edit(b.path(), &recover(b.path()).unwrap(), &old, &header(ids.len(), 16), &edits, 16, "add").unwrap();
             assert_eq!(lean.blocks, full.blocks, "case {case}: block layout");
             assert_eq!((&lean.added, &lean.removed, lean.packages), (&full.added, &full.removed, full.packages), "case {case}");
             for f in ["Packages", "Packages.gz"] {
@@ -797,7 +829,7 @@ mod tests {
         std::fs::write(dir.join("Packages"), &old).unwrap();
         let at = old.find("BUILD_ID: 1\nCPV: c/p00050-1").unwrap();
         let end = at + old[at..].find("\n\n").unwrap() + 2;
-        let g = publish_edit(dir, &old, "PACKAGES: 99\nTIMESTAMP: 11\nVERSION: 0\n\n", &[Edit { start: at, end, text: String::new() }], 11, "rm")
+        let g = publish_edit(dir, &recover(dir).unwrap(), &old, "PACKAGES: 99\nTIMESTAMP: 11\nVERSION: 0\n\n", &[Edit { start: at, end, text: String::new() }], 11, "rm")
             .unwrap();
         assert_eq!(g.packages, 99);
         let text = std::fs::read_to_string(dir.join("Packages")).unwrap();
@@ -816,14 +848,18 @@ mod tests {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(10);
         std::fs::File::options().write(true).open(dir.join("Packages")).unwrap().set_modified(t).unwrap();
         assert_eq!(state(dir).unwrap(), State::GzAhead(2));
-        recover(dir).unwrap();
+        let seen = recover(dir).unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("Packages")).unwrap(), index(60, 11));
         assert_eq!(state(dir).unwrap(), State::Published(2));
+        // What recover reports is what a fresh look says.
+        assert_eq!((seen.state, seen.last.map(|g| g.generation)), (State::Published(2), Some(2)));
         // A record whose index never got published.
         std::fs::hard_link(gz_path(dir, 1), dir.join(".x")).unwrap();
         std::fs::rename(dir.join(".x"), dir.join("Packages.gz")).unwrap();
         assert_eq!(state(dir).unwrap(), State::Unpublished(2));
-        recover(dir).unwrap();
+        let seen = recover(dir).unwrap();
         assert_eq!(list(dir).unwrap().len(), 1);
+        assert_eq!(seen.state, state(dir).unwrap());
+        assert_eq!(seen.last.map(|g| g.generation), Some(1));
     }
 }

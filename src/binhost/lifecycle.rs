@@ -98,7 +98,7 @@ fn matches(e: &Entry, pattern: &str) -> bool {
 /// searching for the removed `cat/pn`s, so only stanzas that mention one are parsed.
 pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporter) -> Result<RmOutcome, BinhostError> {
     let _lock = DirLock::exclusive(dir, reporter)?;
-    generations::recover(dir)?;
+    let seen = generations::recover(dir)?;
     let path = dir.join("Packages");
     let text = match super::IndexText::open(&path) {
         Ok(t) => t,
@@ -113,7 +113,7 @@ pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporte
     let mut gone: BTreeMap<usize, (usize, Entry)> = BTreeMap::new();
     // The stanzas whose CPV starts with `prefix`: by bisection in a published (sorted)
     // generation, else by searching the whole text.
-    let sorted = matches!(generations::state(dir)?, generations::State::Published(_));
+    let sorted = matches!(seen.state, generations::State::Published(_));
     let candidates = |prefix: &str| -> Vec<(usize, usize)> {
         if sorted && let Some(found) = super::sorted::with_cpv_prefix(&text, header_end, prefix) {
             return found;
@@ -171,7 +171,7 @@ pub fn rm(dir: &Path, patterns: &[String], dry_run: bool, reporter: &dyn Reporte
     let new_header = Index { header: h, packages: Vec::new() }.render();
     let edits: Vec<generations::Edit> =
         gone.iter().map(|(start, (end, _))| generations::Edit { start: *start, end: *end, text: String::new() }).collect();
-    out.generation = Some(generations::publish_edit(dir, &text, &new_header, &edits, ts, "rm")?);
+    out.generation = Some(generations::publish_edit(dir, &seen, &text, &new_header, &edits, ts, "rm")?);
     Ok(out)
 }
 
