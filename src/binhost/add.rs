@@ -165,11 +165,9 @@ pub fn add_with_header(
             Format::Xpak => binpkg::xpak_to_gpkg(&input.src, tmp.path(), &rewrite),
         };
         result.map_err(|source| BinhostError::Package { path: input.src.clone(), source: Box::new(source) })?;
-        // Re-open: the writer may have replaced the file we created.
-        let reopened = fs_err::File::open(tmp.path())?;
-        reopened.sync_all().map_err(|e| super::io_at(tmp.path(), "cannot fsync", e))?;
-        let meta = reopened.metadata()?;
-        drop(reopened);
+        // The writers fsync what they wrote (`Out::finish`); the metadata is the file's at the
+        // path, which the writer may have re-created.
+        let meta = fs_err::metadata(tmp.path())?;
         // What we publish must verify, signatures included, before anyone can see it.
         binpkg::verify(tmp.path(), verifier.as_ref())
             .map_err(|source| BinhostError::Package { path: tmp.path().to_owned(), source: Box::new(source) })?;

@@ -529,7 +529,8 @@ fn create(dst: &Path) -> Result<std::io::BufWriter<std::fs::File>, super::Binpkg
     Ok(std::io::BufWriter::with_capacity(256 * 1024, file.into_parts().0))
 }
 
-/// Rewrites a GPKG into `dst` (callers write to a temp file and rename): optionally a new
+/// Rewrites a GPKG into `dst` (callers write to a temp file and rename; it is fsynced when this
+/// returns Ok): optionally a new
 /// BUILD_ID (metadata re-packed with the same compression) and new signatures in `gpkg-sign`'s
 /// form. The image member's bytes are stream-copied unchanged, and checked against the source
 /// Manifest on the way; old `.sig` members are dropped. Member order and Manifest order follow
@@ -574,7 +575,8 @@ pub fn rewrite_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super:
 /// Converts an XPAK package into a GPKG at `dst`: metadata from the XPAK index
 /// (`metadata.tar.zst`), the image re-packed under `image/` as `image.tar.zst`, the way Portage
 /// lays out GPKG, then signed like [`rewrite_gpkg`]. XPAK cannot carry signatures, so a binhost
-/// that clients verify must convert on import.
+/// that clients verify must convert on import. Like [`rewrite_gpkg`], `dst` is fsynced when this
+/// returns Ok.
 pub fn xpak_to_gpkg(src: &Path, dst: &Path, opts: &Rewrite) -> Result<(), super::BinpkgError> {
     let source = super::open(src)?;
     let (xl, mut md) = super::xpak::read(&source, src).map_err(|f| f.at(src))?;
