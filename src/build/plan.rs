@@ -10,6 +10,15 @@
 //! guest would build nothing either and the build stops there, in seconds, without booting.
 //! Whenever the host cannot answer (no Portage, a repository only the guest has, emerge failing)
 //! the guest boots and decides, as before.
+//!
+//! A "nothing to build" answer is remembered (`$DBH_HOME/cache/plan/<target>`) under a hash of
+//! everything the host's emerge was given: the request, the target's facts and Portage
+//! configuration, the profile, every repository's revision key (content, not only the commit),
+//! the binhost's `Packages` file identity (dev, inode, size, mtime: every publish replaces it by
+//! rename and stamps its TIMESTAMP) and the emerge program. The next identical check — a cron job
+//! re-running `--update` before anything was synced or published — answers from it instead of
+//! running Portage's resolver again, whose cost grows with the repository and the binhost. Any
+//! change of an input is another hash, so the resolver runs; only "nothing to build" is stored.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,6 +36,7 @@ pub fn satisfied(
     prep: &Prepared,
     req: &Request,
     emerge: Option<&Path>,
+    repo_keys: &BTreeMap<String, String>,
     log_dir: &Path,
     reporter: &dyn Reporter,
 ) -> Result<Option<String>, BuildError> {
@@ -42,6 +52,19 @@ pub fn satisfied(
         .collect();
     if !extra.is_empty() {
         return boot(format!("repos.conf names {}, which only the guest has", extra.join(", ")));
+    }
+    let memo_path = home.cache().join("plan").join(&target.name);
+    let memo = memo_key(target, prep, req, emerge, repo_keys);
+    if let Some(key) = &memo
+        && let Ok(text) = std::fs::read_to_string(&memo_path)
+        && let Some((stored, why)) = text.split_once('\n')
+        && stored == key
+    {
+        let why = why.trim_end();
+        reporter.event(Event::Note {
+            message: format!("{}: the request, repositories, configuration and binhost are those of the last check ({})", target.name, memo_path.display()),
+        });
+        return Ok(Some(why.to_owned()));
     }
     let work = tempfile::Builder::new()
         .prefix("dbh-plan-")
@@ -86,11 +109,66 @@ pub fn satisfied(
         reporter.event(Event::Note { message: format!("{}: to build: {}", target.name, to_build.join(" ")) });
         return Ok(None);
     }
-    Ok(Some(if planned.is_empty() {
+    let why = if planned.is_empty() {
         "emerge has nothing to merge".to_owned()
     } else {
         format!("all {} package(s) of the request are in the binhost", planned.len())
-    }))
+    };
+    if let Some(key) = memo {
+        // A cache: failing to write it costs the next run a resolver pass, nothing else.
+        let _ = remember(&memo_path, &key, &why);
+    }
+    Ok(Some(why))
+}
+
+/// Bump when what the key covers changes meaning.
+const MEMO_FORMAT: &str = "dbh-plan-1";
+
+/// The hash of every input of the host's plan, or `None` when one cannot be identified (then
+/// nothing is remembered or looked up).
+fn memo_key(target: &Target, prep: &Prepared, req: &Request, emerge: Option<&Path>, repo_keys: &BTreeMap<String, String>) -> Option<String> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let stat = |p: &Path| {
+        std::fs::metadata(p).ok().map(|m| format!("{}:{}:{}:{}.{}:{}.{}", m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+    };
+    let packages = stat(&prep.binhost_dir.join("Packages"))?;
+    // The emerge that answers: a Portage upgrade replaces the script.
+    let emerge_path = match emerge {
+        Some(p) => p.to_owned(),
+        None => std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("emerge")).find(|p| p.is_file())?,
+    };
+    let emerge_id = stat(&emerge_path)?;
+    let mut h = sha2::Sha256::new();
+    let mut put = |label: &str, value: &str| {
+        // Length-prefixed, so that no two different inputs hash alike.
+        h.update(format!("{label} {} ", value.len()).as_bytes());
+        h.update(value.as_bytes());
+    };
+    put("format", MEMO_FORMAT);
+    put("dbh", env!("CARGO_PKG_VERSION"));
+    put("target", &format!("{target:?}"));
+    put("profile", &format!("{}:{}", prep.profile_repo, prep.profile_path));
+    put("repos", &format!("{:?}", prep.repos));
+    put("repo-keys", &format!("{repo_keys:?}"));
+    put("config", &format!("{:?}", prep.config));
+    put("binhost", &prep.binhost_dir.display().to_string());
+    put("packages", &packages);
+    put("emerge", &format!("{} {emerge_id}", emerge_path.display()));
+    put("atoms", &format!("{:?}", req.atoms));
+    put("update", &req.update.to_string());
+    put("emerge-args", &format!("{:?}", req.emerge_args));
+    Some(hex::encode(h.finalize()))
+}
+
+/// Stores `why` under `key`, replacing the file by rename (a reader sees the old or the new).
+fn remember(path: &Path, key: &str, why: &str) -> std::io::Result<()> {
+    let dir = path.parent().expect("the memo has a directory");
+    fs_err::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, format!("{key}\n{why}\n").as_bytes())?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Why each of `built` (cpv, enabled USE flags from the merge list) was built although the

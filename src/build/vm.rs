@@ -363,6 +363,8 @@ const GATEWAY: &str = "10.0.2.2";
 struct Snapshots {
     /// name → the revision `REPO_REVISIONS` records.
     revisions: BTreeMap<String, String>,
+    /// name → the revision's key (content identity, also of a dirty checkout).
+    keys: BTreeMap<String, String>,
     /// `(disk serial, repository name)` for [`mount_script`].
     mounts: Vec<(String, String)>,
     disks: Vec<crate::vm::qemu::ReadOnlyDisk>,
@@ -377,10 +379,11 @@ fn attach_snapshots(
     reporter: &dyn Reporter,
 ) -> Result<Snapshots, BuildError> {
     let sources = crate::repo::plan(home, &prep.repos, &prep.config.repos_conf, &prep.profile_repo);
-    let mut out = Snapshots { revisions: BTreeMap::new(), mounts: Vec::new(), disks: Vec::new(), names: Vec::new() };
+    let mut out = Snapshots { revisions: BTreeMap::new(), keys: BTreeMap::new(), mounts: Vec::new(), disks: Vec::new(), names: Vec::new() };
     for (i, src) in sources.iter().enumerate() {
         let snap = crate::repo::snapshot(home, src, &sources, tools, reporter)?;
         out.revisions.insert(snap.name.clone(), snap.revision.recorded.clone());
+        out.keys.insert(snap.name.clone(), snap.revision.key.clone());
         let serial = disk_serial(i, &snap.name);
         out.mounts.push((serial.clone(), snap.name.clone()));
         out.disks.push(crate::vm::qemu::ReadOnlyDisk { path: snap.image, serial });
@@ -409,11 +412,11 @@ pub async fn build(
     let req = &req;
     let mut timings = Timings::default();
     let snaps = attach_snapshots(home, &prep, &opts.repo_tools, reporter)?;
-    let Snapshots { revisions, mounts, disks, names: repo_names } = snaps;
+    let Snapshots { revisions, keys: repo_keys, mounts, disks, names: repo_names } = snaps;
     timings.lap("snapshot");
     let log_dir = prep.log_dir.clone();
     let have_binhost = prep.binhost_dir.join("Packages").is_file();
-    if have_binhost && let Some(why) = super::plan::satisfied(home, target, &prep, req, opts.emerge.as_deref(), &log_dir, reporter)? {
+    if have_binhost && let Some(why) = super::plan::satisfied(home, target, &prep, req, opts.emerge.as_deref(), &repo_keys, &log_dir, reporter)? {
         reporter.event(Event::Note { message: format!("{}: nothing to build, no guest booted: {why}", target.name) });
         reporter.event(Event::Count { name: "binpkg.transferred".into(), value: 0 });
         return Ok(Outcome { published: Vec::new(), failed: Vec::new(), log_dir, transferred: 0, rebuilt: Vec::new() });

@@ -242,7 +242,7 @@ fn vm_build_publishes_what_built_reports_failures_and_transfers_nothing_twice() 
 }
 
 /// The newest build log directory.
-fn last_log_dir(home: &Path) -> PathBuf {
+pub fn last_log_dir(home: &Path) -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(home.join("logs/arm64")).unwrap().flatten().map(|e| e.path()).collect();
     dirs.sort();
     dirs.pop().unwrap()

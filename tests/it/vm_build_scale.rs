@@ -52,4 +52,14 @@ fn a_nothing_new_update_over_a_2000_package_binhost_and_20000_ebuilds_boots_noth
     // Bare boot of the arm64 guest under TCG is ~16 s; with nothing to do there is no boot at all.
     assert!(wall < Duration::from_secs(20), "{wall:?}");
     assert!(!home.join("images/arm64/run/state.json").exists(), "no guest started");
+    // Nothing changed since the first run's check: the re-run answered from its memo.
+    assert!(text.contains("are those of the last check"), "{text}");
+
+    // Any input changed (here the world file, by a comment) runs Portage's resolver again.
+    std::fs::write(cfg.join("world"), format!("# weekly\n{}", scale_gen::world())).unwrap();
+    let out = cmd.output().unwrap();
+    let text = combined(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("arm64: nothing to build, no guest booted") && !text.contains("are those of the last check"), "{text}");
+    assert!(std::fs::read_to_string(super::vm_build::last_log_dir(home).join("plan.log")).unwrap().contains("[binary"), "emerge planned again");
 }
