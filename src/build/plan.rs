@@ -37,9 +37,10 @@ pub fn satisfied(
     req: &Request,
     emerge: Option<&Path>,
     repo_keys: &BTreeMap<String, String>,
-    log_dir: &Path,
     reporter: &dyn Reporter,
 ) -> Result<Option<String>, BuildError> {
+    // The plan's log goes beside the build's other logs.
+    let log_dir = prep.log_dir.as_path();
     let boot = |why: String| {
         reporter.event(Event::Note { message: format!("{}: the host cannot tell whether anything is to be built ({why}); booting the guest", target.name) });
         Ok(None)

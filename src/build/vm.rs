@@ -416,7 +416,7 @@ pub async fn build(
     timings.lap("snapshot");
     let log_dir = prep.log_dir.clone();
     let have_binhost = prep.binhost_dir.join("Packages").is_file();
-    if have_binhost && let Some(why) = super::plan::satisfied(home, target, &prep, req, opts.emerge.as_deref(), &repo_keys, &log_dir, reporter)? {
+    if have_binhost && let Some(why) = super::plan::satisfied(home, target, &prep, req, opts.emerge.as_deref(), &repo_keys, reporter)? {
         reporter.event(Event::Note { message: format!("{}: nothing to build, no guest booted: {why}", target.name) });
         reporter.event(Event::Count { name: "binpkg.transferred".into(), value: 0 });
         return Ok(Outcome { published: Vec::new(), failed: Vec::new(), log_dir, transferred: 0, rebuilt: Vec::new() });
