@@ -671,7 +671,12 @@ async fn in_guest(
     let built = follower.built();
     let (unfinished, tail) = follower.finish(i64::from(status), reporter);
     timings.lap("emerge");
-    keep_distfiles(guest, target, inputs.distdir, reporter).await?;
+    // What was built is worth more than the distfiles: a failure to keep them is a warning.
+    if let Err(e) = keep_distfiles(guest, target, inputs.distdir, reporter).await {
+        reporter.event(Event::Note {
+            message: format!("warning: {}: the downloaded distfiles were not kept in {}: {e}; the packages are published all the same", target.name, inputs.distdir.display()),
+        });
+    }
 
     let mut failed = Vec::new();
     for cpv in &unfinished {
@@ -725,8 +730,11 @@ async fn in_guest(
 /// temporary name and renamed when complete (a killed build leaves no partial distfile; Portage
 /// verified each against its Manifest before it got its name). Portage's own partial downloads
 /// (`*.__download__`), lock files and dot files stay behind; a file the host has at the same size
-/// is not copied again.
+/// is not copied again. Temporary names carry dbh's pid, so that builds of two targets sharing
+/// the directory never write the same one and a killed build's leftovers are recognised and
+/// removed by the next ([`sweep_parts`]).
 async fn keep_distfiles(guest: &Guest, target: &Target, distdir: &Path, reporter: &dyn Reporter) -> Result<(), BuildError> {
+    sweep_parts(distdir);
     let listing = guest
         .exec_ok(&format!("[ ! -d {GUEST_DISTDIR} ] || find {GUEST_DISTDIR} -maxdepth 1 -type f ! -name '.*' ! -name '*.__download__' ! -name '*._checksum_failure_.*' -printf '%s %f\\n'"))
         .await?
@@ -743,7 +751,7 @@ async fn keep_distfiles(guest: &Guest, target: &Target, distdir: &Path, reporter
         if std::fs::metadata(&dest).is_ok_and(|m| m.len() == size) {
             continue;
         }
-        let part = distdir.join(format!(".{name}.dbh-part"));
+        let part = distdir.join(format!(".{name}.{}{PART_SUFFIX}", std::process::id()));
         guest.download(&format!("{GUEST_DISTDIR}/{name}"), &part).await?;
         std::fs::rename(&part, &dest).map_err(|source| BuildError::Io { doing: "rename into", path: dest.clone(), source })?;
         kept.push(name.to_owned());
@@ -752,6 +760,26 @@ async fn keep_distfiles(guest: &Guest, target: &Target, distdir: &Path, reporter
         reporter.event(Event::Note { message: format!("{}: kept {} new distfile(s) in {}: {}", target.name, kept.len(), distdir.display(), kept.join(" ")) });
     }
     Ok(())
+}
+
+/// The suffix of a distfile being copied from a guest (`.NAME.PID.dbh-part`).
+const PART_SUFFIX: &str = ".dbh-part";
+
+/// Removes the temporary distfiles of dbh processes that are gone (killed mid-copy); those of a
+/// running dbh stay. A name without a pid (written by an older dbh) goes when it is a day old.
+fn sweep_parts(distdir: &Path) {
+    let Ok(entries) = std::fs::read_dir(distdir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(stem) = name.to_str().filter(|n| n.starts_with('.')).and_then(|n| n.strip_suffix(PART_SUFFIX)) else { continue };
+        let stale = match stem.rsplit_once('.').and_then(|(_, pid)| pid.parse::<u32>().ok()) {
+            Some(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
+            None => e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|a| a > std::time::Duration::from_secs(86_400))),
+        };
+        if stale {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Mounts the repository snapshots, unpacks the bundle (dbh's Portage files), leaves only dbh's
@@ -971,6 +999,30 @@ async fn install_in_guest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sweep_parts_removes_only_what_a_dead_dbh_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // A pid that cannot be running: above the kernel's pid_max limit (2^22).
+        let dead = format!(".a-1.tar.gz.{}{PART_SUFFIX}", (1u32 << 22) + 7);
+        let mine = format!(".b-1.tar.gz.{}{PART_SUFFIX}", std::process::id());
+        // pid 1 runs as long as the machine does.
+        let alive = format!(".c-1.tar.gz.1{PART_SUFFIX}");
+        let legacy = format!(".d-1.tar.gz{PART_SUFFIX}");
+        for n in [&dead, &mine, &alive, &legacy, &"e-1.tar.gz".to_owned()] {
+            std::fs::write(d.join(n), "x").unwrap();
+        }
+        sweep_parts(d);
+        let left: std::collections::BTreeSet<String> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let want: std::collections::BTreeSet<String> = [&mine, &alive, &legacy, &"e-1.tar.gz".to_owned()].into_iter().cloned().collect();
+        assert_eq!(left, want, "a fresh pid-less leftover waits a day; distfiles are never touched");
+        // A day-old pid-less leftover goes.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+        std::fs::File::options().write(true).open(d.join(&legacy)).unwrap().set_modified(old).unwrap();
+        sweep_parts(d);
+        assert!(!d.join(&legacy).exists() && d.join("e-1.tar.gz").exists());
+    }
 
     #[test]
     fn only_new_or_changed_files_are_taken() {
