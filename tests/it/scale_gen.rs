@@ -187,6 +187,14 @@ fn gpkg(cat: &str, pf: &str, i: usize, noise: &[u8]) -> Vec<u8> {
 /// Runs `cmd` and samples its VmHWM (peak RSS, kB) from /proc every 10 ms until it exits; returns
 /// its output and the last peak seen.
 pub fn run_measured(cmd: &mut Command) -> (std::process::Output, u64) {
+    let (out, peak, _) = run_measured_tree(cmd);
+    (out, peak)
+}
+
+/// [`run_measured`], and the peak RSS (kB) of the whole process tree from `wait4`: the largest of
+/// dbh and every child it waited for. A run of a few milliseconds ends before the sampler sees
+/// it; when dbh started no big child (no emerge), the tree's peak is dbh's own.
+pub fn run_measured_tree(cmd: &mut Command) -> (std::process::Output, u64, u64) {
     use std::process::Stdio;
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let status_path = format!("/proc/{}/status", child.id());
@@ -203,16 +211,23 @@ pub fn run_measured(cmd: &mut Command) -> (std::process::Output, u64) {
         b
     });
     let mut peak = 0;
-    let status = loop {
+    let (status, tree_peak) = loop {
         if let Ok(text) = std::fs::read_to_string(&status_path)
             && let Some(kb) = text.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
         {
             peak = peak.max(kb);
         }
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
+        let mut raw = 0;
+        // SAFETY: rusage is plain old data; all zeroes is a valid value.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 on our own child with pointers to locals; WNOHANG returns at once.
+        let pid = unsafe { libc::wait4(child.id() as i32, &mut raw, libc::WNOHANG, &mut ru) };
+        assert!(pid >= 0, "wait4: {}", std::io::Error::last_os_error());
+        if pid > 0 {
+            use std::os::unix::process::ExitStatusExt as _;
+            break (std::process::ExitStatus::from_raw(raw), ru.ru_maxrss as u64);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    (std::process::Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }, peak)
+    (std::process::Output { status, stdout: out_t.join().unwrap(), stderr: err_t.join().unwrap() }, peak, tree_peak)
 }
