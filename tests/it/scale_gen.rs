@@ -196,6 +196,7 @@ pub fn run_measured(cmd: &mut Command) -> (std::process::Output, u64) {
 /// it; when dbh started no big child (no emerge), the tree's peak is dbh's own.
 pub fn run_measured_tree(cmd: &mut Command) -> (std::process::Output, u64, u64) {
     use std::process::Stdio;
+    #[allow(clippy::zombie_processes, reason = "reaped by the wait4 loop below, which std's Child does not see")]
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let status_path = format!("/proc/{}/status", child.id());
     let mut stdout = child.stdout.take().unwrap();
