@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use super::{EmergeLine, parse_line};
 use super::{BuildError, FailedPackage, Follower, Outcome, PortageConfig, Request};
@@ -171,7 +171,7 @@ fn append_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) -> Result
     h.set_mode(0o644);
     h.set_uid(0);
     h.set_gid(0);
-    h.set_mtime(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+    h.set_mtime(crate::util::time::now_secs());
     h.set_entry_type(tar::EntryType::Regular);
     b.append_data(&mut h, path, data).map_err(|source| BuildError::Io { doing: "pack", path: path.into(), source })
 }
@@ -881,7 +881,7 @@ fn record_update(image: &Path, installed: &[String]) -> Result<(), BuildError> {
     let path = image.join("image.toml");
     let io = |source| BuildError::Io { doing: "update", path: path.clone(), source };
     let mut table: toml::Table = std::fs::read_to_string(&path).map_err(io)?.parse().unwrap_or_default();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = crate::util::time::now_secs();
     let entry = toml::Value::String(format!("{now}: {}", installed.join(" ")));
     match table.get_mut("updates").and_then(|v| v.as_array_mut()) {
         Some(list) => list.push(entry),

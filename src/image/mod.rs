@@ -304,7 +304,7 @@ pub fn create(home: &Home, target: &Target, opts: &CreateOptions, reporter: &dyn
 
     let info = ImageInfo {
         target: target.name.clone(),
-        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        created: crate::util::time::now_secs(),
         stage: StageInfo { location: opts.stage.clone(), sha512: verified.sha512 },
         kernel_version,
         init_system: configured.init,
@@ -368,10 +368,8 @@ fn efi_kernel_check(kernel: &[u8], path: &Path, target: &Target) -> Result<(), I
 fn refuse_if_running(target: &Target, dir: &Path) -> Result<(), ImageError> {
     let lock = dir.join("run/lock");
     let Ok(file) = std::fs::File::open(&lock) else { return Ok(()) };
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a file descriptor we own; LOCK_NB never blocks.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if rc != 0 {
+    // A running VM holds it exclusively; an error taking it counts as running too, as before.
+    if !crate::util::fs::try_lock(&file, crate::util::fs::Lock::Shared).unwrap_or(false) {
         return Err(ImageError::Running { target: target.name.clone(), lock });
     }
     Ok(())

@@ -130,14 +130,9 @@ pub fn assemble(parts: &UkiParts) -> Result<Vec<u8>, UkiError> {
     Ok(pe::add_sections(&stub, &parts.stub, &sections)?)
 }
 
-/// Writes `data` to `path` through a temporary file in the same directory.
+/// Writes `data` to `path` atomically and durably ([`crate::util::fs::write_atomic`]).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), UkiError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let werr = |source| UkiError::Write { path: path.to_owned(), source };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(werr)?;
-    std::io::Write::write_all(&mut tmp, data).map_err(werr)?;
-    tmp.persist(path).map_err(|e| werr(e.error))?;
-    Ok(())
+    crate::util::fs::write_atomic(path, data).map_err(|source| UkiError::Write { path: path.to_owned(), source })
 }
 
 /// An os-release for the `.osrel` section: the root's own when it has one, else a dbh one.
