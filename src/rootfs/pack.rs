@@ -204,7 +204,7 @@ mod erased_json {
     }
 }
 
-/// An OCI image layout directory (image-spec v1.1 `image-layout.md`): `oci-layout`, `index.json`
+/// An OCI image layout directory (OCI image-spec v1.1, its "image layout" chapter): `oci-layout`, `index.json`
 /// (one manifest, tagged `latest`), and the manifest, config and one gzip layer as blobs.
 pub fn write_oci(root: &Path, out: &Path, target: &Target, sde: u64) -> Result<(), RootfsError> {
     let blobs = out.join("blobs/sha256");

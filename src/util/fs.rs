@@ -72,6 +72,25 @@ fn named(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
+/// Reading or writing one named file failed: the variant pair several modules' errors shared
+/// word for word. A module error wraps it (`#[error("{0}")] File(#[from] FileError)`) where
+/// the file's role needs no more words than its path.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Which kind of lock [`try_lock`] takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lock {
