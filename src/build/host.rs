@@ -74,7 +74,7 @@ pub(crate) fn lock_dir(dir: &Path, target: &str) -> Result<std::fs::File, BuildE
     match crate::util::fs::try_lock(&file, crate::util::fs::Lock::Exclusive) {
         Ok(true) => Ok(file),
         Ok(false) => Err(BuildError::Busy { target: target.to_owned(), dir: dir.to_owned() }),
-        Err(source) => Err(BuildError::Io { doing: "lock", path, source }),
+        Err(source) => Err(BuildError::Io(crate::util::fs::PathError { doing: "lock", path, source })),
     }
 }
 

@@ -83,13 +83,8 @@ pub enum BuildError {
     BadRepo { path: PathBuf, reason: String },
     #[error("profile `{profile}` is not of the form REPO:PATH")]
     BadProfile { profile: String },
-    #[error("cannot {doing} {path}")]
-    Io {
-        doing: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Io(#[from] crate::util::fs::PathError),
     #[error("the {target} guest's binary package {path} does not match its Packages index: {reason}")]
     Mismatch { target: String, path: String, reason: String },
     #[error("cannot read the {target} guest's Packages index: {reason}")]
@@ -179,7 +174,7 @@ impl Hint for BuildError {
 }
 
 fn io<'a>(doing: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BuildError + 'a {
-    move |source| BuildError::Io { doing, path: path.to_owned(), source }
+    crate::util::fs::at(doing, path)
 }
 
 /// UTC `YYYYMMDD-HHMMSS` for log directory names.

@@ -91,6 +91,23 @@ pub enum FileError {
     },
 }
 
+/// Something done to a path failed: `cannot <doing> <path>` with the io error as its cause. The
+/// `Io { doing, path, source }` variant repo, build, rootfs and vm each had, in one place.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {doing} {path}")]
+pub struct PathError {
+    pub doing: &'static str,
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+/// `map_err(at("read", &p))`: an io error as a [`PathError`] about `path`, converted into the
+/// caller's error.
+pub fn at<'a, E: From<PathError>>(doing: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> E + 'a {
+    move |source| E::from(PathError { doing, path: path.to_owned(), source })
+}
+
 /// Which kind of lock [`try_lock`] takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lock {

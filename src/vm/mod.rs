@@ -69,13 +69,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot {doing} {path}")]
-    Io {
-        doing: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Io(#[from] crate::util::fs::PathError),
     #[error("no free TCP port on 127.0.0.1 for the guest's SSH")]
     NoPort(#[source] std::io::Error),
     #[error("{0}")]
@@ -236,7 +231,7 @@ impl Paths {
 
 fn io(doing: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
     let path = path.to_owned();
-    move |source| VmError::Io { doing, path, source }
+    move |source| VmError::Io(crate::util::fs::PathError { doing, path, source })
 }
 
 /// The last `n` lines of a (console) file, without the terminal control noise.
@@ -262,11 +257,11 @@ impl Lock {
     /// `Ok(None)` when another process holds it.
     fn try_acquire(path: &Path) -> Result<Option<Lock>, VmError> {
         use crate::util::fs as ufs;
-        let file = ufs::open_lock_file(path).map_err(|e| VmError::Io { doing: "open", path: path.to_owned(), source: e })?;
+        let file = ufs::open_lock_file(path).map_err(|e| VmError::Io(crate::util::fs::PathError { doing: "open", path: path.to_owned(), source: e }))?;
         match ufs::try_lock(&file, ufs::Lock::Exclusive) {
             Ok(true) => Ok(Some(Lock { file })),
             Ok(false) => Ok(None),
-            Err(source) => Err(VmError::Io { doing: "lock", path: path.to_owned(), source }),
+            Err(source) => Err(VmError::Io(crate::util::fs::PathError { doing: "lock", path: path.to_owned(), source })),
         }
     }
 }
@@ -370,7 +365,7 @@ impl Vm {
         let boot = check_image(target, &paths)?;
         let version = qemu::check_version(target)?;
         let firmware = if target.is_uefi() { Some(firmware::find(target)?) } else { None };
-        fs_err::create_dir_all(&paths.run).map_err(|e| VmError::Io { doing: "create", path: paths.run.clone(), source: e })?;
+        fs_err::create_dir_all(&paths.run).map_err(|e| VmError::Io(crate::util::fs::PathError { doing: "create", path: paths.run.clone(), source: e }))?;
         let lock = match Lock::try_acquire(&paths.lock())? {
             Some(lock) => lock,
             None => {
