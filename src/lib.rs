@@ -40,6 +40,7 @@ pub mod target;
 #[cfg(test)]
 mod testutil;
 pub mod uki;
+pub mod util;
 pub mod vm;
 
 use std::process::ExitCode;

@@ -2,7 +2,8 @@
 //!
 //! It logs a copy-pasteable command line before running, keeps the tail of stderr for the error
 //! message, and tells an exit code from a signal. Long-lived children (QEMU) are spawned through
-//! [`Cmd::std_command`] / [`Cmd::tokio_command`] so that they are logged the same way.
+//! [`Cmd::std_command`] / [`Cmd::tokio_command`] so that they are logged the same way, and tied to
+//! dbh's life with [`die_with_parent`] (the only `pre_exec` that does so).
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
@@ -332,6 +333,26 @@ impl Cmd {
             });
         }
         Ok(())
+    }
+}
+
+/// Makes the child `command` spawns receive `signal` when the thread that spawned it dies
+/// (`PR_SET_PDEATHSIG`), so a long-lived child (QEMU, distccd) never outlives a killed dbh. Spawn
+/// from a thread that lives as long as dbh (the main thread): the signal follows the *thread*.
+/// A parent that died between fork and the prctl is caught too: the child then already belongs
+/// to init and kills itself.
+pub fn die_with_parent(command: &mut Command, signal: libc::c_int) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: only async-signal-safe calls (prctl, getppid, getpid, kill) between fork and exec,
+    // and the closure touches no memory but its copied `signal`.
+    unsafe {
+        command.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, signal);
+            if libc::getppid() == 1 {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            Ok(())
+        });
     }
 }
 

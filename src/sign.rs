@@ -178,20 +178,9 @@ fn armored_revocation(cert: &Cert, revocation: openpgp::packet::Signature) -> Re
     w.finalize().map_err(|e| fail(&e))
 }
 
+/// The key files, atomically and durably, with exactly `mode` (0600 for the secret key).
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), SignError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| SignError::Write { path: path.to_owned(), source };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".key-").tempfile_in(dir).map_err(err)?;
-    // tempfile creates 0600; widen only the public key.
-    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
-    tmp.write_all(data).map_err(err)?;
-    tmp.as_file().sync_all().map_err(err)?;
-    tmp.persist(path).map_err(|e| err(e.error))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::util::fs::write_atomic_mode(path, data, mode).map_err(|source| SignError::Write { path: path.to_owned(), source })
 }
 
 /// A secret key able to sign.

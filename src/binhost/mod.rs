@@ -335,9 +335,7 @@ pub(crate) fn io_at(path: &Path, what: &str, e: std::io::Error) -> BinhostError 
 
 /// fsyncs a directory so that renames into it survive a crash.
 pub fn sync_dir(dir: &Path) -> Result<(), BinhostError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_at(dir, "cannot fsync directory", e))
+    Ok(crate::util::fs::sync_dir(dir)?)
 }
 
 /// Reads `DIR/Packages`; `None` when there is none.
@@ -369,9 +367,7 @@ pub fn next_timestamp(old: Option<u64>) -> u64 {
 
 /// Seconds since the epoch.
 pub fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    crate::util::time::now_secs()
 }
 
 /// Writes `Packages` and `Packages.gz` for `index`, both with mtime = TIMESTAMP, crash-safely.

@@ -55,12 +55,10 @@ pub struct HostPortage {
 impl HostPortage {
     /// `emerge` is a path, or a name looked up in PATH (setting `portage.emerge`, default `emerge`).
     pub fn find(emerge: &Path) -> Result<HostPortage, BuildError> {
-        let is_path = emerge.components().count() > 1;
-        let found = if is_path {
-            Some(emerge.to_owned()).filter(|p| p.is_file())
-        } else {
-            std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).map(|d| d.join(emerge)).find(|p| p.is_file()))
-        };
+        let is_path = emerge.as_os_str().as_encoded_bytes().contains(&b'/');
+        // A path given in the settings is taken as it is (a venv's emerge is a script Portage's
+        // own Python runs); a bare name follows PATH's rules (crate::util::path).
+        let found = if is_path { Some(emerge.to_owned()).filter(|p| p.is_file()) } else { crate::util::path::which(emerge) };
         let emerge = found.ok_or_else(|| BuildError::NoEmerge { looked: is_path.then(|| emerge.to_owned()) })?;
         let emerge = std::path::absolute(&emerge).unwrap_or(emerge);
         let venv = emerge.parent().and_then(Path::parent).filter(|v| v.join("pyvenv.cfg").is_file()).map(Path::to_owned);
@@ -214,11 +212,11 @@ pub fn build(home: &Home, target: &Target, req: &Request, opts: &CrossOptions, r
     if !tc.matches_chost(target) {
         chost_shims(&tc, &target.chost, &shims)?;
     }
-    let path = std::env::join_paths(
-        [shims.clone(), portage.bin().to_owned(), tc.gcc.parent().unwrap_or(Path::new("/usr/bin")).to_owned()]
-            .into_iter()
-            .chain(std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default()),
-    )
+    let path = crate::util::path::prepend_to_path([
+        shims.clone(),
+        portage.bin().to_owned(),
+        tc.gcc.parent().unwrap_or(Path::new("/usr/bin")).to_owned(),
+    ])
     .unwrap_or_default();
     let home_dir = base.join("home");
     std::fs::create_dir_all(&home_dir).map_err(io("create", &home_dir))?;
@@ -261,7 +259,7 @@ pub fn chost_shims(tc: &Toolchain, chost: &str, dir: &Path) -> Result<(), BuildE
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+    crate::util::path::which(program).is_some()
 }
 
 #[cfg(test)]

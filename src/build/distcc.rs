@@ -20,7 +20,7 @@
 //!   `PR_SET_PDEATHSIG` if dbh dies.
 
 use std::io::Write as _;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -284,10 +284,6 @@ fn compiler_version(gcc: &Path) -> Option<String> {
     (!v.is_empty()).then_some(v)
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl Daemon {
     fn start(target: &Target, opts: &DistccOptions, log_dir: &Path) -> Result<(Daemon, tempfile::TempDir), String> {
         let toolchain = toolchain::find(target).map_err(|e| {
@@ -295,8 +291,7 @@ impl Daemon {
             format!("{e}{hint}")
         })?;
         let program = opts.distccd.clone().unwrap_or_else(|| PathBuf::from("distccd"));
-        let found = if program.components().count() > 1 { program.is_file().then(|| program.clone()) } else { which(&program) };
-        let Some(program) = found else {
+        let Some(program) = crate::util::path::which(&program) else {
             return Err(format!(
                 "`{}` is not installed on this host (install distcc: Debian `apt-get install distcc`, Gentoo `emerge sys-devel/distcc`)",
                 program.display()
@@ -306,15 +301,12 @@ impl Daemon {
         let dir = private_dir(target, &toolchain).map_err(|e| format!("cannot prepare distccd's compiler directory: {e}"))?;
         let log = log_dir.join("distccd.log");
         let host_version = compiler_version(&toolchain.gcc);
-        let path = std::env::join_paths(
-            std::iter::once(dir.path().join("bin")).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-        )
-        .map_err(|e| format!("cannot build distccd's PATH: {e}"))?;
+        let path = crate::util::path::prepend_to_path([dir.path().join("bin")]).map_err(|e| format!("cannot build distccd's PATH: {e}"))?;
 
         let mut last = String::new();
         // A free port can be taken between probing and distccd's bind: try a few.
         for _ in 0..3 {
-            let port = free_port().map_err(|e| format!("cannot find a free port on 127.0.0.1: {e}"))?;
+            let port = crate::util::net::free_port().map_err(|e| format!("cannot find a free port on 127.0.0.1: {e}"))?;
             let cmd = Cmd::new(&program)
                 .args(["--no-detach", "--daemon", "--log-stderr", "--log-level", "info", "--listen", "127.0.0.1"])
                 .arg("--port")
@@ -330,16 +322,7 @@ impl Daemon {
             let mut command = cmd.std_command();
             command.stdin(Stdio::null()).stdout(file.try_clone().map_err(|e| e.to_string())?).stderr(file);
             command.process_group(0);
-            // SAFETY: only async-signal-safe calls (prctl, getppid, kill) between fork and exec.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                    if libc::getppid() == 1 {
-                        libc::kill(libc::getpid(), libc::SIGKILL);
-                    }
-                    Ok(())
-                });
-            }
+            crate::process::die_with_parent(&mut command, libc::SIGTERM);
             let child = command.spawn().map_err(|e| format!("cannot start `{}`: {e}", cmd.display()))?;
             let mut daemon = Daemon { child, port, jobs, log: log.clone(), toolchain: toolchain.clone(), host_version: host_version.clone() };
             match daemon.wait_ready() {
@@ -374,13 +357,6 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-}
-
-fn which(program: &Path) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// The names distccd accepts for `target`: the CHOST's, and the toolchain's own when they differ.
@@ -457,7 +433,7 @@ mod tests {
     fn the_daemon_accepts_connections_and_is_gone_after_finish() {
         let targets = Targets::builtin();
         let arm64 = targets.get("arm64").unwrap();
-        if which(Path::new("distccd")).is_none() || toolchain::find(arm64).is_err() {
+        if crate::util::path::which("distccd").is_none() || toolchain::find(arm64).is_err() {
             eprintln!("no distccd or no aarch64 cross gcc here; skipping");
             return;
         }

@@ -70,11 +70,11 @@ pub const HOST_EMERGE_ARGS: &[&str] = &["--buildpkg", "--update", "--changed-use
 pub(crate) fn lock_dir(dir: &Path, target: &str) -> Result<std::fs::File, BuildError> {
     std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     let path = dir.join(".lock");
-    let file = std::fs::File::create(&path).map_err(io("create", &path))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(BuildError::Busy { target: target.to_owned(), dir: dir.to_owned() }),
-        Err(std::fs::TryLockError::Error(e)) => Err(BuildError::Io { doing: "lock", path, source: e }),
+    let file = crate::util::fs::open_lock_file(&path).map_err(io("create", &path))?;
+    match crate::util::fs::try_lock(&file, crate::util::fs::Lock::Exclusive) {
+        Ok(true) => Ok(file),
+        Ok(false) => Err(BuildError::Busy { target: target.to_owned(), dir: dir.to_owned() }),
+        Err(source) => Err(BuildError::Io(crate::util::fs::PathError { doing: "lock", path, source })),
     }
 }
 

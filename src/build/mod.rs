@@ -28,7 +28,6 @@ pub use prepare::{Prepared, prepare};
 pub use repos::{merge_repo_revisions, repo_name, repo_revision, repos_conf_sections, split_profile};
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::hint::Hint;
 
@@ -84,13 +83,8 @@ pub enum BuildError {
     BadRepo { path: PathBuf, reason: String },
     #[error("profile `{profile}` is not of the form REPO:PATH")]
     BadProfile { profile: String },
-    #[error("cannot {doing} {path}")]
-    Io {
-        doing: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Io(#[from] crate::util::fs::PathError),
     #[error("the {target} guest's binary package {path} does not match its Packages index: {reason}")]
     Mismatch { target: String, path: String, reason: String },
     #[error("cannot read the {target} guest's Packages index: {reason}")]
@@ -180,34 +174,10 @@ impl Hint for BuildError {
 }
 
 fn io<'a>(doing: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> BuildError + 'a {
-    move |source| BuildError::Io { doing, path: path.to_owned(), source }
+    crate::util::fs::at(doing, path)
 }
 
 /// UTC `YYYYMMDD-HHMMSS` for log directory names.
 pub fn timestamp() -> String {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_are_utc_civil_dates() {
-        let t = timestamp();
-        assert_eq!(t.len(), 15, "{t}");
-        assert!(t.starts_with("20"), "{t}");
-    }
+    crate::util::time::log_stamp()
 }

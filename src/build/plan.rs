@@ -70,7 +70,7 @@ pub fn satisfied(
     let work = tempfile::Builder::new()
         .prefix("dbh-plan-")
         .tempdir()
-        .map_err(|source| BuildError::Io { doing: "create a temporary directory in", path: std::env::temp_dir(), source })?;
+        .map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "create a temporary directory in", path: std::env::temp_dir(), source }))?;
     let rreq = crate::rootfs::Request {
         binhost: crate::rootfs::Binhost::Dir(prep.binhost_dir.clone()),
         repos: prep.repos.iter().map(|(_, p)| p.clone()).collect(),

@@ -6,7 +6,6 @@
 //! `aarch64-linux-gnu`, whose triplet differs from Gentoo's CHOST.
 
 use std::ffi::OsStr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::hint::Hint;
@@ -33,7 +32,7 @@ impl Toolchain {
     pub fn tool(&self, tool: &str) -> Option<PathBuf> {
         let dir = self.gcc.parent()?;
         let path = dir.join(format!("{}-{tool}", self.triplet));
-        is_executable(&path).then_some(path)
+        crate::util::path::is_executable(&path).then_some(path)
     }
 }
 
@@ -87,17 +86,14 @@ pub fn find_in(target: &Target, path: &OsStr) -> Result<Toolchain, ToolchainErro
 }
 
 fn search(path: &OsStr, name: &str) -> Option<PathBuf> {
-    std::env::split_paths(path).map(|dir| dir.join(name)).find(|p| is_executable(p))
-}
-
-fn is_executable(path: &Path) -> bool {
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    crate::util::path::which_in(Path::new(name), Some(path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::target::Targets;
+    use std::os::unix::fs::PermissionsExt as _;
 
     fn fake_tool(dir: &Path, name: &str) {
         let path = dir.join(name);

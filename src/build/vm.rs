@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub use super::{EmergeLine, parse_line};
 use super::{BuildError, FailedPackage, Follower, Outcome, PortageConfig, Request};
@@ -171,9 +171,9 @@ fn append_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) -> Result
     h.set_mode(0o644);
     h.set_uid(0);
     h.set_gid(0);
-    h.set_mtime(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()));
+    h.set_mtime(crate::util::time::now_secs());
     h.set_entry_type(tar::EntryType::Regular);
-    b.append_data(&mut h, path, data).map_err(|source| BuildError::Io { doing: "pack", path: path.into(), source })
+    b.append_data(&mut h, path, data).map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "pack", path: path.into(), source }))
 }
 
 /// The host side of the sync, built before booting: one tar stream for `tar -C / -x` in the
@@ -222,7 +222,7 @@ fn bundle(
     if let Some(url) = binhost_url {
         append_file(&mut b, "etc/portage/binrepos.conf/dbh.conf", binrepos_conf(&target.name, url).as_bytes())?;
     }
-    b.into_inner().map_err(|source| BuildError::Io { doing: "pack", path: "the guest's configuration".into(), source })
+    b.into_inner().map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "pack", path: "the guest's configuration".into(), source }))
 }
 
 /// Run in the guest with the bundle on stdin (after `rm -rf` of the repositories' directories):
@@ -313,7 +313,7 @@ impl BinhostServer {
         let distfiles = home.distfiles();
         // Served even before the first package is published (then only the distfiles).
         for dir in [home.root().join("binhost"), distfiles.clone()] {
-            std::fs::create_dir_all(&dir).map_err(|source| BuildError::Io { doing: "create", path: dir.clone(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "create", path: dir.clone(), source }))?;
         }
         let config = crate::serve::Config {
             dir: home.root().join("binhost"),
@@ -326,7 +326,7 @@ impl BinhostServer {
             distfiles: Some(distfiles),
         };
         let server = crate::serve::Server::bind(config).await?;
-        let log = std::fs::File::create(access_log).map_err(|source| BuildError::Io { doing: "create", path: access_log.to_owned(), source })?;
+        let log = std::fs::File::create(access_log).map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "create", path: access_log.to_owned(), source }))?;
         server.log_access_to(log);
         let port = server.local_addrs().first().map(|a| a.port()).unwrap_or_default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -698,7 +698,7 @@ async fn in_guest(
     let tmp = tempfile::Builder::new()
         .prefix("dbh-build-")
         .tempdir()
-        .map_err(|source| BuildError::Io { doing: "create a temporary directory in", path: std::env::temp_dir(), source })?;
+        .map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "create a temporary directory in", path: std::env::temp_dir(), source }))?;
     let mut downloads = Vec::new();
     let mut index = Index::default();
     if !fresh.is_empty() {
@@ -753,7 +753,7 @@ async fn keep_distfiles(guest: &Guest, target: &Target, distdir: &Path, reporter
         }
         let part = distdir.join(format!(".{name}.{}{PART_SUFFIX}", std::process::id()));
         guest.download(&format!("{GUEST_DISTDIR}/{name}"), &part).await?;
-        std::fs::rename(&part, &dest).map_err(|source| BuildError::Io { doing: "rename into", path: dest.clone(), source })?;
+        std::fs::rename(&part, &dest).map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "rename into", path: dest.clone(), source }))?;
         kept.push(name.to_owned());
     }
     if !kept.is_empty() {
@@ -901,7 +901,7 @@ pub async fn update_image(
         .install_hint("qemu-utils (Debian) or app-emulation/qemu (Gentoo)")
         .output()?;
     // Running guests' overlays keep the old file open by descriptor; later ones chain to the new.
-    std::fs::rename(&new, &disk).map_err(|source| BuildError::Io { doing: "replace", path: disk.clone(), source })?;
+    std::fs::rename(&new, &disk).map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "replace", path: disk.clone(), source }))?;
     let _ = std::fs::remove_file(&overlay);
     record_update(&paths.image, &installed)?;
     Ok(ImageUpdate { installed })
@@ -910,9 +910,9 @@ pub async fn update_image(
 /// Appends one line per update to `image.toml`'s `updates` (what was installed, when).
 fn record_update(image: &Path, installed: &[String]) -> Result<(), BuildError> {
     let path = image.join("image.toml");
-    let io = |source| BuildError::Io { doing: "update", path: path.clone(), source };
+    let io = |source| BuildError::Io(crate::util::fs::PathError { doing: "update", path: path.clone(), source });
     let mut table: toml::Table = std::fs::read_to_string(&path).map_err(io)?.parse().unwrap_or_default();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = crate::util::time::now_secs();
     let entry = toml::Value::String(format!("{now}: {}", installed.join(" ")));
     match table.get_mut("updates").and_then(|v| v.as_array_mut()) {
         Some(list) => list.push(entry),
@@ -921,7 +921,7 @@ fn record_update(image: &Path, installed: &[String]) -> Result<(), BuildError> {
         }
     }
     let tmp = image.join(".image.toml.new");
-    std::fs::write(&tmp, toml::to_string_pretty(&table).unwrap_or_default()).map_err(|source| BuildError::Io { doing: "write", path: tmp.clone(), source })?;
+    std::fs::write(&tmp, toml::to_string_pretty(&table).unwrap_or_default()).map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "write", path: tmp.clone(), source }))?;
     std::fs::rename(&tmp, &path).map_err(io)?;
     Ok(())
 }

@@ -72,7 +72,7 @@ fn json(ctx: &Context, home: &Home, target: Option<&str>) -> Result<serde_json::
         for file in CONFIG_FILES {
             let path = dir.join(file);
             if path.is_dir() {
-                let entries = std::fs::read_dir(&path).map_err(|source| BuildError::Io { doing: "read", path: path.clone(), source })?;
+                let entries = std::fs::read_dir(&path).map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "read", path: path.clone(), source }))?;
                 let mut inner: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
                 inner.sort();
                 for f in inner {
@@ -114,7 +114,7 @@ fn target_config(home: &Home, target: &str, text: &mut String) -> Result<(), Err
         let path = dir.join(name);
         text.push_str(&format!("\n## {name}\n"));
         if path.is_dir() {
-            let entries = std::fs::read_dir(&path).map_err(|source| BuildError::Io { doing: "read", path: path.clone(), source })?;
+            let entries = std::fs::read_dir(&path).map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "read", path: path.clone(), source }))?;
             let mut files: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
             files.sort();
             for f in files {
@@ -132,7 +132,7 @@ fn target_config(home: &Home, target: &str, text: &mut String) -> Result<(), Err
 }
 
 fn read(path: &std::path::Path) -> Result<String, BuildError> {
-    std::fs::read_to_string(path).map_err(|source| BuildError::Io { doing: "read", path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "read", path: path.to_owned(), source }))
 }
 
 fn push_content(text: &mut String, content: &str) {

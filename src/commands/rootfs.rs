@@ -27,12 +27,6 @@ fn format_of(f: RootfsFormat) -> Format {
     }
 }
 
-/// `YYYYMMDD-HHMMSS` (UTC), like the build logs' directories.
-fn timestamp() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    crate::rootfs::pack::rfc3339(now).replace(['-', ':'], "").replace('T', "-").trim_end_matches('Z').to_owned()
-}
-
 fn build(ctx: &Context, args: RootfsBuildArgs) -> Result<(), Error> {
     let targets = Targets::load()?;
     let target = targets.get(&args.target)?;
@@ -70,7 +64,7 @@ fn build(ctx: &Context, args: RootfsBuildArgs) -> Result<(), Error> {
         make_conf: config.make_conf,
         package_use: config.package_use,
         package_accept_keywords: config.package_accept_keywords,
-        log_dir: home.logs(&target.name).join(timestamp()),
+        log_dir: home.logs(&target.name).join(crate::util::time::log_stamp()),
     };
     if args.dry_run {
         let list = rootfs::dry_run(target, &req, &ctx.reporter)?;

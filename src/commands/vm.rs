@@ -93,7 +93,7 @@ fn status(ctx: &Context, target: &str, json: bool) -> Result<(), Error> {
         Status::Stopped if json => out(&format!("{}\n", serde_json::json!({ "target": target, "running": false }))),
         Status::Stopped => out(&format!("{target}: not running\n")),
         Status::Running(s) => {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let now = crate::util::time::now_secs();
             let up = now.saturating_sub(s.started);
             if json {
                 let v = serde_json::json!({

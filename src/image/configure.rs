@@ -57,7 +57,7 @@ pub struct Configured {
 }
 
 fn werr(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
-    move |source| ImageError::Write { path: path.to_owned(), source }
+    move |source| ImageError::File(crate::util::fs::FileError::Write { path: path.to_owned(), source })
 }
 
 /// Where an absolute in-guest path lives on the host: every component but the last is resolved
@@ -183,10 +183,10 @@ fn ssh_keys(root: &Path, ssh_dir: &Path, target: &str) -> Result<(), ImageError>
 
     let etc_ssh = at(root, "/etc/ssh");
     fs_err::create_dir_all(&etc_ssh).map_err(werr(&etc_ssh))?;
-    let host_priv = fs_err::read_to_string(&host).map_err(|source| ImageError::Read { path: host.clone(), source })?;
+    let host_priv = fs_err::read_to_string(&host).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: host.clone(), source }))?;
     let host_pub_path = ssh_dir.join("host_ed25519_key.pub");
     let host_pub =
-        fs_err::read_to_string(&host_pub_path).map_err(|source| ImageError::Read { path: host_pub_path.clone(), source })?;
+        fs_err::read_to_string(&host_pub_path).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: host_pub_path.clone(), source }))?;
     write(&etc_ssh.join("ssh_host_ed25519_key"), &host_priv, 0o600)?;
     write(&etc_ssh.join("ssh_host_ed25519_key.pub"), &host_pub, 0o644)?;
     // The private half lives only in the image.
@@ -194,7 +194,7 @@ fn ssh_keys(root: &Path, ssh_dir: &Path, target: &str) -> Result<(), ImageError>
 
     let client_pub_path = ssh_dir.join("id_ed25519.pub");
     let client_pub =
-        fs_err::read_to_string(&client_pub_path).map_err(|source| ImageError::Read { path: client_pub_path.clone(), source })?;
+        fs_err::read_to_string(&client_pub_path).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: client_pub_path.clone(), source }))?;
     let dot_ssh = at(root, "/root/.ssh");
     fs_err::create_dir_all(&dot_ssh).map_err(werr(&dot_ssh))?;
     fs_err::set_permissions(&dot_ssh, std::fs::Permissions::from_mode(0o700)).map_err(werr(&dot_ssh))?;

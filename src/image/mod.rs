@@ -70,18 +70,8 @@ pub enum ImageError {
     UnknownCompression { path: PathBuf },
     #[error("the stage has no kernel in /boot (looked for vmlinuz-*, vmlinux-*, kernel-*, Image-*) with modules in /lib/modules")]
     NoKernel,
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    File(#[from] crate::util::fs::FileError),
     #[error("no systemd-stub for a UKI, and the kernel {path} cannot boot as an EFI application on target `{target}`: {reason}")]
     NotEfiKernel { path: PathBuf, target: String, reason: String },
     #[error("vm.disk_size is {} MiB, but the stage alone takes {} MiB", .wanted >> 20, .content >> 20)]
@@ -182,16 +172,16 @@ pub struct InitramfsInfo {
 impl ImageInfo {
     pub fn load(dir: &Path) -> Result<ImageInfo, ImageError> {
         let path = dir.join("image.toml");
-        let text = fs_err::read_to_string(&path).map_err(|source| ImageError::Read { path: path.clone(), source })?;
-        toml::from_str(&text).map_err(|e| ImageError::Read {
+        let text = fs_err::read_to_string(&path).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: path.clone(), source }))?;
+        toml::from_str(&text).map_err(|e| ImageError::File(crate::util::fs::FileError::Read {
             path,
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-        })
+        }))
     }
 }
 
 fn io_write(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
-    move |source| ImageError::Write { path: path.to_owned(), source }
+    move |source| ImageError::File(crate::util::fs::FileError::Write { path: path.to_owned(), source })
 }
 
 /// Creates (or replaces) the target's image. Returns what was written to `image.toml`.
@@ -235,7 +225,7 @@ pub fn create(home: &Home, target: &Target, opts: &CreateOptions, reporter: &dyn
 
     // 3. Kernel and modules.
     let (kernel_path, modules_dir, kernel_version) = find_kernel(&staging, opts)?;
-    let kernel = fs_err::read(&kernel_path).map_err(|source| ImageError::Read { path: kernel_path.clone(), source })?;
+    let kernel = fs_err::read(&kernel_path).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: kernel_path.clone(), source }))?;
 
     // 4. Configure the root.
     let ssh_dir = work.join("ssh");
@@ -304,7 +294,7 @@ pub fn create(home: &Home, target: &Target, opts: &CreateOptions, reporter: &dyn
 
     let info = ImageInfo {
         target: target.name.clone(),
-        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        created: crate::util::time::now_secs(),
         stage: StageInfo { location: opts.stage.clone(), sha512: verified.sha512 },
         kernel_version,
         init_system: configured.init,
@@ -368,10 +358,8 @@ fn efi_kernel_check(kernel: &[u8], path: &Path, target: &Target) -> Result<(), I
 fn refuse_if_running(target: &Target, dir: &Path) -> Result<(), ImageError> {
     let lock = dir.join("run/lock");
     let Ok(file) = std::fs::File::open(&lock) else { return Ok(()) };
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a file descriptor we own; LOCK_NB never blocks.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-    if rc != 0 {
+    // A running VM holds it exclusively; an error taking it counts as running too, as before.
+    if !crate::util::fs::try_lock(&file, crate::util::fs::Lock::Shared).unwrap_or(false) {
         return Err(ImageError::Running { target: target.name.clone(), lock });
     }
     Ok(())
@@ -379,16 +367,16 @@ fn refuse_if_running(target: &Target, dir: &Path) -> Result<(), ImageError> {
 
 /// Opens a (possibly compressed) tarball, choosing the decompressor by magic bytes.
 fn open_tar(path: &Path) -> Result<Box<dyn Read>, ImageError> {
-    let mut f = fs_err::File::open(path).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
+    let mut f = fs_err::File::open(path).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: path.to_owned(), source }))?;
     let mut magic = [0u8; 6];
-    let n = f.read(&mut magic).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
-    let f = fs_err::File::open(path).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
+    let n = f.read(&mut magic).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: path.to_owned(), source }))?;
+    let f = fs_err::File::open(path).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: path.to_owned(), source }))?;
     let r = std::io::BufReader::with_capacity(1 << 20, f);
     let m = &magic[..n];
     Ok(if m.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
         Box::new(xz2::read::XzDecoder::new_multi_decoder(r))
     } else if m.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(r).map_err(|source| ImageError::Read { path: path.to_owned(), source })?)
+        Box::new(zstd::stream::read::Decoder::with_buffer(r).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: path.to_owned(), source }))?)
     } else if m.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(r))
     } else if m.starts_with(b"BZh") {
@@ -396,7 +384,7 @@ fn open_tar(path: &Path) -> Result<Box<dyn Read>, ImageError> {
     } else if n >= 6 {
         // Maybe a plain tar: check "ustar" at 257.
         let mut head = vec![0u8; 263];
-        let mut f = fs_err::File::open(path).map_err(|source| ImageError::Read { path: path.to_owned(), source })?;
+        let mut f = fs_err::File::open(path).map_err(|source| ImageError::File(crate::util::fs::FileError::Read { path: path.to_owned(), source }))?;
         if f.read_exact(&mut head).is_ok() && &head[257..262] == b"ustar" {
             Box::new(std::io::BufReader::new(f.into_parts().0))
         } else {

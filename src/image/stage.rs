@@ -39,18 +39,8 @@ pub enum StageError {
     HttpStatus { url: String, status: u16 },
     #[error("download of {url} stalled: no data for {} s", STALL_DEADLINE.as_secs())]
     Stalled { url: String },
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    File(#[from] crate::util::fs::FileError),
     #[error("the DIGESTS file {digests} has no entry for `{file}`")]
     NoEntry { digests: String, file: String },
     #[error("{file} does not match its {algorithm} digest in {digests} (expected {expected}, got {actual}): refusing to unpack it")]
@@ -146,7 +136,7 @@ pub fn fetch(location: &str, cache_dir: &Path, reporter: &dyn Reporter) -> Resul
     if !is_url(location) {
         return Ok(PathBuf::from(location));
     }
-    fs_err::create_dir_all(cache_dir).map_err(|source| StageError::Write { path: cache_dir.to_owned(), source })?;
+    fs_err::create_dir_all(cache_dir).map_err(|source| StageError::File(crate::util::fs::FileError::Write { path: cache_dir.to_owned(), source }))?;
     let dest = cached_path(location, cache_dir);
     let partial = dest.with_file_name(format!("{}.partial", dest.file_name().unwrap_or_default().to_string_lossy()));
     download(location, &dest, &partial, reporter)?;
@@ -172,16 +162,16 @@ fn download(url: &str, dest: &Path, partial: &Path, reporter: &dyn Reporter) -> 
             let f = fs_err::OpenOptions::new()
                 .append(true)
                 .open(partial)
-                .map_err(|source| StageError::Write { path: partial.to_owned(), source })?;
+                .map_err(|source| StageError::File(crate::util::fs::FileError::Write { path: partial.to_owned(), source }))?;
             (f, have)
         }
         200 => (
-            fs_err::File::create(partial).map_err(|source| StageError::Write { path: partial.to_owned(), source })?,
+            fs_err::File::create(partial).map_err(|source| StageError::File(crate::util::fs::FileError::Write { path: partial.to_owned(), source }))?,
             0,
         ),
         416 if have > 0 => {
             // Already complete.
-            fs_err::rename(partial, dest).map_err(|source| StageError::Write { path: dest.to_owned(), source })?;
+            fs_err::rename(partial, dest).map_err(|source| StageError::File(crate::util::fs::FileError::Write { path: dest.to_owned(), source }))?;
             return Ok(());
         }
         _ => return Err(StageError::HttpStatus { url: url.to_owned(), status }),
@@ -196,18 +186,18 @@ fn download(url: &str, dest: &Path, partial: &Path, reporter: &dyn Reporter) -> 
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(StageError::Stalled { url: url.to_owned() }),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(source) => return Err(StageError::Read { path: PathBuf::from(url), source }),
+            Err(source) => return Err(StageError::File(crate::util::fs::FileError::Read { path: PathBuf::from(url), source })),
         };
-        file.write_all(&buf[..n]).map_err(|source| StageError::Write { path: partial.to_owned(), source })?;
+        file.write_all(&buf[..n]).map_err(|source| StageError::File(crate::util::fs::FileError::Write { path: partial.to_owned(), source }))?;
         position += n as u64;
         reporter.event(Event::Progress { task: task.clone(), position, message: None });
     }
-    file.flush().map_err(|source| StageError::Write { path: partial.to_owned(), source })?;
+    file.flush().map_err(|source| StageError::File(crate::util::fs::FileError::Write { path: partial.to_owned(), source }))?;
     drop(file);
     if total.is_some_and(|total| position < total) {
         return Err(StageError::Stalled { url: url.to_owned() });
     }
-    fs_err::rename(partial, dest).map_err(|source| StageError::Write { path: dest.to_owned(), source })?;
+    fs_err::rename(partial, dest).map_err(|source| StageError::File(crate::util::fs::FileError::Write { path: dest.to_owned(), source }))?;
     reporter.event(Event::Finish { task, message: format!("downloaded {} ({position} bytes)", file_name(url)) });
     Ok(())
 }
@@ -336,7 +326,7 @@ pub fn digests_text(
 ) -> Result<String, StageError> {
     use sequoia_openpgp::parse::Parse;
     use sequoia_openpgp::parse::stream::{DetachedVerifierBuilder, VerifierBuilder};
-    let raw = fs_err::read(digests_path).map_err(|source| StageError::Read { path: digests_path.to_owned(), source })?;
+    let raw = fs_err::read(digests_path).map_err(|source| StageError::File(crate::util::fs::FileError::Read { path: digests_path.to_owned(), source }))?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let Some(keyring) = keyring else { return Ok(strip_clearsign(&text)) };
     let certs = load_keyring(keyring)?;
@@ -360,7 +350,7 @@ pub fn digests_text(
     let Some(sig) = detached_sig.filter(|p| p.is_file()) else {
         return Err(StageError::Unsigned { digests: digests_name.to_owned() });
     };
-    let sig_bytes = fs_err::read(sig).map_err(|source| StageError::Read { path: sig.to_owned(), source })?;
+    let sig_bytes = fs_err::read(sig).map_err(|source| StageError::File(crate::util::fs::FileError::Read { path: sig.to_owned(), source }))?;
     let mut v = DetachedVerifierBuilder::from_bytes(&sig_bytes)
         .and_then(|b| b.with_policy(&policy, None, Helper { certs }))
         .map_err(|e| bad(&e))?;
@@ -383,7 +373,7 @@ pub fn verify(stage: &Path, stage_name: &str, digests: &str, digests_name: &str,
     if known.is_empty() {
         return Err(StageError::NoEntry { digests: digests_name.to_owned(), file: stage_name.to_owned() });
     }
-    let mut f = fs_err::File::open(stage).map_err(|source| StageError::Read { path: stage.to_owned(), source })?;
+    let mut f = fs_err::File::open(stage).map_err(|source| StageError::File(crate::util::fs::FileError::Read { path: stage.to_owned(), source }))?;
     let total = f.metadata().map(|m| m.len()).ok();
     let task = format!("verify:{}", stage.display());
     reporter.event(Event::Start { task: task.clone(), label: format!("verifying {stage_name}"), total, unit: Unit::Bytes });
@@ -392,7 +382,7 @@ pub fn verify(stage: &Path, stage_name: &str, digests: &str, digests_name: &str,
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(|source| StageError::Read { path: stage.to_owned(), source })?;
+        let n = f.read(&mut buf).map_err(|source| StageError::File(crate::util::fs::FileError::Read { path: stage.to_owned(), source }))?;
         if n == 0 {
             break;
         }

@@ -28,13 +28,8 @@ pub use snapshot::{Snapshot, snapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("cannot {doing} {path}")]
-    Io {
-        doing: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Io(#[from] crate::util::fs::PathError),
     #[error("cannot use {path} as an ebuild repository: {reason}")]
     NotARepo { path: PathBuf, reason: String },
     #[error("`{name}` is not a valid repository name")]
@@ -93,7 +88,7 @@ impl Hint for RepoError {
 }
 
 pub(crate) fn io<'a>(doing: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RepoError + 'a {
-    move |source| RepoError::Io { doing, path: path.to_owned(), source }
+    crate::util::fs::at(doing, path)
 }
 
 /// Where a build's repository comes from.

@@ -46,12 +46,10 @@ pub struct Tools {
 impl Tools {
     /// egencache next to `emerge` (a path or a name on PATH), else on PATH.
     pub fn find(emerge: &Path) -> Tools {
-        let on_path = |name: &Path| -> Option<PathBuf> {
-            std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()))
-        };
-        let emerge = if emerge.components().count() > 1 { Some(emerge.to_owned()) } else { on_path(emerge) };
-        let sibling = emerge.and_then(|e| e.parent().map(|d| d.join("egencache"))).filter(|p| p.is_file());
-        Tools { egencache: sibling.or_else(|| on_path(Path::new("egencache"))) }
+        use crate::util::path::{is_executable, which};
+        let emerge = if emerge.as_os_str().as_encoded_bytes().contains(&b'/') { Some(emerge.to_owned()) } else { which(emerge) };
+        let sibling = emerge.and_then(|e| e.parent().map(|d| d.join("egencache"))).filter(|p| is_executable(p));
+        Tools { egencache: sibling.or_else(|| which("egencache")) }
     }
 }
 
@@ -64,14 +62,10 @@ pub(crate) fn lock(home: &Home, name: &str, reporter: &dyn Reporter) -> Result<L
     let d = dir(home, name);
     std::fs::create_dir_all(&d).map_err(io("create", &d))?;
     let path = d.join(".lock");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io("open", &path))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            reporter.event(Event::Note { message: format!("waiting for another dbh that is writing {}", d.display()) });
-            file.lock().map_err(io("lock", &path))?;
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", &path)(e)),
+    let file = crate::util::fs::open_lock_file(&path).map_err(io("open", &path))?;
+    if !crate::util::fs::try_lock(&file, crate::util::fs::Lock::Exclusive).map_err(io("lock", &path))? {
+        reporter.event(Event::Note { message: format!("waiting for another dbh that is writing {}", d.display()) });
+        file.lock().map_err(io("lock", &path))?;
     }
     Ok(Locked { _file: file })
 }
@@ -148,23 +142,19 @@ pub fn snapshot(home: &Home, src: &Source, others: &[Source], tools: &Tools, rep
             e => RepoError::Snapshot { name: src.name.clone(), reason: e.to_string() },
         });
     }
-    let f = std::fs::File::open(&tmp).map_err(io("open", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    let size = f.metadata().map_err(io("read", &tmp))?.len();
+    let size = std::fs::metadata(&tmp).map_err(io("read", &tmp))?.len();
     let meta = serde_json::json!({
         "name": src.name,
         "revision": revision.recorded,
         "key": revision.key,
         "source": src.path.display().to_string(),
         "egencache": egencache,
-        "made": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        "made": crate::util::time::now_secs(),
         "size": size,
     });
     write_atomic(&snaps.join(format!("{}.json", revision.key)), format!("{meta:#}\n").as_bytes())?;
-    std::fs::rename(&tmp, &image).map_err(io("rename into place", &image))?;
-    if let Ok(d) = std::fs::File::open(&snaps) {
-        let _ = d.sync_all();
-    }
+    // The image is mksquashfs's file: fsync it, rename it into place, fsync the directory.
+    crate::util::fs::persist_file(&tmp, &image).map_err(io("move into place", &image))?;
     reporter.event(Event::Note {
         message: format!(
             "repository {} at {}: made snapshot {} ({:.1} MiB) in {:.1}s",
@@ -178,16 +168,9 @@ pub fn snapshot(home: &Home, src: &Source, others: &[Source], tools: &Tools, rep
     Ok(found(true, egencache))
 }
 
-/// Writes `data` to `path` through a temp file in the same directory and a rename.
+/// Writes `data` to `path` atomically and durably ([`crate::util::fs::write_atomic`]).
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), RepoError> {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    {
-        use std::io::Write as _;
-        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        f.write_all(data).and_then(|_| f.sync_all()).map_err(io("write", &tmp))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io("rename into place", path))
+    crate::util::fs::write_atomic(path, data).map_err(io("write", path))
 }
 
 /// Copies the tree `src` (without VCS metadata) to `dst`, file by file.
@@ -225,10 +208,7 @@ fn run_egencache(program: &Path, src: &Source, tree: &Path, others: &[Source], s
     .map_err(io("write", &etc))?;
     let bin = program.parent().unwrap_or(Path::new("/usr/bin"));
     let venv = bin.parent().filter(|v| v.join("pyvenv.cfg").is_file());
-    let path = std::env::join_paths(
-        std::iter::once(bin.to_owned()).chain(std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default()),
-    )
-    .unwrap_or_default();
+    let path = crate::util::path::prepend_to_path([bin.to_owned()]).unwrap_or_default();
     let mut cmd = Cmd::new(program)
         .env_clear()
         .env("PATH", path)

@@ -127,7 +127,7 @@ fn esp(uki_path: &Path, efi_arch: &str, out: &Path, seed: &[u8], sde: u64) -> Re
     // `mcopy -m` keeps the file's time in its FAT entry: the clamped one, not the build's.
     let t = nix::sys::time::TimeSpec::new(sde as i64, 0);
     nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, uki_path, &t, &t, nix::sys::stat::UtimensatFlags::FollowSymlink)
-        .map_err(|e| RootfsError::Io { doing: "set the times of", path: uki_path.to_owned(), source: e.into() })?;
+        .map_err(|e| RootfsError::Io(crate::util::fs::PathError { doing: "set the times of", path: uki_path.to_owned(), source: e.into() }))?;
     let sde = sde.to_string();
     Cmd::new("mkfs.vfat")
         .args(["-i", &volid, "-n", "ESP", "--invariant", "-C"])
@@ -300,7 +300,7 @@ fn write_gpt(out: &Path, disk_guid: [u8; 16], parts: &[Part]) -> Result<(), Root
     mbr[510] = 0x55;
     mbr[511] = 0xaa;
 
-    let werr = |source| RootfsError::Io { doing: "write the disk", path: out.to_owned(), source };
+    let werr = |source| RootfsError::Io(crate::util::fs::PathError { doing: "write the disk", path: out.to_owned(), source });
     let mut f = fs_err::File::create(out).map_err(io("create", out))?;
     f.set_len(total_sectors * SECTOR).map_err(werr)?;
     f.write_all(&mbr).map_err(werr)?;

@@ -180,13 +180,8 @@ pub enum RootfsError {
     Emerge { what: String, log: PathBuf, tail: String },
     #[error("no kernel for the bootable image: the root has none under /boot and --kernel was not given")]
     NoKernel,
-    #[error("cannot {doing} {path}")]
-    Io {
-        doing: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Io(#[from] crate::util::fs::PathError),
     #[error("{0}")]
     Process(#[from] crate::process::ProcessError),
     #[error("{0}")]
@@ -231,7 +226,7 @@ impl Hint for RootfsError {
 }
 
 pub(crate) fn io<'a>(doing: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RootfsError + 'a {
-    move |source| RootfsError::Io { doing, path: path.to_owned(), source }
+    crate::util::fs::at(doing, path)
 }
 
 /// The work directory goes away with a failed build; the log its error points at is kept.

@@ -35,7 +35,7 @@ pub fn clamp_mtimes(root: &Path, sde: u64) -> Result<(), RootfsError> {
         if m.mtime() as u64 > sde || m.mtime() < 0 || m.atime() as u64 != sde {
             let mtime = if (m.mtime() as u64) > sde || m.mtime() < 0 { t } else { TimeSpec::new(m.mtime(), 0) };
             utimensat(nix::fcntl::AT_FDCWD, &p, &t, &mtime, UtimensatFlags::NoFollowSymlink)
-                .map_err(|e| RootfsError::Io { doing: "set the times of", path: p.clone(), source: e.into() })?;
+                .map_err(|e| RootfsError::Io(crate::util::fs::PathError { doing: "set the times of", path: p.clone(), source: e.into() }))?;
         }
     }
     Ok(())
@@ -74,7 +74,7 @@ pub fn write_tar<W: Write>(root: &Path, w: W, sde: u64) -> Result<W, RootfsError
     let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let werr = |p: &Path| {
         let p = p.to_owned();
-        move |source| RootfsError::Io { doing: "pack", path: p, source }
+        move |source| RootfsError::Io(crate::util::fs::PathError { doing: "pack", path: p, source })
     };
     for rel in sorted_entries(root)? {
         let full = root.join(&rel);
@@ -128,7 +128,7 @@ pub fn write_tar<W: Write>(root: &Path, w: W, sde: u64) -> Result<W, RootfsError
 /// both deterministic for the same input.
 pub fn write_tarball(root: &Path, out: &Path, format: Format, sde: u64) -> Result<(), RootfsError> {
     let file = std::io::BufWriter::new(fs_err::File::create(out).map_err(io("create", out))?);
-    let werr = |source| RootfsError::Io { doing: "compress", path: out.to_owned(), source };
+    let werr = |source| RootfsError::Io(crate::util::fs::PathError { doing: "compress", path: out.to_owned(), source });
     let file = match format {
         Format::TarZst => {
             let enc = zstd::Encoder::new(file, 19).map_err(werr)?;
@@ -204,13 +204,13 @@ mod erased_json {
     }
 }
 
-/// An OCI image layout directory (image-spec v1.1 `image-layout.md`): `oci-layout`, `index.json`
+/// An OCI image layout directory (OCI image-spec v1.1, its "image layout" chapter): `oci-layout`, `index.json`
 /// (one manifest, tagged `latest`), and the manifest, config and one gzip layer as blobs.
 pub fn write_oci(root: &Path, out: &Path, target: &Target, sde: u64) -> Result<(), RootfsError> {
     let blobs = out.join("blobs/sha256");
     fs_err::create_dir_all(&blobs).map_err(io("create", &blobs))?;
     let tmp = out.join("layer.tmp");
-    let werr = |source| RootfsError::Io { doing: "write the layer", path: tmp.clone(), source };
+    let werr = |source| RootfsError::Io(crate::util::fs::PathError { doing: "write the layer", path: tmp.clone(), source });
     let file = fs_err::File::create(&tmp).map_err(io("create", &tmp))?;
     let compressed = Hashing { inner: std::io::BufWriter::new(file), hash: Sha256::new(), len: 0 };
     // mtime 0 and no file name in the gzip header: the same tar gives the same bytes.
@@ -231,11 +231,11 @@ pub fn write_oci(root: &Path, out: &Path, target: &Target, sde: u64) -> Result<(
         Arch, ConfigBuilder, DescriptorBuilder, HistoryBuilder, ImageConfigurationBuilder, ImageIndexBuilder,
         ImageManifestBuilder, MediaType, Os, PlatformBuilder, RootFsBuilder,
     };
-    let spec = |e: &dyn std::fmt::Display| RootfsError::Io {
+    let spec = |e: &dyn std::fmt::Display| RootfsError::Io(crate::util::fs::PathError {
         doing: "build the OCI documents for",
         path: out.to_owned(),
         source: std::io::Error::other(e.to_string()),
-    };
+    });
     let json = |v: &dyn erased_json::Json| v.bytes().map_err(|e| spec(&e));
     let digest = |d: &str| d.parse::<oci_spec::image::Digest>().map_err(|e| spec(&e));
     let (arch, variant) = oci_platform(target);

@@ -371,8 +371,7 @@ pub fn if_range_matches(header: &str, etag: &str, last_modified: SystemTime) -> 
 }
 
 pub fn whole_seconds(t: SystemTime) -> SystemTime {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    time_from_secs(secs)
+    time_from_secs(crate::util::time::secs_of(t))
 }
 
 /// The last second an HTTP date can name (9999-12-31T23:59:59Z): `httpdate` panics beyond it,
@@ -387,8 +386,7 @@ pub fn time_from_secs(secs: u64) -> SystemTime {
 /// An HTTP date for any time: before the epoch shows as the epoch, after year 9999 as the
 /// last second of 9999. Never panics.
 pub fn http_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    httpdate::fmt_http_date(time_from_secs(secs))
+    httpdate::fmt_http_date(time_from_secs(crate::util::time::secs_of(t)))
 }
 
 /// Calls `f` with the `Date` header value, formatted at most once per second per thread (no
@@ -399,7 +397,7 @@ pub fn with_now_date<R>(f: impl FnOnce(&str) -> R) -> R {
         static CACHE: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
     }
     let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = crate::util::time::secs_of(now);
     CACHE.with(|c| {
         let mut c = c.borrow_mut();
         if c.0 != secs || c.1.is_empty() {

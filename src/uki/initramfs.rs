@@ -42,12 +42,9 @@ pub enum InitramfsError {
     MissingModule { dir: PathBuf, module: String },
     #[error("the stage {root} has no busybox, but the busybox initramfs was asked for")]
     NoBusybox { root: PathBuf },
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// File IO through fs-err, whose error names the file and what was done to it.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
     #[error("cannot decompress kernel module {path}")]
     Decompress {
         path: PathBuf,
@@ -323,8 +320,7 @@ fn resolve_in_root(root: &Path, path: &str) -> Result<Option<Resolved>, Initramf
             if hops > 40 {
                 return Err(InitramfsError::SymlinkLoop { root: root.to_owned(), path: path.to_owned() });
             }
-            let target = fs_err::read_link(&host)
-                .map_err(|source| InitramfsError::Read { path: host.clone(), source })?;
+            let target = fs_err::read_link(&host)?;
             let target_s = target.to_string_lossy().into_owned();
             if !links.iter().any(|(l, _)| *l == rel) {
                 links.push((rel, target_s.clone()));
@@ -383,9 +379,9 @@ impl<'a> Collector<'a> {
         }
         if self.done.insert(canonical.clone()) {
             let host = self.root.join(&canonical);
-            let data = fs_err::read(&host).map_err(|source| InitramfsError::Read { path: host.clone(), source })?;
+            let data = fs_err::read(&host)?;
             let mode = std::os::unix::fs::PermissionsExt::mode(
-                &fs_err::metadata(&host).map_err(|source| InitramfsError::Read { path: host.clone(), source })?.permissions(),
+                &fs_err::metadata(&host)?.permissions(),
             ) & 0o7777;
             let deps = match Elf::parse(&data) {
                 Some(elf) => {
@@ -460,7 +456,7 @@ fn module_name(file: &str) -> Option<String> {
 }
 
 fn read_module(path: &Path) -> Result<Vec<u8>, InitramfsError> {
-    let raw = fs_err::read(path).map_err(|source| InitramfsError::Read { path: path.to_owned(), source })?;
+    let raw = fs_err::read(path)?;
     let name = path.to_string_lossy();
     let mut out = Vec::new();
     let res = if name.ends_with(".xz") {
@@ -743,7 +739,7 @@ pub fn build(spec: &Spec) -> Result<Initramfs, InitramfsError> {
     let busybox = match (use_busybox, busybox_path) {
         (true, Some(p)) => {
             let host = spec.root.join(p.trim_start_matches('/'));
-            let data = fs_err::read(&host).map_err(|source| InitramfsError::Read { path: host, source })?;
+            let data = fs_err::read(&host)?;
             let canonical = c.add_path(p)?.expect("busybox exists");
             Some((canonical, data))
         }

@@ -28,18 +28,8 @@ pub enum UkiError {
     NoStub { target: String, stub: String, looked: String, debian_arch: String },
     #[error("target `{target}` boots its kernel directly (no UEFI in QEMU for it): it has no UKI")]
     NotUefi { target: String },
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    File(#[from] crate::util::fs::FileError),
     #[error("{0}")]
     Pe(#[from] PeError),
     #[error("{0}")]
@@ -114,7 +104,7 @@ pub struct UkiParts {
 
 /// Assembles the UKI (sections in ukify 257's order: .osrel .cmdline .uname .linux .initrd).
 pub fn assemble(parts: &UkiParts) -> Result<Vec<u8>, UkiError> {
-    let stub = fs_err::read(&parts.stub).map_err(|source| UkiError::Read { path: parts.stub.clone(), source })?;
+    let stub = fs_err::read(&parts.stub).map_err(|source| UkiError::File(crate::util::fs::FileError::Read { path: parts.stub.clone(), source }))?;
     let mut sections = vec![
         pe::NewSection { name: ".osrel".into(), data: parts.osrel.clone().into_bytes(), virtual_size: None },
         pe::NewSection { name: ".cmdline".into(), data: parts.cmdline.clone().into_bytes(), virtual_size: None },
@@ -130,14 +120,9 @@ pub fn assemble(parts: &UkiParts) -> Result<Vec<u8>, UkiError> {
     Ok(pe::add_sections(&stub, &parts.stub, &sections)?)
 }
 
-/// Writes `data` to `path` through a temporary file in the same directory.
+/// Writes `data` to `path` atomically and durably ([`crate::util::fs::write_atomic`]).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), UkiError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let werr = |source| UkiError::Write { path: path.to_owned(), source };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(werr)?;
-    std::io::Write::write_all(&mut tmp, data).map_err(werr)?;
-    tmp.persist(path).map_err(|e| werr(e.error))?;
-    Ok(())
+    crate::util::fs::write_atomic(path, data).map_err(|source| UkiError::File(crate::util::fs::FileError::Write { path: path.to_owned(), source }))
 }
 
 /// An os-release for the `.osrel` section: the root's own when it has one, else a dbh one.

@@ -16,7 +16,7 @@ pub mod qemu;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -69,13 +69,8 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot {doing} {path}")]
-    Io {
-        doing: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Io(#[from] crate::util::fs::PathError),
     #[error("no free TCP port on 127.0.0.1 for the guest's SSH")]
     NoPort(#[source] std::io::Error),
     #[error("{0}")]
@@ -236,7 +231,7 @@ impl Paths {
 
 fn io(doing: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> VmError {
     let path = path.to_owned();
-    move |source| VmError::Io { doing, path, source }
+    move |source| VmError::Io(crate::util::fs::PathError { doing, path, source })
 }
 
 /// The last `n` lines of a (console) file, without the terminal control noise.
@@ -251,9 +246,6 @@ pub fn tail_lines(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 /// The flock on `run/lock`, held while a VM runs.
 #[derive(Debug)]
@@ -264,24 +256,12 @@ struct Lock {
 impl Lock {
     /// `Ok(None)` when another process holds it.
     fn try_acquire(path: &Path) -> Result<Option<Lock>, VmError> {
-        let file = fs_err::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| VmError::Io { doing: "open", path: path.to_owned(), source: e })?
-            .into_parts()
-            .0;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            Ok(Some(Lock { file }))
-        } else {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Ok(None)
-            } else {
-                Err(VmError::Io { doing: "lock", path: path.to_owned(), source: err })
-            }
+        use crate::util::fs as ufs;
+        let file = ufs::open_lock_file(path).map_err(|e| VmError::Io(crate::util::fs::PathError { doing: "open", path: path.to_owned(), source: e }))?;
+        match ufs::try_lock(&file, ufs::Lock::Exclusive) {
+            Ok(true) => Ok(Some(Lock { file })),
+            Ok(false) => Ok(None),
+            Err(source) => Err(VmError::Io(crate::util::fs::PathError { doing: "lock", path: path.to_owned(), source })),
         }
     }
 }
@@ -327,7 +307,7 @@ pub fn status(home: &Home, target: &str) -> Result<Status, VmError> {
                 pgid: 0,
                 ssh_port: 0,
                 qmp: paths.qmp(),
-                started: now_secs(),
+                started: crate::util::time::now_secs(),
                 detached: false,
                 accel: Accel::Tcg,
             })),
@@ -377,10 +357,6 @@ fn check_image(target: &Target, paths: &Paths) -> Result<ImageBoot, VmError> {
     Ok(boot)
 }
 
-fn free_port() -> Result<u16, VmError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(VmError::NoPort)?;
-    Ok(l.local_addr().map_err(VmError::NoPort)?.port())
-}
 
 impl Vm {
     /// Boots the target's image and returns once an SSH session to it is established.
@@ -389,7 +365,7 @@ impl Vm {
         let boot = check_image(target, &paths)?;
         let version = qemu::check_version(target)?;
         let firmware = if target.is_uefi() { Some(firmware::find(target)?) } else { None };
-        fs_err::create_dir_all(&paths.run).map_err(|e| VmError::Io { doing: "create", path: paths.run.clone(), source: e })?;
+        fs_err::create_dir_all(&paths.run).map_err(|e| VmError::Io(crate::util::fs::PathError { doing: "create", path: paths.run.clone(), source: e }))?;
         let lock = match Lock::try_acquire(&paths.lock())? {
             Some(lock) => lock,
             None => {
@@ -454,7 +430,7 @@ impl Vm {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            launch.ssh_port = free_port()?;
+            launch.ssh_port = crate::util::net::free_port().map_err(VmError::NoPort)?;
             let child = spawn(target, &paths, &launch, lock.as_ref().expect("held until the end"), opts.detached)?;
             let pid = child.id().unwrap_or(0);
             let state = State {
@@ -463,7 +439,7 @@ impl Vm {
                 pgid: pid,
                 ssh_port: launch.ssh_port,
                 qmp: paths.qmp(),
-                started: now_secs(),
+                started: crate::util::time::now_secs(),
                 detached: opts.detached,
                 accel,
             };
@@ -725,27 +701,22 @@ fn spawn(target: &Target, paths: &Paths, launch: &Launch, lock: &Lock, detached:
         command.process_group(0);
     }
     let lock_fd = lock.file.as_raw_fd();
-    // SAFETY: only async-signal-safe calls (fcntl, setsid, prctl, getppid, kill) between fork and exec.
+    // SAFETY: only async-signal-safe calls (fcntl, setsid) between fork and exec.
     unsafe {
         command.pre_exec(move || {
             // QEMU inherits the locked descriptor: the lock is held as long as QEMU lives.
             if libc::fcntl(lock_fd, libc::F_SETFD, 0) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
-            if detached {
-                // Its own session (and group): a closing terminal's SIGHUP does not reach it.
-                if libc::setsid() == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                // The parent may have died between fork and prctl.
-                if libc::getppid() == 1 {
-                    libc::kill(libc::getpid(), libc::SIGKILL);
-                }
+            // Its own session (and group): a closing terminal's SIGHUP does not reach it.
+            if detached && libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
+    }
+    if !detached {
+        crate::process::die_with_parent(command.as_std_mut(), libc::SIGKILL);
     }
     command.spawn().map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
