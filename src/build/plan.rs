@@ -137,7 +137,7 @@ fn memo_key(target: &Target, prep: &Prepared, req: &Request, emerge: Option<&Pat
     // The emerge that answers: a Portage upgrade replaces the script.
     let emerge_path = match emerge {
         Some(p) => p.to_owned(),
-        None => std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join("emerge")).find(|p| p.is_file())?,
+        None => crate::util::path::which("emerge")?,
     };
     let emerge_id = stat(&emerge_path)?;
     let mut h = sha2::Sha256::new();
