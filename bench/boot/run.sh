@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/boot: what dbh's VM runner costs on top of QEMU, for arm64.
-#   1. raw QEMU, started by hand the lab's way (vm-boot.md §4), from spawn to the SSH banner on the
+#   1. raw QEMU, started by hand the lab's way (docs/lab.md, "Boot times and the settings that matter"), from spawn to the SSH banner on the
 #      forwarded port;
 #   2. `dbh vm start --target arm64` from spawn to its return (SSH banner + key exchange + auth done),
 #      on the same image, then `dbh vm stop`.

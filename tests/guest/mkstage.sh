@@ -91,7 +91,7 @@ APT=(-o "APT::Architecture=$DARCH" -o "APT::Architectures=$DARCH" -o "Dir::State
 T0=$(date +%s)
 log "apt update ($SUITE/$DARCH from the host's mirror)"
 if ! apt-get "${APT[@]}" -qq update >&2; then
-	# The mirror trap (shared/lab/vm-boot.md): during a mirror sync the Packages index can differ in
+	# The mirror trap (docs/lab.md, "The mirror trap"): during a mirror sync the Packages index can differ in
 	# size from what InRelease says and apt rejects it. Take the index without that check; the .debs
 	# are still verified against it by `apt-get download` (the index itself is then unverified).
 	log "apt-get update failed; fetching the $DARCH Packages index without the InRelease size check"

@@ -4,7 +4,7 @@
 # initramfs running dropbear, an ext4 disk labelled dbh-root; for arm64 a UKI made with
 # aarch64-linux-gnu-objcopy on a FAT ESP made with mtools, for ppc64el (no UEFI on pseries) the
 # kernel, initramfs and command line for direct boot. bookworm-security's ppc64el index is stale
-# on the mirror here (vm-boot.md §0), so ppc64el uses the kernel ABI of the bookworm point release. The guest stays in its initramfs (the runner only needs sshd, a console and
+# on the mirror here (docs/lab.md, "A stale security index"), so ppc64el uses the kernel ABI of the bookworm point release. The guest stays in its initramfs (the runner only needs sshd, a console and
 # the disk); if the disk holds a file `/nossh` it never starts sshd (for the boot-timeout test).
 # A stand-in until `dbh vm image create` exists; the runner tests do not depend on how it is made.
 #
