@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::hint::Hint;
 
@@ -129,12 +130,87 @@ pub struct Value {
     pub origin: Origin,
 }
 
-/// The resolved settings.
+/// The resolved settings: one typed section per key prefix, checked once when they are loaded, so
+/// no caller looks a key up by name, repeats a default or clamps a value.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// By key; per-target keys (`vm.<target>.cpus`) are stored under their full name.
+    /// By key; per-target keys (`vm.<target>.cpus`) are stored under their full name. Kept for
+    /// `dbh config show` (value and origin of every key) and the per-target guest sizes.
     values: BTreeMap<String, Value>,
+    home: Home,
+    pub serve: ServeSettings,
+    pub binhost: BinhostSettings,
+    pub build: BuildSettings,
+    pub distcc: DistccSettings,
+    pub vm: VmSettings,
+    pub portage: PortageSettings,
+    pub key: KeySettings,
 }
+
+/// `serve.*`: what `dbh serve` serves, where, and its limits.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub dir: PathBuf,
+    pub listen: Vec<String>,
+    pub public_url: Option<String>,
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+    pub max_per_ip: usize,
+}
+
+/// `binhost.*`.
+#[derive(Debug, Clone)]
+pub struct BinhostSettings {
+    /// Priority in generated binrepos.conf stanzas.
+    pub priority: i64,
+    /// `dbh binhost prune` deletes build logs older than this.
+    pub log_max_age: Duration,
+}
+
+/// `build.*`: what every backend's build gets.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    /// Parallel jobs, 1 to [`MAX_JOBS`].
+    pub jobs: u32,
+    pub distcc: bool,
+    pub gentoo_binhost: bool,
+}
+
+/// `distcc.*`.
+#[derive(Debug, Clone)]
+pub struct DistccSettings {
+    pub hosts: Vec<String>,
+    /// `None`: `distccd` on PATH.
+    pub distccd: Option<PathBuf>,
+}
+
+/// `vm.*` apart from the per-target sizes ([`Settings::vm_sizing`]).
+#[derive(Debug, Clone)]
+pub struct VmSettings {
+    /// `None`: the runner's default for the accelerator (longer under TCG).
+    pub boot_timeout: Option<Duration>,
+    pub powerdown_timeout: Duration,
+}
+
+/// `portage.*`.
+#[derive(Debug, Clone)]
+pub struct PortageSettings {
+    /// The host's emerge: a path, or a name looked up in PATH.
+    pub emerge: PathBuf,
+}
+
+/// `key.*`.
+#[derive(Debug, Clone)]
+pub struct KeySettings {
+    /// User id of a newly generated signing key.
+    pub uid: String,
+}
+
+/// The most parallel jobs `build.jobs` accepts: more is a typo, not a machine.
+pub const MAX_JOBS: u32 = 1024;
+
+/// `vm.powerdown_timeout` when unset.
+pub const DEFAULT_POWERDOWN: Duration = Duration::from_secs(20);
 
 /// The `vm.*` keys that may also be given per target, as `vm.<target>.<key>`.
 const PER_TARGET: &[&str] = &["cpus", "memory", "disk_size", "scratch_size"];
@@ -255,17 +331,36 @@ impl Settings {
             let def = KEYS.iter().find(|k| k.name == key).expect("CLI passes known keys");
             values.insert(def.name.to_owned(), Value { value, origin: Origin::Cli(flag) });
         }
-        let mut settings = Settings { values };
-        settings.fill_defaults()?;
-        Ok(settings)
+        let mut raw = Raw { values };
+        raw.fill_defaults()?;
+        raw.resolve()
     }
 
+    /// The per-target value of `vm.<key>` (`vm.<target>.<key>`) or the global one, whichever comes
+    /// from the higher layer; at the same layer the per-target one wins.
+    fn for_target(&self, target: &str, key: &str) -> Option<&Value> {
+        let global = self.values.get(&format!("vm.{key}"));
+        let own = self.values.get(&format!("vm.{target}.{key}"));
+        match (own, global) {
+            (Some(o), Some(g)) if g.origin.rank() > o.origin.rank() => Some(g),
+            (Some(o), _) => Some(o),
+            (None, g) => g,
+        }
+    }
+}
+
+/// Every layer merged, before the typed sections are checked.
+struct Raw {
+    values: BTreeMap<String, Value>,
+}
+
+impl Raw {
     fn fill_defaults(&mut self) -> Result<(), SettingsError> {
         if !self.values.contains_key("home") {
             let home = default_home().ok_or(SettingsError::NoHome)?;
             self.default("home", toml::Value::String(home.display().to_string()));
         }
-        let home = self.home().root().to_owned();
+        let home = PathBuf::from(self.str("home").expect("home was just set"));
         self.default("serve.dir", toml::Value::String(home.join("binhost").display().to_string()));
         self.default("serve.listen", toml::Value::Array(vec!["127.0.0.1:8080".into()]));
         self.default("serve.header_timeout", toml::Value::Integer(10));
@@ -303,18 +398,95 @@ impl Settings {
         self.values.entry(key.to_owned()).or_insert(Value { value, origin: Origin::Default });
     }
 
-    /// The per-target value of `vm.<key>` (`vm.<target>.<key>`) or the global one, whichever comes
-    /// from the higher layer; at the same layer the per-target one wins.
-    fn for_target(&self, target: &str, key: &str) -> Option<&Value> {
-        let global = self.values.get(&format!("vm.{key}"));
-        let own = self.values.get(&format!("vm.{target}.{key}"));
-        match (own, global) {
-            (Some(o), Some(g)) if g.origin.rank() > o.origin.rank() => Some(g),
-            (Some(o), _) => Some(o),
-            (None, g) => g,
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.values.get(key)
+    }
+
+    fn str(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(|v| v.value.as_str())
+    }
+
+    fn list(&self, key: &str) -> Vec<String> {
+        match self.get(key).map(|v| &v.value) {
+            Some(toml::Value::Array(items)) => {
+                items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()
+            }
+            _ => Vec::new(),
         }
     }
 
+    fn bool(&self, key: &str) -> bool {
+        self.get(key).and_then(|v| v.value.as_bool()).unwrap_or(false)
+    }
+
+    /// An integer setting within `range`, or `None` when unset; out of range is an error naming
+    /// the key and where the value came from.
+    fn int_in(&self, key: &str, range: std::ops::RangeInclusive<i64>, expected: &'static str) -> Result<Option<i64>, SettingsError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.value.as_integer().filter(|i| range.contains(i)) {
+                Some(i) => Ok(Some(i)),
+                None => Err(SettingsError::Type { key: key.to_owned(), origin: v.origin.clone(), expected }),
+            },
+        }
+    }
+
+    fn seconds(&self, key: &str) -> Result<Option<Duration>, SettingsError> {
+        Ok(self.int_in(key, 1..=i64::from(u32::MAX), "a positive number of seconds")?.map(|s| Duration::from_secs(s as u64)))
+    }
+
+    fn count(&self, key: &str) -> Result<Option<usize>, SettingsError> {
+        Ok(self.int_in(key, 1..=i64::from(u32::MAX), "a positive integer")?.map(|n| n as usize))
+    }
+
+    /// Every typed section, checked; the one place a default or a range is applied.
+    fn resolve(self) -> Result<Settings, SettingsError> {
+        let home = Home::new(self.str("home").expect("home always has a value"));
+        let serve = ServeSettings {
+            dir: PathBuf::from(self.str("serve.dir").expect("serve.dir has a built-in default")),
+            listen: self.list("serve.listen"),
+            public_url: self.str("serve.public_url").map(str::to_owned),
+            header_timeout: self.seconds("serve.header_timeout")?.unwrap_or(Duration::from_secs(10)),
+            max_connections: self.count("serve.max_connections")?.unwrap_or(4096),
+            max_per_ip: self.count("serve.max_per_ip")?.unwrap_or(1024),
+        };
+        let binhost = BinhostSettings {
+            priority: self.int_in("binhost.priority", i64::MIN..=i64::MAX, "an integer")?.unwrap_or(10),
+            log_max_age: Duration::from_secs(
+                self.int_in("binhost.log_max_age_days", 0..=100_000, "a number of days from 0 to 100000")?.unwrap_or(30) as u64 * 86_400,
+            ),
+        };
+        let build = BuildSettings {
+            jobs: self.int_in("build.jobs", 1..=i64::from(MAX_JOBS), "an integer from 1 to 1024")?.unwrap_or(1) as u32,
+            distcc: self.bool("build.distcc"),
+            gentoo_binhost: self.bool("build.gentoo_binhost"),
+        };
+        let distcc = DistccSettings {
+            hosts: self.list("distcc.hosts"),
+            distccd: self.str("distcc.distccd").map(PathBuf::from),
+        };
+        let vm = VmSettings {
+            boot_timeout: self.seconds("vm.boot_timeout")?,
+            powerdown_timeout: self
+                .int_in("vm.powerdown_timeout", 0..=i64::from(u32::MAX), "a number of seconds")?
+                .map_or(DEFAULT_POWERDOWN, |s| Duration::from_secs(s as u64)),
+        };
+        let portage = PortageSettings { emerge: PathBuf::from(self.str("portage.emerge").unwrap_or("emerge")) };
+        let key = KeySettings { uid: self.str("key.uid").unwrap_or("dbh binhost signing key").to_owned() };
+        let settings =
+            Settings { values: self.values, home, serve, binhost, build, distcc, vm, portage, key };
+        // The per-target sizes are checked now too, so a bad one fails every command the same way.
+        for k in settings.values.keys() {
+            if let Some(target) = k.strip_prefix("vm.").and_then(|r| r.rsplit_once('.')).map(|(t, _)| t) {
+                settings.vm_sizing(target)?;
+            }
+        }
+        settings.vm_sizing("")?;
+        Ok(settings)
+    }
+}
+
+impl Settings {
     /// The guest sizes for `target` (settings `vm.cpus`, `vm.memory`, `vm.disk_size`,
     /// `vm.scratch_size`, each also per target).
     pub fn vm_sizing(&self, target: &str) -> Result<VmSizing, SettingsError> {
@@ -349,33 +521,13 @@ impl Settings {
         })
     }
 
+    pub fn home(&self) -> Home {
+        self.home.clone()
+    }
+
+    /// The resolved value and origin of `key` (for `dbh config show` and tests).
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.values.get(key)
-    }
-
-    pub fn str(&self, key: &str) -> Option<&str> {
-        self.get(key).and_then(|v| v.value.as_str())
-    }
-
-    pub fn list(&self, key: &str) -> Vec<String> {
-        match self.get(key).map(|v| &v.value) {
-            Some(toml::Value::Array(items)) => {
-                items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()
-            }
-            _ => Vec::new(),
-        }
-    }
-
-    pub fn int(&self, key: &str) -> Option<i64> {
-        self.get(key).and_then(|v| v.value.as_integer())
-    }
-
-    pub fn bool(&self, key: &str) -> bool {
-        self.get(key).and_then(|v| v.value.as_bool()).unwrap_or(false)
-    }
-
-    pub fn home(&self) -> Home {
-        Home::new(self.str("home").expect("home always has a value"))
     }
 
     /// Every key with its value, origin and meaning, for `dbh config show`.
@@ -531,12 +683,12 @@ mod tests {
         let env = vec![("DBH_SERVE_PUBLIC_URL".to_string(), "http://env/".to_string())];
         let cli = vec![("home", "--home", toml::Value::String("/cli-home".into()))];
         let s = Settings::load_from(cli, &[low.clone(), high.clone()], &env).unwrap();
-        assert_eq!(s.str("home"), Some("/cli-home"));
+        assert_eq!(s.home().root(), Path::new("/cli-home"));
         assert_eq!(s.get("home").unwrap().origin, Origin::Cli("--home"));
-        assert_eq!(s.list("serve.listen"), vec!["[::1]:2"]);
+        assert_eq!(s.serve.listen, vec!["[::1]:2"]);
         assert_eq!(s.get("serve.listen").unwrap().origin, Origin::File(high));
-        assert_eq!(s.str("serve.public_url"), Some("http://env/"));
-        assert_eq!(s.str("serve.dir"), Some("/cli-home/binhost"));
+        assert_eq!(s.serve.public_url.as_deref(), Some("http://env/"));
+        assert_eq!(s.serve.dir, Path::new("/cli-home/binhost"));
         assert_eq!(s.get("serve.dir").unwrap().origin, Origin::Default);
     }
 
@@ -588,5 +740,53 @@ mod tests {
             err.to_string(),
             "setting `build.jobs` from environment (DBH_BUILD_JOBS) has the wrong type: expected an integer"
         );
+    }
+
+    #[test]
+    fn typed_sections_carry_defaults_and_refuse_out_of_range_values() {
+        let d = Settings::load_from(vec![], &[], &[]).unwrap();
+        assert_eq!(d.serve.header_timeout, Duration::from_secs(10));
+        assert_eq!((d.serve.max_connections, d.serve.max_per_ip), (4096, 1024));
+        assert_eq!(d.binhost.priority, 10);
+        assert_eq!(d.binhost.log_max_age, Duration::from_secs(30 * 86_400));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        assert_eq!(d.build.jobs, cores);
+        assert!(!d.build.distcc && !d.build.gentoo_binhost);
+        assert_eq!(d.vm.powerdown_timeout, DEFAULT_POWERDOWN);
+        assert_eq!(d.vm.boot_timeout, None);
+        assert_eq!(d.portage.emerge, Path::new("emerge"));
+        assert!(d.key.uid.starts_with("dbh binhost signing key <dbh@"), "{}", d.key.uid);
+
+        // A flag is the highest layer and keeps its origin.
+        let cli = vec![("build.jobs", "--jobs", toml::Value::Integer(3))];
+        let env = vec![("DBH_BUILD_JOBS".to_string(), "7".to_string())];
+        let s = Settings::load_from(cli, &[], &env).unwrap();
+        assert_eq!(s.build.jobs, 3);
+        assert_eq!(s.get("build.jobs").unwrap().origin, Origin::Cli("--jobs"));
+
+        for (var, raw, key, expected) in [
+            ("DBH_BUILD_JOBS", "0", "build.jobs", "an integer from 1 to 1024"),
+            ("DBH_BUILD_JOBS", "5000", "build.jobs", "an integer from 1 to 1024"),
+            ("DBH_SERVE_HEADER_TIMEOUT", "0", "serve.header_timeout", "a positive number of seconds"),
+            ("DBH_SERVE_MAX_PER_IP", "-1", "serve.max_per_ip", "a positive integer"),
+            ("DBH_VM_POWERDOWN_TIMEOUT", "-5", "vm.powerdown_timeout", "a number of seconds"),
+        ] {
+            let env = vec![(var.to_string(), raw.to_string())];
+            let err = Settings::load_from(vec![], &[], &env).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("setting `{key}` from environment ({var}) has the wrong type: expected {expected}"),
+                "{var}={raw}"
+            );
+        }
+        // `--jobs 0` is refused naming the flag, not silently clamped.
+        let cli = vec![("build.jobs", "--jobs", toml::Value::Integer(0))];
+        let err = Settings::load_from(cli, &[], &[]).unwrap_err();
+        assert!(err.to_string().contains("from command line (--jobs)"), "{err}");
+        // A bad per-target size fails at load, whichever command runs.
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(dir.path(), "dbh.toml", "[vm.riscv64]\ncpus = 0\n");
+        let err = Settings::load_from(vec![], &[f], &[]).unwrap_err();
+        assert!(err.to_string().contains("`vm.cpus`") && err.to_string().contains("positive"), "{err}");
     }
 }

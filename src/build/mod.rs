@@ -1,4 +1,4 @@
-//! Building binary packages for a target: the backends ([`vm`]: a throw-away guest; [`cross`]:
+//! Building binary packages for a target: the dispatch ([`backend`]), the backends ([`vm`]: a throw-away guest; [`cross`]:
 //! Portage on the host with a cross compiler; [`chroot`]: the target's stage under qemu-user), the
 //! host's cross [`toolchain`], the [`choice`] between backends, and what they share: the build
 //! request, outcome and error (here), the per-target Portage configuration ([`portage_config`]),
@@ -6,6 +6,7 @@
 //! following emerge's output ([`emerge`]), and the host backends' locks, staging PKGDIR and
 //! publishing ([`host`]).
 
+pub mod backend;
 pub mod choice;
 pub mod chroot;
 pub mod cross;
@@ -75,6 +76,28 @@ pub struct Outcome {
     pub rebuilt: Vec<(String, String)>,
 }
 
+impl Outcome {
+    /// The failed packages as the build's error: for the host-side backends with a hint to build
+    /// them in a guest instead; for a guest with each package's log.
+    pub fn failures(&self, backend: backend::Kind, target: &str) -> Result<(), BuildError> {
+        if self.failed.is_empty() {
+            return Ok(());
+        }
+        Err(match backend {
+            backend::Kind::Vm => BuildError::GuestFailed {
+                target: target.to_owned(),
+                packages: self.failed.iter().map(|f| (f.cpv.clone(), f.log.clone())).collect(),
+            },
+            host => BuildError::BackendFailed {
+                backend: host.name(),
+                target: target.to_owned(),
+                packages: self.failed.iter().map(|f| f.cpv.clone()).collect(),
+                log_dir: self.log_dir.clone(),
+            },
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error("no signing key in {dir}: published packages must be signed")]
@@ -131,6 +154,10 @@ pub enum BuildError {
     NothingToBuild { target: String, world: PathBuf },
     #[error("the {target} guest has no gpg: it cannot verify the binary packages it fetches from dbh's binhost")]
     GuestNoGpg { target: String },
+    #[error("cannot start the async runtime for the guest")]
+    Runtime(#[source] std::io::Error),
+    #[error("{} package(s) failed to build: {}", .packages.len(), .packages.iter().map(|(cpv, log)| format!("{cpv} (log: {})", log.as_deref().map_or_else(|| "none".into(), |p| p.display().to_string()))).collect::<Vec<_>>().join(", "))]
+    GuestFailed { target: String, packages: Vec<(String, Option<PathBuf>)> },
     #[error("nothing to install into the {target} base image from: {binhost} has no Packages index")]
     NothingToInstall { target: String, binhost: PathBuf },
 }

@@ -3,7 +3,6 @@
 use super::{out, Context};
 use crate::binhost::{add, check, conf, generations, lifecycle, scan, trust, BinhostError};
 use crate::sign::KeyStore;
-use crate::target::Targets;
 use crate::cli::BinhostCommand;
 use crate::Error;
 
@@ -50,8 +49,7 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             Err(Error::Failed(format!("{} has {} inconsistencies", dir.display(), problems.len())))
         }
         BinhostCommand::Add { target, unsigned, files } => {
-            let targets = Targets::load()?;
-            let target = targets.get(&target)?;
+            let target = ctx.target(&target)?;
             let home = ctx.settings.home();
             let signer = if unsigned {
                 None
@@ -135,13 +133,14 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             let dir = target_dir(ctx, &target)?;
             let home = ctx.settings.home();
             let repos = if unreferenced { Some(prune_repos(ctx, &target, &repo)?) } else { None };
-            let days = ctx.settings.int("binhost.log_max_age_days").unwrap_or(30).max(0) as u64;
+            let log_max_age = ctx.settings.binhost.log_max_age;
+            let days = log_max_age.as_secs() / 86_400;
             let opts = lifecycle::PruneOptions {
                 keep,
                 keep_generations,
                 unreferenced: repos,
                 dry_run,
-                logs: Some((home.logs(&target), std::time::Duration::from_secs(days * 86_400))),
+                logs: Some((home.logs(&target), log_max_age)),
             };
             let r = lifecycle::prune(&dir, &opts, &ctx.reporter)?;
             let (would, verb) = if dry_run { ("would ", "would delete") } else { ("", "deleted") };
@@ -174,8 +173,7 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
             out(&text)
         }
         BinhostCommand::Conf { target, url, unsigned, trust_script } => {
-            let targets = Targets::load()?;
-            let target = targets.get(&target)?;
+            let target = ctx.target(&target)?;
             let home = ctx.settings.home();
             let fingerprint = if unsigned {
                 None
@@ -198,7 +196,7 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
                 .map_err(BinhostError::from)?;
                 return out(&script);
             }
-            let priority = ctx.settings.int("binhost.priority").unwrap_or(10);
+            let priority = ctx.settings.binhost.priority;
             let text = conf::render(&conf::ConfInput {
                 target: &target.name,
                 url: &url,
@@ -212,8 +210,7 @@ pub fn run(ctx: &Context, cmd: BinhostCommand) -> Result<(), Error> {
 
 /// The target's binhost directory, the target checked to exist.
 fn target_dir(ctx: &Context, target: &str) -> Result<std::path::PathBuf, Error> {
-    let targets = Targets::load()?;
-    let target = targets.get(target)?;
+    let target = ctx.target(target)?;
     Ok(ctx.settings.home().binhost(&target.name))
 }
 

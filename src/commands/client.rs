@@ -11,7 +11,7 @@ pub fn run(ctx: &Context, cmd: ClientCommand) -> Result<(), Error> {
                 binhost: binhost.clone(),
                 config_root,
                 atoms,
-                emerge: ctx.settings.str("portage.emerge").unwrap_or("emerge").into(),
+                emerge: ctx.settings.portage.emerge.clone(),
                 emerge_args,
             };
             let report = crate::client::explain(&req)?;

@@ -6,7 +6,6 @@ use crate::Error;
 use crate::build::{BuildError, CONFIG_FILES, PortageConfig};
 use crate::cli::ConfigCommand;
 use crate::settings::Home;
-use crate::target::Targets;
 
 pub fn run(ctx: &Context, cmd: ConfigCommand) -> Result<(), Error> {
     match cmd {
@@ -18,8 +17,7 @@ pub fn run(ctx: &Context, cmd: ConfigCommand) -> Result<(), Error> {
             let mut text = String::new();
             match args.target {
                 Some(target) => {
-                    let targets = Targets::load()?;
-                    let target = targets.get(&target)?;
+                    let target = ctx.target(&target)?;
                     // Showing it is a first use: the defaults get written, as a build would.
                     PortageConfig::load_or_create(&home, &target.name)?;
                     target_config(&home, &target.name, &mut text)?;
@@ -58,8 +56,7 @@ fn json(ctx: &Context, home: &Home, target: Option<&str>) -> Result<serde_json::
     use serde_json::{Value, json};
     let names = match target {
         Some(t) => {
-            let targets = Targets::load()?;
-            let t = targets.get(t)?;
+            let t = ctx.target(t)?;
             PortageConfig::load_or_create(home, &t.name)?;
             vec![t.name.clone()]
         }

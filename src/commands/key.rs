@@ -9,9 +9,9 @@ pub fn run(ctx: &Context, cmd: KeyCommand) -> Result<(), Error> {
     let store = KeyStore::new(ctx.settings.home().keys());
     match cmd {
         KeyCommand::Generate { uid, force } => {
-            let uid = uid
-                .or_else(|| ctx.settings.str("key.uid").map(str::to_owned))
-                .unwrap_or_else(|| "dbh binhost signing key".to_owned());
+            // --uid went into the settings (commands::cli_values).
+            let _ = uid;
+            let uid = ctx.settings.key.uid.clone();
             let fingerprint = store.generate(&uid, force)?;
             if !ctx.quiet {
                 eprintln!(

@@ -48,7 +48,7 @@ pub fn run(ctx: &Context, cmd: RepoCommand) -> Result<(), Error> {
                 })?;
                 Source { name: which.clone(), path, origin: Origin::Managed, revision: Some(rev) }
             };
-            let tools = Tools::find(Path::new(ctx.settings.str("portage.emerge").unwrap_or("emerge")));
+            let tools = Tools::find(&ctx.settings.portage.emerge);
             let snap = repo::snapshot(&home, &src, std::slice::from_ref(&src), &tools, &ctx.reporter)?;
             out(&format!("{} {} {}\n", snap.name, snap.revision.recorded, snap.image.display()))
         }

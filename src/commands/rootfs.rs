@@ -1,13 +1,11 @@
 //! `dbh rootfs build`: the CLI shell around [`crate::rootfs`]. The package list (dry run) and
 //! the written files go to stdout; progress to stderr.
 
-use std::path::PathBuf;
 
 use super::{Context, out};
 use crate::cli::{RootfsBuildArgs, RootfsCommand, RootfsFormat};
 use crate::rootfs::{self, Binhost, Boot, Format, RootfsError};
 use crate::sign::KeyStore;
-use crate::target::Targets;
 use crate::Error;
 
 pub fn run(ctx: &Context, cmd: RootfsCommand) -> Result<(), Error> {
@@ -28,8 +26,7 @@ fn format_of(f: RootfsFormat) -> Format {
 }
 
 fn build(ctx: &Context, args: RootfsBuildArgs) -> Result<(), Error> {
-    let targets = Targets::load()?;
-    let target = targets.get(&args.target)?;
+    let target = ctx.target(&args.target)?;
     let home = ctx.settings.home();
     let format = match args.format {
         Some(f) => format_of(f),
@@ -58,7 +55,7 @@ fn build(ctx: &Context, args: RootfsBuildArgs) -> Result<(), Error> {
             stub: args.stub.clone(),
         }),
         atoms: args.atoms.clone(),
-        emerge: PathBuf::from(ctx.settings.str("portage.emerge").unwrap_or("emerge")),
+        emerge: ctx.settings.portage.emerge.clone(),
         keys: KeyStore::new(home.keys()),
         source_date_epoch: sde,
         make_conf: config.make_conf,

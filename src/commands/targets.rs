@@ -1,11 +1,11 @@
 //! `dbh targets [--json]`.
 
 use super::{out, Context};
-use crate::target::{Boot, Targets};
+use crate::target::Boot;
 use crate::Error;
 
-pub fn run(_ctx: &Context, json: bool) -> Result<(), Error> {
-    let targets = Targets::load()?;
+pub fn run(ctx: &Context, json: bool) -> Result<(), Error> {
+    let targets = ctx.targets()?;
     if json {
         let list: Vec<_> = targets.iter().collect();
         let text = serde_json::to_string_pretty(&list).expect("targets serialize");

@@ -8,7 +8,6 @@ use std::path::Path;
 use super::Context;
 use crate::cli::{UkiBuildArgs, UkiCommand};
 use crate::events::{Event, Reporter};
-use crate::target::Targets;
 use crate::uki::{self, initramfs, UkiError};
 use crate::Error;
 
@@ -32,8 +31,7 @@ fn root_of_modules(modules: &Path) -> Option<&Path> {
 }
 
 fn build(ctx: &Context, args: UkiBuildArgs) -> Result<(), Error> {
-    let targets = Targets::load()?;
-    let target = targets.get(&args.target)?;
+    let target = ctx.target(&args.target)?;
     let read = |p: &Path| fs_err::read(p).map_err(|source| UkiError::File(crate::util::fs::FileError::Read { path: p.to_owned(), source }));
     let kernel = read(&args.kernel)?;
     let stage_root = args.modules.as_deref().and_then(root_of_modules).map(Path::to_owned);

@@ -1,29 +1,25 @@
 //! `dbh vm …`: start, stop, status, ssh and exec drive the runner in [`crate::vm`]; `image create`
 //! and `build` belong to the image and build modules.
 
-use std::time::Duration;
-
 use super::{Context, out};
 use crate::Error;
 use crate::build;
+use crate::build::backend::{Flags, Kind};
 use crate::cli::{BuildCommon, ImageCommand, ImageCreateArgs, ImageUpdateArgs, VmCommand};
-use crate::image::{self, CreateOptions};
 use crate::events::{Event, Reporter as _};
-use crate::target::Targets;
-use crate::vm::{self, Shutdown, StartOptions, Status, Vm};
+use crate::image::{self, CreateOptions};
+use crate::util::runtime;
+use crate::vm::{self, Shutdown, StartOptions, Status, Vm, with_signals};
 
 pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
     match cmd {
         VmCommand::Image(ImageCommand::Create(args)) => image_create(ctx, args),
         VmCommand::Image(ImageCommand::Update(args)) => image_update(ctx, args),
-        VmCommand::Build(args) => vm_build(ctx, &args.common, args.keep_vm, args.distcc, args.update),
+        VmCommand::Build(args) => vm_build(ctx, &args.common, args.keep_vm, args.update),
         VmCommand::Start(t) => start(ctx, &t.target),
         VmCommand::Stop(t) => block_on(async {
             let home = ctx.settings.home();
-            let deadline = ctx
-                .settings
-                .int("vm.powerdown_timeout")
-                .map_or(vm::POWERDOWN_DEADLINE, |s| Duration::from_secs(s.max(0) as u64));
+            let deadline = ctx.settings.vm.powerdown_timeout;
             vm::stop_running(&home, &t.target, Shutdown::Powerdown(deadline), &ctx.reporter).await?;
             ctx.reporter.event(Event::Note { message: format!("the {} guest is stopped", t.target) });
             Ok(())
@@ -34,19 +30,15 @@ pub fn run(ctx: &Context, cmd: VmCommand) -> Result<(), Error> {
     }
 }
 
-fn block_on<F: std::future::Future<Output = Result<(), Error>>>(fut: F) -> Result<(), Error> {
-    // One thread: QEMU is started from this (the main) thread, so PR_SET_PDEATHSIG ties it to dbh.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Failed(format!("cannot start the async runtime: {e}")))?;
-    rt.block_on(fut)
+/// Runs a command's async part on this thread (see [`crate::util::runtime`]).
+fn block_on<T, F: std::future::Future<Output = Result<T, Error>>>(fut: F) -> Result<T, Error> {
+    runtime::block_on(fut).map_err(build::BuildError::Runtime)?
 }
 
 fn start_options(ctx: &Context, detached: bool, target: &str) -> Result<StartOptions, Error> {
     let sizing = ctx.settings.vm_sizing(target)?;
     Ok(StartOptions {
-        boot_deadline: ctx.settings.int("vm.boot_timeout").map(|s| Duration::from_secs(s.max(1) as u64)),
+        boot_deadline: ctx.settings.vm.boot_timeout,
         detached,
         cpus: Some(sizing.cpus.0),
         memory_mib: Some(sizing.memory_mib.0),
@@ -55,8 +47,7 @@ fn start_options(ctx: &Context, detached: bool, target: &str) -> Result<StartOpt
 }
 
 fn start(ctx: &Context, target: &str) -> Result<(), Error> {
-    let targets = Targets::load()?;
-    let target = targets.get(target)?;
+    let target = ctx.target(target)?;
     block_on(async {
         let home = ctx.settings.home();
         let vm = with_signals(Vm::start(&home, target, &start_options(ctx, true, &target.name)?, &ctx.reporter)).await??;
@@ -87,7 +78,7 @@ fn write_known_hosts(paths: &vm::Paths, port: u16) -> Result<std::path::PathBuf,
 }
 
 fn status(ctx: &Context, target: &str, json: bool) -> Result<(), Error> {
-    Targets::load()?.get(target)?;
+    ctx.target(target)?;
     let home = ctx.settings.home();
     match vm::status(&home, target)? {
         Status::Stopped if json => out(&format!("{}\n", serde_json::json!({ "target": target, "running": false }))),
@@ -117,7 +108,7 @@ fn status(ctx: &Context, target: &str, json: bool) -> Result<(), Error> {
 }
 
 fn ssh(ctx: &Context, target: &str) -> Result<(), Error> {
-    Targets::load()?.get(target)?;
+    ctx.target(target)?;
     let home = ctx.settings.home();
     let paths = vm::Paths::new(&home, target);
     let state = match vm::status(&home, target)? {
@@ -137,23 +128,10 @@ fn ssh(ctx: &Context, target: &str) -> Result<(), Error> {
     }
 }
 
-/// Races `fut` against SIGINT/SIGTERM; on a signal the future is dropped (a `Vm` in it is killed
-/// by its `Drop`) and the command fails.
-async fn with_signals<F: std::future::Future>(fut: F) -> Result<F::Output, Error> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Failed(format!("cannot catch SIGTERM: {e}")))?;
-    tokio::select! {
-        r = fut => Ok(r),
-        _ = tokio::signal::ctrl_c() => Err(Error::Failed("interrupted; the guest was stopped".into())),
-        _ = term.recv() => Err(Error::Failed("terminated; the guest was stopped".into())),
-    }
-}
-
 fn exec(ctx: &Context, target: &str, command: &[String]) -> Result<(), Error> {
-    let targets = Targets::load()?;
-    let target = targets.get(target)?;
+    let target = ctx.target(target)?;
     let line = crate::guest::shell_join(command);
-    let code = block_on_code(async {
+    let code = block_on(async {
         let home = ctx.settings.home();
         let pass = |stream: crate::process::Stream, data: &[u8]| {
             use std::io::Write;
@@ -184,50 +162,16 @@ fn exec(ctx: &Context, target: &str, command: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
-fn block_on_code<F: std::future::Future<Output = Result<u32, Error>>>(fut: F) -> Result<u32, Error> {
-    let mut code = 0;
-    block_on(async {
-        code = fut.await?;
-        Ok(())
-    })?;
-    Ok(code)
-}
-
-/// `dbh vm build` (and `dbh build --backend vm|auto`): a thin shell over [`crate::build::vm`].
-pub(crate) fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, distcc: bool, update: bool) -> Result<(), Error> {
-    let targets = Targets::load()?;
-    let target = targets.get(&common.target)?;
-    let mut req = super::build::request(ctx, common);
+/// `dbh vm build`: the vm backend with this command's flags.
+fn vm_build(ctx: &Context, common: &BuildCommon, keep_vm: bool, update: bool) -> Result<(), Error> {
+    let target = ctx.target(&common.target)?;
+    let mut req = super::request(ctx, common);
     req.update = update;
-    req.gentoo_binhost = ctx.settings.bool("build.gentoo_binhost");
-    req.distcc = (distcc || ctx.settings.bool("build.distcc")).then(|| build::distcc::DistccOptions {
-        distccd: ctx.settings.str("distcc.distccd").map(Into::into),
-        jobs: None,
-        hosts: ctx.settings.list("distcc.hosts"),
-    });
-    let start = start_options(ctx, keep_vm, &target.name)?;
-    let opts = build::vm::VmOptions {
-        keep_vm,
-        boot_deadline: start.boot_deadline,
-        echo_output: ctx.verbose > 0,
-        repo_tools: repo_tools(ctx),
-        cpus: start.cpus,
-        memory_mib: start.memory_mib,
-        scratch_bytes: ctx.settings.vm_sizing(&target.name)?.scratch_bytes.0,
-        emerge: Some(ctx.settings.str("portage.emerge").unwrap_or("emerge").into()),
-    };
-    let mut outcome = None;
-    block_on(async {
-        let home = ctx.settings.home();
-        outcome = Some(with_signals(build::vm::build(&home, target, &req, &opts, &ctx.reporter)).await??);
-        Ok(())
-    })?;
-    super::build::finish(target, &outcome.expect("set by the build"), "vm")
+    super::build_with(ctx, target, &req, Kind::Vm, Flags { keep_vm, echo_output: ctx.verbose > 0 })
 }
 
 fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {
-    let targets = Targets::load()?;
-    let target = targets.get(&args.target)?;
+    let target = ctx.target(&args.target)?;
     let mut opts = CreateOptions::new(args.stage);
     opts.digests = args.digests;
     opts.keyring = args.keyring;
@@ -247,27 +191,20 @@ fn image_create(ctx: &Context, args: ImageCreateArgs) -> Result<(), Error> {
     ))
 }
 
-/// egencache beside the configured emerge (setting `portage.emerge`), for snapshots of
-/// repositories without a metadata cache.
-fn repo_tools(ctx: &Context) -> crate::repo::snapshot::Tools {
-    crate::repo::snapshot::Tools::find(std::path::Path::new(ctx.settings.str("portage.emerge").unwrap_or("emerge")))
-}
-
 /// `dbh vm image update`: a thin shell over [`crate::build::vm::update_image`].
 fn image_update(ctx: &Context, args: ImageUpdateArgs) -> Result<(), Error> {
-    let targets = Targets::load()?;
-    let target = targets.get(&args.target)?;
+    let target = ctx.target(&args.target)?;
     let start = start_options(ctx, false, &target.name)?;
     let req = build::Request {
         repos: args.repos.clone(),
         profile: args.profile.clone(),
-        jobs: ctx.settings.int("build.jobs").map_or(1, |j| j.max(1) as u32),
+        jobs: ctx.settings.build.jobs,
         ..Default::default()
     };
     let mut report = None;
     block_on(async {
         let home = ctx.settings.home();
-        report = Some(with_signals(build::vm::update_image(&home, target, &req, &args.atoms, &start, &repo_tools(ctx), &ctx.reporter)).await??);
+        report = Some(with_signals(build::vm::update_image(&home, target, &req, &args.atoms, &start, &crate::repo::snapshot::Tools::find(&ctx.settings.portage.emerge), &ctx.reporter)).await??);
         Ok(())
     })?;
     let report = report.expect("set by the update");

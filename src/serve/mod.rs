@@ -155,6 +155,8 @@ struct Shared {
     priority: i64,
     key_file: PathBuf,
     target_config: Option<PathBuf>,
+    /// The known targets (CHOST and keyword for `/<target>/portage/`), loaded once at bind.
+    targets: Option<crate::target::Targets>,
     distfiles: Option<PathBuf>,
     limits: Limits,
     /// Parsed indexes for the pages, keyed by target and the index file's identity.
@@ -224,6 +226,7 @@ impl Server {
                 priority: config.priority,
                 key_file: config.key_file,
                 target_config: config.target_config,
+                targets: crate::target::Targets::load().ok(),
                 distfiles: config.distfiles,
                 limits: config.limits,
                 summaries: Mutex::default(),
@@ -1040,8 +1043,7 @@ fn portage_files(shared: &Shared, target: &str) -> std::collections::BTreeMap<&'
             io::Read::read_to_end(&mut io::BufReader::new(f), &mut bytes).ok()?;
             crate::binhost::Index::parse(&bytes).ok()
         });
-    let targets = crate::target::Targets::load().ok();
-    let def = targets.as_ref().and_then(|ts| ts.get(target).ok());
+    let def = shared.targets.as_ref().and_then(|ts| ts.get(target).ok());
     let config_dir = shared.target_config.as_ref().map(|d| d.join(target).join("portage"));
     crate::binhost::clientconf::files(&crate::binhost::clientconf::Sources {
         target,

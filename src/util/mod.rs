@@ -1,6 +1,6 @@
 //! The leaf utilities every other module shares: durable file writes and locks ([`fs`]), PATH
 //! lookup ([`path`]), the clock in Unix seconds and the log-directory stamp ([`time`]), a free
-//! loopback port ([`net`]).
+//! loopback port ([`net`]), the runtime that drives async work from a command ([`runtime`]).
 //!
 //! A leaf: nothing here imports anything else from the crate, so any module may use it without an
 //! import circle, and each helper exists once — before, atomic writes came in three durabilities
@@ -11,4 +11,5 @@
 pub mod fs;
 pub mod net;
 pub mod path;
+pub mod runtime;
 pub mod time;

@@ -43,6 +43,15 @@ const CONSOLE_TAIL_LINES: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// SIGINT or SIGTERM arrived while a guest was in use; dropping the future killed it.
+    #[error("{}; the guest was stopped", if *.signal == "SIGINT" { "interrupted" } else { "terminated" })]
+    Interrupted { signal: &'static str },
+    #[error("cannot catch {signal}")]
+    CatchSignal {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the {target} guest image is incomplete: {path} is missing")]
     ImageMissing { target: String, path: PathBuf },
     #[error("no UEFI firmware for target {target} ({arch}): no QEMU firmware descriptor fits and none of {} exists", .tried.join(", "))]
@@ -118,6 +127,20 @@ impl Hint for VmError {
             }
             _ => None,
         }
+    }
+}
+
+/// Races `fut` against SIGINT/SIGTERM; on a signal the future is dropped (a [`Vm`] in it is killed
+/// by its `Drop`, so QEMU never outlives dbh) and the result says which signal it was.
+pub async fn with_signals<F: std::future::Future>(fut: F) -> Result<F::Output, VmError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let catch = |kind, name| signal(kind).map_err(|source| VmError::CatchSignal { signal: name, source });
+    let mut int = catch(SignalKind::interrupt(), "SIGINT")?;
+    let mut term = catch(SignalKind::terminate(), "SIGTERM")?;
+    tokio::select! {
+        r = fut => Ok(r),
+        _ = int.recv() => Err(VmError::Interrupted { signal: "SIGINT" }),
+        _ = term.recv() => Err(VmError::Interrupted { signal: "SIGTERM" }),
     }
 }
 
