@@ -175,20 +175,108 @@ pub fn source_revision(home: &Home, src: &Source, reporter: &dyn Reporter) -> Re
 }
 
 /// SHA-256 over every entry's metadata under `root` (relative path, kind, mode, size, mtime and
-/// ctime in nanoseconds, device and inode): one lstat per entry, no file is read.
+/// ctime in nanoseconds, device and inode): one `fstatat` per entry, no file is read.
+///
+/// This is what a nothing-new re-run pays for a plain-directory repository, so it is cheap: each
+/// directory is opened once and its entries are stat'ed relative to it (no path is resolved from
+/// `/` again), and the top-level entries (an ebuild repository's categories) are spread over the
+/// host's cores. Each top-level entry gets its own digest and the result hashes those in name
+/// order, so the value does not depend on which thread did what.
 fn stat_fingerprint(root: &Path) -> Result<String, RepoError> {
-    use std::os::unix::fs::MetadataExt as _;
-    let mut h = sha2::Sha256::new();
-    walk(root, &mut |rel, path, _| {
-        let m = std::fs::symlink_metadata(path).map_err(io("read", path))?;
-        h.update(rel.as_os_str().as_encoded_bytes());
-        h.update([0]);
-        for v in [m.mode() as i64, m.size() as i64, m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec(), m.dev() as i64, m.ino() as i64] {
-            h.update(v.to_le_bytes());
+    use rustix::fs::{Mode, OFlags};
+    let open = |path: &Path| {
+        rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| io("read", path)(e.into()))
+    };
+    let (top_dir, top) = sorted_names(open(root)?).map_err(|e| io("read", root)(e))?;
+    let top_fd = top_dir.fd().map_err(|e| io("read", root)(e.into()))?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(top.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut digests: Vec<Option<[u8; 32]>> = vec![None; top.len()];
+    let results = std::sync::Mutex::new(&mut digests);
+    let failed: std::sync::Mutex<Option<RepoError>> = std::sync::Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                let mut rel = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(name) = top.get(i) else { break };
+                    let mut h = sha2::Sha256::new();
+                    rel.clear();
+                    rel.extend_from_slice(name.to_bytes());
+                    match fingerprint_entry(top_fd, name, &mut rel, &mut h) {
+                        Ok(()) => results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(h.finalize().into()),
+                        Err(e) => {
+                            let path = root.join(std::ffi::OsStr::from_bytes(&rel));
+                            failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(io("read", &path)(e));
+                            break;
+                        }
+                    }
+                }
+            });
         }
-        Ok(())
-    })?;
+    });
+    if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let mut h = sha2::Sha256::new();
+    for (name, digest) in top.iter().zip(&digests) {
+        h.update(name.to_bytes_with_nul());
+        h.update(digest.expect("every entry was hashed or the walk failed"));
+    }
     Ok(hex::encode(h.finalize()))
+}
+
+use std::os::unix::ffi::OsStrExt as _;
+
+/// The entries of the directory `fd` in byte order, without `.`, `..`, `.git` and `.svn`, and
+/// the directory stream (its descriptor serves the `fstatat`s of those entries).
+fn sorted_names(fd: std::os::fd::OwnedFd) -> std::io::Result<(rustix::fs::Dir, Vec<std::ffi::CString>)> {
+    let mut dir = rustix::fs::Dir::new(fd)?;
+    let mut names = Vec::new();
+    for entry in &mut dir {
+        let name = entry?.file_name().to_owned();
+        if !matches!(name.to_bytes(), b"." | b".." | b".git" | b".svn") {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok((dir, names))
+}
+
+/// Hashes `name` (in the directory `dir`, at `rel` below the root) and, for a directory,
+/// everything below it. `rel` is left as it was given.
+fn fingerprint_entry(dir: std::os::fd::BorrowedFd<'_>, name: &std::ffi::CStr, rel: &mut Vec<u8>, h: &mut sha2::Sha256) -> std::io::Result<()> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    h.update(&rel[..]);
+    h.update([0]);
+    for v in [
+        st.st_mode as i64,
+        st.st_size as i64,
+        st.st_mtime as i64,
+        st.st_mtime_nsec as i64,
+        st.st_ctime as i64,
+        st.st_ctime_nsec as i64,
+        st.st_dev as i64,
+        st.st_ino as i64,
+    ] {
+        h.update(v.to_le_bytes());
+    }
+    if FileType::from_raw_mode(st.st_mode as _) != FileType::Directory {
+        return Ok(());
+    }
+    let sub = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
+    let (sub, children) = sorted_names(sub)?;
+    let len = rel.len();
+    for child in children {
+        rel.push(b'/');
+        rel.extend_from_slice(child.to_bytes());
+        fingerprint_entry(sub.fd()?, &child, rel, h)?;
+        rel.truncate(len);
+    }
+    Ok(())
 }
 
 /// [`content_hash`] of `root`, remembered in `$DBH_HOME/repos/.content-hashes/<sha256 of the
@@ -440,6 +528,35 @@ mod tests {
             std::fs::write(e.path(), "garbage").unwrap();
         }
         assert_eq!(content_hash_cached(&home, dir.path()).unwrap(), content_hash(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn the_stat_fingerprint_is_stable_and_sees_renames_modes_and_deep_edits() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        // More top-level entries than threads, so the work is really shared out.
+        for c in 0..40 {
+            std::fs::create_dir_all(dir.path().join(format!("cat-{c}/pkg/files"))).unwrap();
+            std::fs::write(dir.path().join(format!("cat-{c}/pkg/pkg-1.ebuild")), "EAPI=8\n").unwrap();
+            std::fs::write(dir.path().join(format!("cat-{c}/pkg/files/a.patch")), "x").unwrap();
+        }
+        std::fs::create_dir(dir.path().join(".git")).unwrap();
+        let first = stat_fingerprint(dir.path()).unwrap();
+        for _ in 0..5 {
+            assert_eq!(stat_fingerprint(dir.path()).unwrap(), first, "nothing changed");
+        }
+        std::fs::write(dir.path().join(".git/HEAD"), "ref").unwrap();
+        assert_eq!(stat_fingerprint(dir.path()).unwrap(), first, ".git is not part of the tree");
+        let deep = dir.path().join("cat-17/pkg/files/a.patch");
+        std::fs::set_permissions(&deep, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let chmodded = stat_fingerprint(dir.path()).unwrap();
+        assert_ne!(chmodded, first, "a mode change three levels down");
+        std::fs::rename(&deep, dir.path().join("cat-17/pkg/files/b.patch")).unwrap();
+        assert_ne!(stat_fingerprint(dir.path()).unwrap(), chmodded, "a rename");
+        // An unreadable subtree is an error naming it (root reads everything, so remove instead).
+        let gone = dir.path().join("nope");
+        let err = stat_fingerprint(&gone).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
     }
 
     #[test]
