@@ -29,6 +29,8 @@ pub enum SettingsError {
     UnknownKey { path: PathBuf, key: String },
     #[error("setting `{key}` from {origin} has the wrong type: expected {expected}")]
     Type { key: String, origin: Origin, expected: &'static str },
+    #[error("setting `{key}` from {origin} is {value}, out of range: expected {expected}")]
+    Range { key: String, origin: Origin, value: i64, expected: &'static str },
     #[error("cannot find a home directory for dbh's state")]
     NoHome,
 }
@@ -424,8 +426,9 @@ impl Raw {
     fn int_in(&self, key: &str, range: std::ops::RangeInclusive<i64>, expected: &'static str) -> Result<Option<i64>, SettingsError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => match v.value.as_integer().filter(|i| range.contains(i)) {
-                Some(i) => Ok(Some(i)),
+            Some(v) => match v.value.as_integer() {
+                Some(i) if range.contains(&i) => Ok(Some(i)),
+                Some(value) => Err(SettingsError::Range { key: key.to_owned(), origin: v.origin.clone(), value, expected }),
                 None => Err(SettingsError::Type { key: key.to_owned(), origin: v.origin.clone(), expected }),
             },
         }
@@ -775,7 +778,7 @@ mod tests {
             let err = Settings::load_from(vec![], &[], &env).unwrap_err();
             assert_eq!(
                 err.to_string(),
-                format!("setting `{key}` from environment ({var}) has the wrong type: expected {expected}"),
+                format!("setting `{key}` from environment ({var}) is {raw}, out of range: expected {expected}"),
                 "{var}={raw}"
             );
         }

@@ -59,6 +59,53 @@ fn config_show_names_origins() {
     assert!(text.contains("# from: environment (DBH_SERVE_PUBLIC_URL)\nserve.public_url = \"http://binhost.example:8080/\""), "{text}");
 }
 
+/// A flag that is also a setting is checked where settings are, once, before anything runs: an
+/// out-of-range `--jobs` (or `DBH_BUILD_JOBS`) is refused naming the flag or variable, not
+/// clamped at one call site and passed through at another.
+#[test]
+fn out_of_range_settings_are_refused_naming_their_origin() {
+    for backend in ["vm", "cross", "chroot", "auto"] {
+        let (code, _, stderr) = run(&["build", "--backend", backend, "--target", "arm64", "--jobs", "0", "app-misc/hello"]);
+        assert_eq!(code, 1, "{backend}: {stderr}");
+        assert!(
+            stderr.contains("error: setting `build.jobs` from command line (--jobs) is 0, out of range: expected an integer from 1 to 1024"),
+            "{backend}: {stderr}"
+        );
+    }
+    let (code, _, stderr) = run(&["vm", "build", "--target", "arm64", "--jobs", "5000"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("(--jobs) is 5000, out of range"), "{stderr}");
+    let home = tempfile::tempdir().unwrap();
+    let out = dbh()
+        .arg("--home")
+        .arg(home.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("DBH_SERVE_HEADER_TIMEOUT", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("`serve.header_timeout` from environment (DBH_SERVE_HEADER_TIMEOUT) is 0"), "{stderr}");
+    // A flag that is a setting beats its environment variable: --uid over DBH_KEY_UID.
+    let out = dbh()
+        .arg("--home")
+        .arg(home.path())
+        .args(["key", "generate", "--uid", "Test binhost <t@example.org>"])
+        .env("DBH_KEY_UID", "from the environment")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = std::fs::read_to_string(home.path().join("keys/public.asc")).unwrap_or_default();
+    assert!(!key.is_empty(), "no public key written");
+    let listed = std::process::Command::new("gpg")
+        .args(["--show-keys", "--with-colons"])
+        .arg(home.path().join("keys/public.asc"))
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("Test binhost <t@example.org>"), "--uid wins over DBH_KEY_UID:\n{listed}");
+}
+
 /// `--help` of every command group is part of the user interface: changes show up in review.
 #[test]
 fn help_texts_snapshot() {
