@@ -552,6 +552,44 @@ fn conditional_requests_head_405_pages_conf_and_key() {
     assert!(line.as_deref().is_some_and(|l| l.contains("127.0.0.1:")), "{}", srv.log());
 }
 
+/// Access lines keep tracing's layout (`TIME  INFO PEER METHOD TARGET STATUS BYTES DURATION`)
+/// though serve writes their message itself, and a hostile target reaches the log escaped: no
+/// control character, no raw newline that could forge a second line.
+#[test]
+fn access_lines_keep_their_layout_and_escape_the_target() {
+    let tree = Tree::new();
+    let srv = tree.serve(&[], &[]);
+    let ok = client().get(srv.url("/amd64/dbh-test/hello/hello-1.0-1.gpkg.tar")).send().unwrap();
+    assert_eq!(ok.status(), 200);
+    // Control bytes in the request line: refused by the head parser, logged without the target.
+    let send = |request: &[u8]| {
+        let mut raw = TcpStream::connect(&srv.addr).unwrap();
+        raw.write_all(request).unwrap();
+        let mut reply = Vec::new();
+        let _ = raw.read_to_end(&mut reply);
+        String::from_utf8_lossy(&reply).into_owned()
+    };
+    let reply = send(b"GET /amd64/\x1b[31mred\x7fforged HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 400 "), "{reply}");
+    // Graphic characters that a log reader could misparse: escaped as Rust's escape_debug does.
+    let reply = send(b"GET /amd64/a\\b\"c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(reply.starts_with("HTTP/1.1 "), "{reply}");
+    assert!(srv.wait_log(r#"/amd64/a\\b\"c "#, Duration::from_secs(10)), "{}", srv.log());
+    assert!(srv.wait_log(" - - 400 ", Duration::from_secs(10)), "{}", srv.log());
+    let log = srv.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.contains(" serving ")).collect();
+    assert_eq!(lines.len(), 3, "one line per request:\n{log}");
+    for line in &lines {
+        let (time, rest) = line.split_once("  INFO ").unwrap_or_else(|| panic!("no level: {line:?}"));
+        assert!(time.len() >= 20 && time.ends_with('Z') && time.as_bytes()[10] == b'T', "RFC 3339 UTC time: {line:?}");
+        assert!(!line.chars().any(|c| c.is_control()), "a control character reached the log: {line:?}");
+        let f: Vec<&str> = rest.split(' ').collect();
+        assert_eq!(f.len(), 6, "{line:?}");
+        assert!(f[0].starts_with("127.0.0.1:") && f[5].ends_with("ms"), "{line:?}");
+    }
+    assert!(lines[0].contains(" GET /amd64/dbh-test/hello/hello-1.0-1.gpkg.tar 200 50000 "), "{}", lines[0]);
+}
+
 #[test]
 fn traversal_attempts_never_leave_dir() {
     let tree = Tree::new();
