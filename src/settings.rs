@@ -478,13 +478,16 @@ impl Raw {
         let key = KeySettings { uid: self.str("key.uid").unwrap_or("dbh binhost signing key").to_owned() };
         let settings =
             Settings { values: self.values, home, serve, binhost, build, distcc, vm, portage, key };
-        // The per-target sizes are checked now too, so a bad one fails every command the same way.
-        for k in settings.values.keys() {
-            if let Some(target) = k.strip_prefix("vm.").and_then(|r| r.rsplit_once('.')).map(|(t, _)| t) {
-                settings.vm_sizing(target)?;
-            }
+        // The per-target sizes are checked now too, so a bad one fails every command the same way:
+        // once per target that has any (each check reads all four keys), then the defaults.
+        let targets: std::collections::BTreeSet<&str> = settings
+            .values
+            .keys()
+            .filter_map(|k| k.strip_prefix("vm.").and_then(|r| r.rsplit_once('.')).map(|(t, _)| t))
+            .collect();
+        for target in targets.into_iter().chain([""]) {
+            settings.vm_sizing(target)?;
         }
-        settings.vm_sizing("")?;
         Ok(settings)
     }
 }

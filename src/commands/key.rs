@@ -8,9 +8,8 @@ use crate::Error;
 pub fn run(ctx: &Context, cmd: KeyCommand) -> Result<(), Error> {
     let store = KeyStore::new(ctx.settings.home().keys());
     match cmd {
-        KeyCommand::Generate { uid, force } => {
-            // --uid went into the settings (commands::cli_values).
-            let _ = uid;
+        // --uid went into the settings (commands::cli_values); the resolved value is used.
+        KeyCommand::Generate { force, .. } => {
             let uid = ctx.settings.key.uid.clone();
             let fingerprint = store.generate(&uid, force)?;
             if !ctx.quiet {
