@@ -21,24 +21,35 @@
 //! change of an input is another hash, so the resolver runs; only "nothing to build" is stored.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{BuildError, Prepared, Request, parse_merge_list_line};
 use crate::events::{Event, Reporter};
 use crate::settings::Home;
 use crate::target::Target;
 
+/// The build's repositories for the host's plan.
+pub struct Repos {
+    /// `(name, host path)` of each.
+    pub paths: Vec<(String, PathBuf)>,
+    /// Name → revision key (content, not only the commit), for the memo.
+    pub keys: BTreeMap<String, String>,
+}
+
 /// `Some(why)` when every requested package is satisfied by published binpkgs (or nothing is to
-/// be merged); `None` when something must be built or the host cannot tell.
+/// be merged); `None` when something must be built or the host cannot tell. `repos` are the
+/// build's repositories as the host has them (`repo::plan`: every `--repo`, the host trees of the
+/// target's repos.conf and the dbh-managed ones), the same trees the guest gets as snapshots.
 pub fn satisfied(
     home: &Home,
     target: &Target,
     prep: &Prepared,
     req: &Request,
     emerge: Option<&Path>,
-    repo_keys: &BTreeMap<String, String>,
+    repos: &Repos,
     reporter: &dyn Reporter,
 ) -> Result<Option<String>, BuildError> {
+    let Repos { paths: repos, keys: repo_keys } = repos;
     // The plan's log goes beside the build's other logs.
     let log_dir = prep.log_dir.as_path();
     let boot = |why: String| {
@@ -49,13 +60,13 @@ pub fn satisfied(
     let extra: Vec<String> = super::repos_conf_sections(&prep.config.repos_conf)
         .into_iter()
         .map(|(n, _)| n)
-        .filter(|n| n != "DEFAULT" && !prep.repos.iter().any(|(r, _)| r == n))
+        .filter(|n| n != "DEFAULT" && !repos.iter().any(|(r, _)| r == n))
         .collect();
     if !extra.is_empty() {
         return boot(format!("repos.conf names {}, which only the guest has", extra.join(", ")));
     }
     let memo_path = home.cache().join("plan").join(&target.name);
-    let memo = memo_key(target, prep, req, emerge, repo_keys);
+    let memo = memo_key(target, prep, req, emerge, repos, repo_keys);
     if let Some(key) = &memo
         && let Ok(text) = std::fs::read_to_string(&memo_path)
         && let Some((stored, why)) = text.split_once('\n')
@@ -73,7 +84,7 @@ pub fn satisfied(
         .map_err(|source| BuildError::Io(crate::util::fs::PathError { doing: "create a temporary directory in", path: std::env::temp_dir(), source }))?;
     let rreq = crate::rootfs::Request {
         binhost: crate::rootfs::Binhost::Dir(prep.binhost_dir.clone()),
-        repos: prep.repos.iter().map(|(_, p)| p.clone()).collect(),
+        repos: repos.iter().map(|(_, p)| p.clone()).collect(),
         profile: Some(format!("{}:{}", prep.profile_repo, prep.profile_path)),
         out: work.path().join("unused"),
         format: crate::rootfs::Format::TarZst,
@@ -127,7 +138,14 @@ const MEMO_FORMAT: &str = "dbh-plan-1";
 
 /// The hash of every input of the host's plan, or `None` when one cannot be identified (then
 /// nothing is remembered or looked up).
-fn memo_key(target: &Target, prep: &Prepared, req: &Request, emerge: Option<&Path>, repo_keys: &BTreeMap<String, String>) -> Option<String> {
+fn memo_key(
+    target: &Target,
+    prep: &Prepared,
+    req: &Request,
+    emerge: Option<&Path>,
+    repos: &[(String, PathBuf)],
+    repo_keys: &BTreeMap<String, String>,
+) -> Option<String> {
     use sha2::Digest as _;
     use std::os::unix::fs::MetadataExt as _;
     let stat = |p: &Path| {
@@ -150,7 +168,7 @@ fn memo_key(target: &Target, prep: &Prepared, req: &Request, emerge: Option<&Pat
     put("dbh", env!("CARGO_PKG_VERSION"));
     put("target", &format!("{target:?}"));
     put("profile", &format!("{}:{}", prep.profile_repo, prep.profile_path));
-    put("repos", &format!("{:?}", prep.repos));
+    put("repos", &format!("{repos:?}"));
     put("repo-keys", &format!("{repo_keys:?}"));
     put("config", &format!("{:?}", prep.config));
     put("binhost", &prep.binhost_dir.display().to_string());

@@ -369,6 +369,8 @@ struct Snapshots {
     mounts: Vec<(String, String)>,
     disks: Vec<crate::vm::qemu::ReadOnlyDisk>,
     names: Vec<String>,
+    /// `(name, host path)` of each, for the host's plan.
+    sources: Vec<(String, PathBuf)>,
 }
 
 /// Every repository of the build as a read-only snapshot at its revision, made once and cached.
@@ -379,7 +381,14 @@ fn attach_snapshots(
     reporter: &dyn Reporter,
 ) -> Result<Snapshots, BuildError> {
     let sources = crate::repo::plan(home, &prep.repos, &prep.config.repos_conf, &prep.profile_repo);
-    let mut out = Snapshots { revisions: BTreeMap::new(), keys: BTreeMap::new(), mounts: Vec::new(), disks: Vec::new(), names: Vec::new() };
+    let mut out = Snapshots {
+        revisions: BTreeMap::new(),
+        keys: BTreeMap::new(),
+        mounts: Vec::new(),
+        disks: Vec::new(),
+        names: Vec::new(),
+        sources: sources.iter().map(|s| (s.name.clone(), s.path.clone())).collect(),
+    };
     for (i, src) in sources.iter().enumerate() {
         let snap = crate::repo::snapshot(home, src, &sources, tools, reporter)?;
         out.revisions.insert(snap.name.clone(), snap.revision.recorded.clone());
@@ -412,11 +421,12 @@ pub async fn build(
     let req = &req;
     let mut timings = Timings::default();
     let snaps = attach_snapshots(home, &prep, &opts.repo_tools, reporter)?;
-    let Snapshots { revisions, keys: repo_keys, mounts, disks, names: repo_names } = snaps;
+    let Snapshots { revisions, keys: repo_keys, mounts, disks, names: repo_names, sources } = snaps;
+    let plan_repos = super::plan::Repos { paths: sources, keys: repo_keys };
     timings.lap("snapshot");
     let log_dir = prep.log_dir.clone();
     let have_binhost = prep.binhost_dir.join("Packages").is_file();
-    if have_binhost && let Some(why) = super::plan::satisfied(home, target, &prep, req, opts.emerge.as_deref(), &repo_keys, reporter)? {
+    if have_binhost && let Some(why) = super::plan::satisfied(home, target, &prep, req, opts.emerge.as_deref(), &plan_repos, reporter)? {
         reporter.event(Event::Note { message: format!("{}: nothing to build, no guest booted: {why}", target.name) });
         reporter.event(Event::Count { name: "binpkg.transferred".into(), value: 0 });
         return Ok(Outcome { published: Vec::new(), failed: Vec::new(), log_dir, transferred: 0, rebuilt: Vec::new() });

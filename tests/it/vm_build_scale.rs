@@ -63,3 +63,45 @@ fn a_nothing_new_update_over_a_2000_package_binhost_and_20000_ebuilds_boots_noth
     assert!(text.contains("arm64: nothing to build, no guest booted") && !text.contains("are those of the last check"), "{text}");
     assert!(std::fs::read_to_string(super::vm_build::last_log_dir(home).join("plan.log")).unwrap().contains("[binary"), "emerge planned again");
 }
+
+/// The nothing-new check uses the same repositories the guest would get, not only `--repo`s: a
+/// dbh-managed repository (`dbh repo sync`, how `::gentoo` gets in on a host that is not Gentoo)
+/// and a host tree named by the target's repos.conf (a Gentoo host's `/var/db/repos/gentoo`).
+/// There is no guest image in these homes, so a run that tried to boot would fail.
+#[test]
+fn a_nothing_new_update_from_a_managed_or_host_repository_boots_nothing() {
+    let emerge = super::portage::portage().venv.join("bin/emerge");
+    let dbh_bin = Path::new(env!("CARGO_BIN_EXE_dbh"));
+    let repo = scale_gen::repo(&fixture_repo(), scale_gen::WORLD);
+    let binhost = scale_gen::binhost(dbh_bin, scale_gen::WORLD, 520 * 1024);
+    for how in ["managed", "repos.conf"] {
+        let home = tempfile::tempdir().unwrap();
+        let home = home.path();
+        std::fs::create_dir_all(home.join("binhost")).unwrap();
+        std::os::unix::fs::symlink(&binhost, home.join("binhost/arm64")).unwrap();
+        let key = super::vm_build::run(home, &["key", "generate"]);
+        assert!(key.status.success(), "{}", combined(&key));
+        let cfg = home.join("targets/arm64/portage");
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::write(cfg.join("world"), scale_gen::world()).unwrap();
+        if how == "managed" {
+            let out = super::vm_build::run(home, &["repo", "sync", "dbh-scale", "--url", &repo.to_string_lossy()]);
+            assert!(out.status.success(), "{}", combined(&out));
+        } else {
+            std::fs::write(cfg.join("repos.conf"), format!("[dbh-scale]\nlocation = {}\n", repo.display())).unwrap();
+        }
+        let mut cmd = dbh();
+        cmd.arg("--home").arg(home).env("XDG_CONFIG_HOME", home).env("DBH_PORTAGE_EMERGE", &emerge);
+        cmd.args(["vm", "build", "--target", "arm64", "--update", "--profile", "dbh-scale:dbh/arm64"]);
+        for run in 0..2 {
+            let out = cmd.output().unwrap();
+            let text = combined(&out);
+            assert!(out.status.success(), "{how}, run {run}: {text}");
+            assert!(text.contains("arm64: nothing to build, no guest booted"), "{how}, run {run}: {text}");
+            assert!(text.contains("repository dbh-scale at tree-"), "{how}: the snapshot's revision is reported: {text}");
+            // The first run asks the host's Portage; the second answers from its memo.
+            assert_eq!(text.contains("are those of the last check"), run == 1, "{how}, run {run}: {text}");
+        }
+        assert!(!home.join("images/arm64/run/state.json").exists(), "{how}: no guest started");
+    }
+}
