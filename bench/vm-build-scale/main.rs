@@ -12,6 +12,11 @@
 //! answer from the plan memo (`src/build/plan.rs`); the same number of runs with the memo removed
 //! ("resolving again": the host's Portage plans as after a sync) is printed beside them, with
 //! its ratios, so that what Portage's resolver costs at scale stays visible.
+//!
+//! Each case runs twice over: with the repository given as `--repo DIR` (a plain directory, whose
+//! revision is a stat fingerprint of every entry, so a nothing-new re-run grows with it), and as a
+//! dbh-managed repository (`dbh repo sync dbh-scale --url DIR`, the way `::gentoo` gets in on a
+//! host that is not Gentoo), whose revision the sync recorded, so a re-run walks nothing.
 
 #![allow(clippy::unwrap_used, reason = "a benchmark program: a failed step aborts the run")]
 
@@ -31,87 +36,127 @@ fn main() {
         .join("bin/emerge");
     assert!(emerge.is_file(), "no Portage venv at {}: run tests/setup-host.sh", emerge.display());
     let runs: usize = std::env::var("DBH_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let mut rows: Vec<(usize, usize, f64, u64, f64)> = Vec::new();
+    let mut rows: Vec<(usize, usize, Case, Case)> = Vec::new();
     for &packages in &[0usize, 500, 2000] {
         for &ebuilds in &[scale_gen::WORLD, 20_000] {
             let t = Instant::now();
             let repo = scale_gen::repo(&fixture, ebuilds);
             let binhost = scale_gen::binhost(&dbh, packages + scale_gen::WORLD, 520 * 1024);
             let generated = t.elapsed().as_secs_f64();
-            let mut walls = Vec::new();
-            let mut peaks = Vec::new();
-            // One home per case, as a user's: the first run makes the repository's snapshot
-            // (once per revision) and is not measured; the runs after it are the daily re-run.
-            let home = tempfile::tempdir().unwrap();
-            let home = home.path();
-            std::fs::create_dir_all(home.join("binhost")).unwrap();
-            std::os::unix::fs::symlink(&binhost, home.join("binhost/arm64")).unwrap();
-            let out = Command::new(&dbh).arg("--home").arg(home).args(["-q", "key", "generate"]).env("XDG_CONFIG_HOME", home).output().unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            let cfg = home.join("targets/arm64/portage");
-            std::fs::create_dir_all(&cfg).unwrap();
-            std::fs::write(cfg.join("world"), scale_gen::world()).unwrap();
-            // Runs 1..=runs answer from the plan memo (nothing changed since run 0's check);
-            // runs+1..=2*runs remove it first, so the host's Portage resolves again, as after a
-            // sync that changed nothing the request needs.
-            let mut resolver = Vec::new();
-            for run in 0..=2 * runs {
-                if run > runs {
-                    std::fs::remove_file(home.join("cache/plan/arm64")).unwrap();
-                }
-                let mut cmd = Command::new(&dbh);
-                cmd.arg("--home").arg(home).env("XDG_CONFIG_HOME", home).env("DBH_PORTAGE_EMERGE", &emerge);
-                cmd.args(["vm", "build", "--target", "arm64", "--update", "--repo"]).arg(&repo).args(["--profile", "dbh-scale:dbh/arm64"]);
-                let t = Instant::now();
-                let (out, sampled, tree) = scale_gen::run_measured_tree(&mut cmd);
-                let wall = t.elapsed().as_secs_f64();
-                let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-                assert!(out.status.success() && text.contains("nothing to build, no guest booted"), "{packages}/{ebuilds}: {text}");
-                let memo = text.contains("are those of the last check");
-                // Without emerge, the tree's peak is dbh's (and a run of milliseconds is too short
-                // to sample); with it, only the samples of dbh's own VmHWM count.
-                let peak = if memo { sampled.max(tree) } else { sampled };
-                assert_eq!(memo, (1..=runs).contains(&run), "run {run} of {packages}/{ebuilds}: memo {memo}: {text}");
-                if run == 0 {
-                    continue;
-                }
-                if run > runs {
-                    resolver.push(wall);
-                    continue;
-                }
-                walls.push(wall);
-                peaks.push(peak);
-            }
-            walls.sort_by(f64::total_cmp);
-            resolver.sort_by(f64::total_cmp);
-            peaks.sort();
-            let (wall, peak, resolve) = (walls[runs / 2], peaks[runs / 2], resolver[runs / 2]);
+            let plain = measure(&dbh, &emerge, &binhost, &repo, false, runs, packages, ebuilds);
+            let managed = measure(&dbh, &emerge, &binhost, &repo, true, runs, packages, ebuilds);
             println!(
-                "binhost {packages:>5} (+{}) pkgs, repo {ebuilds:>5} ebuilds: nothing-new {wall:6.2} s, resolving again {resolve:6.2} s, dbh VmHWM {peak:>7} kB (fixtures {generated:.1} s)",
-                scale_gen::WORLD
+                "binhost {packages:>5} (+{}) pkgs, repo {ebuilds:>5} ebuilds: nothing-new {:6.3} s (managed {:6.3} s), resolving again {:6.2} s, dbh VmHWM {:>7} kB (managed {:>7} kB) (fixtures {generated:.1} s)",
+                scale_gen::WORLD, plain.wall, managed.wall, plain.resolve, plain.peak, managed.peak
             );
-            rows.push((packages, ebuilds, wall, peak, resolve));
+            rows.push((packages, ebuilds, plain, managed));
         }
     }
-    let (w0, r0, s0) = (rows[0].2, rows[0].3 as f64, rows[0].4);
     println!("\nratios to the smallest case (0 packages, {} ebuilds):", scale_gen::WORLD);
-    for (p, e, w, r, s) in &rows {
-        println!("  {p:>5} pkgs × {e:>5} ebuilds: wall {:.2}×, RSS {:.2}×, resolving again {:.2}×", w / w0, *r as f64 / r0, s / s0);
+    let (p0, m0) = (&rows[0].2, &rows[0].3);
+    for (p, e, plain, managed) in &rows {
+        println!(
+            "  {p:>5} pkgs × {e:>5} ebuilds: --repo DIR wall {:.2}×, RSS {:.2}×, resolving again {:.2}×; managed wall {:.2}×, RSS {:.2}×",
+            plain.wall / p0.wall,
+            plain.peak as f64 / p0.peak as f64,
+            plain.resolve / p0.resolve,
+            managed.wall / m0.wall,
+            managed.peak as f64 / m0.peak as f64,
+        );
     }
-    let last = rows.last().unwrap();
-    let worst = rows.iter().map(|r| r.2).fold(0.0, f64::max);
+    let worst = rows.iter().flat_map(|r| [r.2.wall, r.3.wall]).fold(0.0, f64::max);
+    let (_, _, lp, lm) = rows.last().unwrap();
+    let verdict = |ratio: f64, target: f64| if ratio <= target { "met" } else { "NOT met" };
+    println!();
+    for (what, last, first) in [("--repo DIR (plain directory)", lp, p0), ("dbh-managed (dbh repo sync)", lm, m0)] {
+        let (w, r) = (last.wall / first.wall, last.peak as f64 / first.peak as f64);
+        println!(
+            "largest case, {what}: wall {w:.2}× (target ≤ 1.15: {}), RSS {r:.2}× (target ≤ 1.2: {}); {:.3} s against {:.3} s (+{:.3} s)",
+            verdict(w, 1.15),
+            verdict(r, 1.2),
+            last.wall,
+            first.wall,
+            last.wall - first.wall
+        );
+    }
+    println!("slowest nothing-new re-run {worst:.2} s (target ≤ 10 s: {})", verdict(worst, 10.0));
     println!(
-        "\nlargest case: wall {:.2}× (target ≤ 1.15: {}), RSS {:.2}× (target ≤ 1.2: {}); slowest nothing-new re-run {worst:.2} s (target ≤ 10 s: {})",
-        last.2 / w0,
-        if last.2 / w0 <= 1.15 { "met" } else { "NOT met" },
-        last.3 as f64 / r0,
-        if last.3 as f64 / r0 <= 1.2 { "met" } else { "NOT met" },
-        if worst <= 10.0 { "met" } else { "NOT met" },
+        "resolving again (no memo) at the largest case: {:.2}× the smallest case's ({:.2} s against {:.2} s): Portage's resolver over the bigger repository and binhost",
+        lp.resolve / p0.resolve,
+        lp.resolve,
+        p0.resolve
     );
-    println!("largest case in seconds: {:.2} s against {w0:.2} s (+{:.2} s)", last.2, last.2 - w0);
-    println!(
-        "resolving again (no memo) at the largest case: {:.2}× the smallest case's ({:.2} s against {s0:.2} s): Portage's resolver over the bigger repository and binhost",
-        last.4 / s0,
-        last.4
-    );
+}
+
+/// Medians of one case: the nothing-new re-run's wall time, dbh's peak RSS, and the re-run that
+/// resolves again (memo removed).
+struct Case {
+    wall: f64,
+    peak: u64,
+    resolve: f64,
+}
+
+/// Runs one case in a fresh home, as a user's: `generated` given as `--repo DIR`, or (`managed`)
+/// first synced into the home as the dbh-managed `dbh-scale` (which the build then takes as its
+/// profile's repository).
+#[allow(clippy::too_many_arguments, reason = "one call site per variant, all plain values")]
+fn measure(dbh: &Path, emerge: &Path, binhost: &Path, generated: &Path, managed: bool, runs: usize, packages: usize, ebuilds: usize) -> Case {
+    let repo = (!managed).then_some(generated);
+    let mut walls = Vec::new();
+    let mut peaks = Vec::new();
+    // One home per case, as a user's: the first run makes the repository's snapshot
+    // (once per revision) and is not measured; the runs after it are the daily re-run.
+    let home = tempfile::tempdir().unwrap();
+    let home = home.path();
+    std::fs::create_dir_all(home.join("binhost")).unwrap();
+    std::os::unix::fs::symlink(binhost, home.join("binhost/arm64")).unwrap();
+    let out = Command::new(dbh).arg("--home").arg(home).args(["-q", "key", "generate"]).env("XDG_CONFIG_HOME", home).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg = home.join("targets/arm64/portage");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(cfg.join("world"), scale_gen::world()).unwrap();
+    if managed {
+        let out = Command::new(dbh).arg("--home").arg(home).args(["-q", "repo", "sync", "dbh-scale", "--url"]).arg(generated).env("XDG_CONFIG_HOME", home).output().unwrap();
+        assert!(out.status.success(), "dbh repo sync: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Runs 1..=runs answer from the plan memo (nothing changed since run 0's check);
+    // runs+1..=2*runs remove it first, so the host's Portage resolves again, as after a
+    // sync that changed nothing the request needs.
+    let mut resolver = Vec::new();
+    for run in 0..=2 * runs {
+        if run > runs {
+            std::fs::remove_file(home.join("cache/plan/arm64")).unwrap();
+        }
+        let mut cmd = Command::new(dbh);
+        cmd.arg("--home").arg(home).env("XDG_CONFIG_HOME", home).env("DBH_PORTAGE_EMERGE", emerge);
+        cmd.args(["vm", "build", "--target", "arm64", "--update"]);
+        if let Some(repo) = repo {
+            cmd.arg("--repo").arg(repo);
+        }
+        cmd.args(["--profile", "dbh-scale:dbh/arm64"]);
+        let t = Instant::now();
+        let (out, sampled, tree) = scale_gen::run_measured_tree(&mut cmd);
+        let wall = t.elapsed().as_secs_f64();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("nothing to build, no guest booted"), "{packages}/{ebuilds}: {text}");
+        let memo = text.contains("are those of the last check");
+        // Without emerge, the tree's peak is dbh's (and a run of milliseconds is too short
+        // to sample); with it, only the samples of dbh's own VmHWM count.
+        let peak = if memo { sampled.max(tree) } else { sampled };
+        assert_eq!(memo, (1..=runs).contains(&run), "run {run} of {packages}/{ebuilds}: memo {memo}: {text}");
+        if run == 0 {
+            continue;
+        }
+        if run > runs {
+            resolver.push(wall);
+            continue;
+        }
+        walls.push(wall);
+        peaks.push(peak);
+    }
+    walls.sort_by(f64::total_cmp);
+    resolver.sort_by(f64::total_cmp);
+    peaks.sort();
+    let (wall, peak, resolve) = (walls[runs / 2], peaks[runs / 2], resolver[runs / 2]);
+    Case { wall, peak, resolve }
 }
