@@ -12,6 +12,19 @@ use super::cli::dbh;
 use super::portage::{combined, fixture_repo};
 use super::scale_gen;
 
+/// A user's `$DBH_HOME` with `binhost` as the arm64 binhost, a signing key and the generated
+/// world; returns the target's Portage configuration directory.
+fn user_home(home: &Path, binhost: &Path) -> std::path::PathBuf {
+    std::fs::create_dir_all(home.join("binhost")).unwrap();
+    std::os::unix::fs::symlink(binhost, home.join("binhost/arm64")).unwrap();
+    let key = super::vm_build::run(home, &["key", "generate"]);
+    assert!(key.status.success(), "{}", combined(&key));
+    let cfg = home.join("targets/arm64/portage");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(cfg.join("world"), scale_gen::world()).unwrap();
+    cfg
+}
+
 #[test]
 fn a_nothing_new_update_over_a_2000_package_binhost_and_20000_ebuilds_boots_nothing() {
     let emerge = super::portage::portage().venv.join("bin/emerge");
@@ -25,13 +38,7 @@ fn a_nothing_new_update_over_a_2000_package_binhost_and_20000_ebuilds_boots_noth
 
     let home = tempfile::tempdir().unwrap();
     let home = home.path();
-    std::fs::create_dir_all(home.join("binhost")).unwrap();
-    std::os::unix::fs::symlink(&binhost, home.join("binhost/arm64")).unwrap();
-    let key = super::vm_build::run(home, &["key", "generate"]);
-    assert!(key.status.success(), "{}", combined(&key));
-    let cfg = home.join("targets/arm64/portage");
-    std::fs::create_dir_all(&cfg).unwrap();
-    std::fs::write(cfg.join("world"), scale_gen::world()).unwrap();
+    let cfg = user_home(home, &binhost);
 
     let mut cmd = dbh();
     cmd.arg("--home").arg(home).env("XDG_CONFIG_HOME", home).env("DBH_PORTAGE_EMERGE", &emerge);
@@ -77,13 +84,7 @@ fn a_nothing_new_update_from_a_managed_or_host_repository_boots_nothing() {
     for how in ["managed", "repos.conf"] {
         let home = tempfile::tempdir().unwrap();
         let home = home.path();
-        std::fs::create_dir_all(home.join("binhost")).unwrap();
-        std::os::unix::fs::symlink(&binhost, home.join("binhost/arm64")).unwrap();
-        let key = super::vm_build::run(home, &["key", "generate"]);
-        assert!(key.status.success(), "{}", combined(&key));
-        let cfg = home.join("targets/arm64/portage");
-        std::fs::create_dir_all(&cfg).unwrap();
-        std::fs::write(cfg.join("world"), scale_gen::world()).unwrap();
+        let cfg = user_home(home, &binhost);
         if how == "managed" {
             let out = super::vm_build::run(home, &["repo", "sync", "dbh-scale", "--url", &repo.to_string_lossy()]);
             assert!(out.status.success(), "{}", combined(&out));
